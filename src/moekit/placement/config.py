@@ -1,0 +1,106 @@
+"""Placement configuration and input checks shared by every planner.
+
+Shapes: ``L`` layers, ``E`` logical experts, ``G`` expert groups, ``N`` nodes, ``P`` GPUs,
+``R`` physical expert slots (replicas) in all, ``S = R / P`` slots per GPU. Physical slot ``r``
+lives on GPU ``r // S``; GPU ``p`` lives on node ``p // (P / N)`` (the layout EPLB uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["PlacementConfig", "check_load"]
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where ``num_replicas`` physical experts go on ``num_gpus`` GPUs of ``num_nodes`` nodes.
+
+    num_replicas: ``R`` physical slots per layer (``R >= E``, ``R % P == 0``).
+    num_groups: ``G`` expert groups (experts ``e`` with equal ``e // (E / G)`` share a group, as in
+        group-limited routing).
+    num_nodes, num_gpus: ``N`` nodes, ``P`` GPUs (``P % N == 0``).
+    keep_groups_on_nodes: keep every replica of a group's experts on one node, so group-limited
+        routing reaches at most ``topk_group`` nodes (EPLB's hierarchical policy). ``None`` (the
+        default) does what EPLB does: keep them when ``N > 1`` and ``G % N == 0``, else plan
+        globally. ``True`` requires ``G % N == 0`` and ``E % G == 0``.
+    """
+
+    num_replicas: int
+    num_groups: int = 1
+    num_nodes: int = 1
+    num_gpus: int = 1
+    keep_groups_on_nodes: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "num_groups", "num_nodes", "num_gpus"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {val!r}")
+        if self.num_replicas % self.num_gpus:
+            raise ValueError(
+                f"num_replicas: expected a multiple of num_gpus={self.num_gpus}, got {self.num_replicas}"
+            )
+        if self.num_gpus % self.num_nodes:
+            raise ValueError(f"num_gpus: expected a multiple of num_nodes={self.num_nodes}, got {self.num_gpus}")
+        if self.keep_groups_on_nodes and self.num_groups % self.num_nodes:
+            raise ValueError(
+                f"num_groups: expected a multiple of num_nodes={self.num_nodes} to keep groups on "
+                f"nodes, got {self.num_groups}"
+            )
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return self.num_replicas // self.num_gpus
+
+    @property
+    def hierarchical(self) -> bool:
+        """Whether groups are kept on nodes (resolves the ``None`` default like EPLB)."""
+        if self.keep_groups_on_nodes is None:
+            return self.num_nodes > 1 and self.num_groups % self.num_nodes == 0
+        return bool(self.keep_groups_on_nodes)
+
+    def check_experts(self, num_experts: int) -> None:
+        """Raise ``ValueError`` unless ``E`` experts fit this configuration."""
+        if self.num_replicas < num_experts:
+            raise ValueError(
+                f"num_replicas: expected at least num_experts={num_experts}, got {self.num_replicas}"
+            )
+        if self.hierarchical:
+            if num_experts % self.num_groups:
+                raise ValueError(
+                    f"num_groups: expected a divisor of num_experts={num_experts}, got {self.num_groups}"
+                )
+            per_node = self.num_replicas // self.num_nodes
+            if self.num_replicas % self.num_nodes or per_node < num_experts // self.num_nodes:
+                raise ValueError(
+                    f"num_replicas: expected a multiple of num_nodes={self.num_nodes} with room for "
+                    f"{num_experts // self.num_nodes} experts per node, got {self.num_replicas}"
+                )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_load(load, name: str = "load") -> np.ndarray:
+    """Return ``load`` as float64 ``[L, E]`` (a ``[E]`` input becomes one layer).
+
+    Raises ``ValueError`` for NaN/inf, negative values or a shape that is not 1-D/2-D.
+    """
+    if hasattr(load, "detach"):
+        load = load.detach().to("cpu").double().numpy()
+    try:
+        arr = np.array(load, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: expected a numeric array [layers, experts] ({exc})") from exc
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name}: expected shape [layers, experts], got {tuple(np.shape(load))}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    if np.any(arr < 0):
+        raise ValueError(f"{name}: expected non-negative loads, got a negative value")
+    return arr
