@@ -49,7 +49,7 @@ def experts_sorted(
 ) -> torch.Tensor:
     """Same contract as :func:`moekit.experts.reference.experts_reference`.
 
-    The weighted sum is accumulated in fp32 and cast back, so bf16 inputs lose no precision
+    The weighted sum is accumulated in (at least) fp32 and cast back, so bf16 inputs lose no precision
     in the combine.
     """
     num_experts = w_in_EHD.shape[0]
@@ -60,10 +60,11 @@ def experts_sorted(
     for e, x_block in enumerate(torch.split(x_ND, sa.counts_E.tolist())):
         if x_block.shape[0]:
             blocks.append(expert_mlp(x_block, w_in_EHD[e], w_out_EDF[e], activation))
-    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    out_TD = torch.zeros(x_TD.shape, dtype=acc_dtype, device=x_TD.device)
     if not blocks:
         # No token routed anywhere: keep the graph connected to the weights so that DDP and
         # optimizers see zero (not missing) gradients.
-        return (out_TD + 0.0 * (w_in_EHD.sum() + w_out_EDF.sum()).float()).to(x_TD.dtype)
-    y_ND = torch.cat(blocks).float() * w_N.float()[:, None]
+        return (out_TD + 0.0 * (w_in_EHD.sum() + w_out_EDF.sum())).to(x_TD.dtype)
+    y_ND = torch.cat(blocks).to(acc_dtype) * w_N.to(acc_dtype)[:, None]
     return out_TD.index_add(0, sa.token_ids_N, y_ND).to(x_TD.dtype)
