@@ -79,7 +79,7 @@ class MoEConfig:
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k: expected 1 <= top_k <= num_experts={self.num_experts}, got {self.top_k!r}")
         if self.balance == "aux_free" and self.router not in _AUX_FREE_ROUTERS:
-            raise ValueError(f"balance: 'aux_free' needs router in {_AUX_FREE_ROUTERS}, got router={self.router!r}")
+            raise ValueError(f"balance: expected a router in {_AUX_FREE_ROUTERS} for 'aux_free', got router={self.router!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor: expected > 0 or None, got {self.capacity_factor}")
         for name in ("balance_coeff", "z_loss_coeff", "bias_update_rate", "num_shared_experts"):
