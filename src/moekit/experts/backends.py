@@ -19,6 +19,10 @@ __all__ = ["BACKENDS", "get_backend", "resolve_backend"]
 BACKENDS: dict[str, str] = {
     "reference": "moekit.experts.reference:experts_reference",
     "sorted": "moekit.experts.sorted:experts_sorted",
+    # Sort + torch._grouped_mm + fused Triton activation / un-permute, behind custom ops
+    # (torch.compile-able). Runs on CPU too (torch's grouped-GEMM CPU kernel), but ``auto``
+    # picks it on CUDA only: on CPU the per-expert loop of "sorted" is as fast and simpler.
+    "grouped_mm": "moekit.experts.grouped:experts_grouped_mm",
 }
 
 

@@ -1,0 +1,184 @@
+"""Dropless grouped-GEMM expert computation behind ``torch.library`` custom ops.
+
+Forward, for ``T`` tokens, ``K`` slots each (``N = T*K`` assignments, ``-1`` slots included):
+
+1. ``moekit::route_by_expert``: stable sort of the slots by expert (``-1`` last), the
+   cumulative per-expert ends ``offs_E`` (int32, computed on the device with a
+   ``searchsorted``: no host sync), the slot of each sorted row ``order_N`` and the sorted row
+   of each slot ``inv_TK`` (``-1`` for empty slots).
+2. ``moekit::experts_grouped_fwd``: gather ``x[order // K]``, ``torch._grouped_mm`` with the
+   fused ``[E, H, D]`` gate+up weight, SwiGLU / GELU (Triton), ``torch._grouped_mm`` with
+   ``[E, D, F]``, then the weighted un-permute ``y[t] = sum_j w[t, j] * y_sorted[inv[t, j]]``
+   (Triton, fp32 accumulation, deterministic). Saves only ``h_NH`` (the gate+up output).
+3. ``moekit::experts_grouped_bwd``: gathers ``dout`` by token, one grouped GEMM with the
+   down weight gives the *unweighted* hidden gradient; a fused kernel recomputes the
+   activation, applies the routing weight and yields the routing-weight gradient as a row dot
+   (so the expert outputs are never stored), then two grouped GEMMs give the weight
+   gradients, one the input gradient, and a gather-sum un-permutes it.
+
+GEMMs accumulate in fp32 (CUTLASS on Hopper). The ops have fake (meta) implementations and a
+registered autograd formula, so ``torch.compile(fullgraph=True)`` treats them as opaque nodes.
+Under autocast the floating inputs are cast to the autocast dtype first (routing weights
+stay in their own dtype). On CPU the same ops run with ``torch._grouped_mm``'s CPU kernel and
+the torch versions of the fused steps (:mod:`moekit.experts.steps`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.experts import steps
+from moekit.experts.sorted import experts_sorted
+
+__all__ = ["experts_grouped_mm", "grouped_mm_supported", "route_by_expert"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing metadata
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moekit::route_by_expert", mutates_args=())
+def route_by_expert(indices_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """indices_TK ``[T, K]`` (``-1`` = no expert) -> ``order_N [N]`` (slot of each sorted row,
+    int64), ``inv_TK [T, K]`` (sorted row of each slot or ``-1``, int64), ``offs_E [E]``
+    (int32 end of each expert's rows). Experts appear in ascending order, stably."""
+    flat = indices_TK.reshape(-1)
+    key = torch.where(flat < 0, num_experts, flat)
+    sorted_key, order_N = torch.sort(key, stable=True)
+    experts = torch.arange(num_experts, device=flat.device, dtype=sorted_key.dtype)
+    offs_E = torch.searchsorted(sorted_key, experts, right=True, out_int32=True)
+    inv = torch.empty_like(order_N)
+    inv[order_N] = torch.arange(order_N.numel(), device=flat.device)
+    inv_TK = torch.where(flat < 0, -1, inv).view(indices_TK.shape)
+    return order_N, inv_TK, offs_E
+
+
+@route_by_expert.register_fake
+def _(indices_TK, num_experts):
+    n = indices_TK.numel()
+    dev = indices_TK.device
+    return (torch.empty(n, dtype=torch.int64, device=dev),
+            torch.empty(indices_TK.shape, dtype=torch.int64, device=dev),
+            torch.empty(num_experts, dtype=torch.int32, device=dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@torch.library.custom_op("moekit::experts_grouped_fwd", mutates_args=())
+def _experts_fwd(x_TD: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor,
+                 order_N: torch.Tensor, inv_TK: torch.Tensor, offs_E: torch.Tensor,
+                 activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``y_TD [T, D]`` and the saved gate+up output ``h_NH [N, H]``."""
+    K = inv_TK.shape[1]
+    x_ND = x_TD.index_select(0, order_N // K)
+    h_NH = _gmm(x_ND, w_in_EHD.transpose(-2, -1), offs_E)
+    a_NF = steps.act_forward(h_NH, offs_E, activation)
+    y_ND = _gmm(a_NF, w_out_EDF.transpose(-2, -1), offs_E)
+    y_TD = steps.gather_sum(y_ND, inv_TK, weights_TK, x_TD.dtype)
+    return y_TD, h_NH
+
+
+@_experts_fwd.register_fake
+def _(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation):
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(order_N.shape[0], w_in_EHD.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moekit::experts_grouped_bwd", mutates_args=())
+def _experts_bwd(dy_TD: torch.Tensor, x_TD: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor,
+                 w_out_EDF: torch.Tensor, order_N: torch.Tensor, inv_TK: torch.Tensor, offs_E: torch.Tensor,
+                 h_NH: torch.Tensor, activation: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``dx_TD``, ``dweights_TK``, ``dw_in_EHD``, ``dw_out_EDF``."""
+    K = inv_TK.shape[1]
+    tok_N = order_N // K
+    dy_ND = dy_TD.to(x_TD.dtype).index_select(0, tok_N)
+    # Gradient of the unweighted hidden: dout[token] @ W_out (the routing weight is applied in
+    # the fused activation backward, which also yields d(weight) = <dau, a>).
+    dau_NF = _gmm(dy_ND, w_out_EDF, offs_E)
+    dh_NH, aw_NF, dw_N = steps.act_backward(h_NH, dau_NF, weights_TK.reshape(-1), order_N, offs_E, activation)
+    dw_out_EDF = _gmm(dy_ND.t(), aw_NF, offs_E)
+    x_ND = x_TD.index_select(0, tok_N)  # re-gathered rather than saved
+    dw_in_EHD = _gmm(dh_NH.t(), x_ND, offs_E)
+    dx_ND = _gmm(dh_NH, w_in_EHD, offs_E)
+    dx_TD = steps.gather_sum(dx_ND, inv_TK, None, x_TD.dtype)
+    dweights_TK = torch.where(inv_TK >= 0, dw_N[inv_TK.clamp(min=0)], 0.0).to(weights_TK.dtype)
+    return dx_TD, dweights_TK, dw_in_EHD, dw_out_EDF
+
+
+@_experts_bwd.register_fake
+def _(dy_TD, x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH, activation):
+    return (x_TD.new_empty(x_TD.shape), weights_TK.new_empty(weights_TK.shape),
+            w_in_EHD.new_empty(w_in_EHD.shape), w_out_EDF.new_empty(w_out_EDF.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, output[1])
+
+
+def _backward(ctx, dy_TD, _dh_unused):
+    x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH = ctx.saved_tensors
+    dx, dw, dw_in, dw_out = _experts_bwd(dy_TD.contiguous(), x_TD, weights_TK, w_in_EHD, w_out_EDF,
+                                         order_N, inv_TK, offs_E, h_NH, ctx.activation)
+    return dx, dw, dw_in, dw_out, None, None, None, None
+
+
+_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point (the "grouped_mm" backend)
+# ---------------------------------------------------------------------------------------------
+
+
+def grouped_mm_supported(x_TD: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: fp32 / bf16 / fp16, one dtype, and
+    every row of every operand (and of the transposed intermediates) 16-byte aligned."""
+    if x_TD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if not (x_TD.dtype == w_in_EHD.dtype == w_out_EDF.dtype):
+        return False
+    size = x_TD.element_size()
+    dims = (x_TD.shape[1], w_in_EHD.shape[1], w_out_EDF.shape[2])
+    return all(d * size % 16 == 0 for d in dims) and x_TD.shape[0] > 0
+
+
+def experts_grouped_mm(
+    x_TD: torch.Tensor,
+    indices_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Same contract as :func:`moekit.experts.reference.experts_reference`; ``[T, D]`` out.
+
+    Falls back to :func:`moekit.experts.sorted.experts_sorted` for operands the grouped GEMM
+    does not take (fp64, unaligned widths, no tokens).
+    """
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
+    if torch.is_autocast_enabled(x_TD.device.type):
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, w_in_EHD, w_out_EDF = x_TD.to(dtype), w_in_EHD.to(dtype), w_out_EDF.to(dtype)
+    if not grouped_mm_supported(x_TD, w_in_EHD, w_out_EDF):
+        return experts_sorted(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation)
+    order_N, inv_TK, offs_E = route_by_expert(indices_TK, w_in_EHD.shape[0])
+    # Contiguous operands: the kernels index rows with one stride and slots as t*K + j.
+    y_TD, _ = _experts_fwd(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD, w_out_EDF,
+                           order_N, inv_TK, offs_E, activation)
+    return y_TD
