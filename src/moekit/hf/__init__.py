@@ -1,0 +1,20 @@
+"""Hugging Face ``transformers`` integration: find MoE blocks, patch them with moekit layers
+that share their weights, record routing traces. Needs the ``hf`` extra only at call time."""
+
+from moekit.hf.families import FAMILIES, Family, MoEBlock, find_moe_blocks, route_block
+from moekit.hf.patch import HFSharedExperts, PatchedMoE, moe_config_of, patch
+from moekit.hf.record import RoutingRecorder, record_routing
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "MoEBlock",
+    "find_moe_blocks",
+    "route_block",
+    "patch",
+    "PatchedMoE",
+    "HFSharedExperts",
+    "moe_config_of",
+    "record_routing",
+    "RoutingRecorder",
+]

@@ -1,0 +1,22 @@
+"""Offloaded MoE inference: CPU-resident experts, a GPU expert cache, next-layer prefetch,
+CPU computation of missing experts, and the figures of DESIGN.md ("Offload figures")."""
+
+from moekit.offload.api import PREFETCH, OffloadedExperts, OffloadHandle, offload
+from moekit.offload.cache import POLICIES, ExpertCache
+from moekit.offload.costs import TransferCosts, measure_cpu_expert, measure_h2d_bandwidth, parse_bytes
+from moekit.offload.engine import OffloadCounters, OffloadEngine
+
+__all__ = [
+    "offload",
+    "OffloadHandle",
+    "OffloadedExperts",
+    "OffloadEngine",
+    "OffloadCounters",
+    "ExpertCache",
+    "POLICIES",
+    "PREFETCH",
+    "TransferCosts",
+    "parse_bytes",
+    "measure_h2d_bandwidth",
+    "measure_cpu_expert",
+]

@@ -1,0 +1,208 @@
+"""``moekit.offload.offload(model, ...)``: run a ``transformers`` MoE model larger than the GPU.
+
+Dense weights (attention, norms, embeddings, routers, shared experts) go to the GPU; the routed
+experts' weights move to pinned CPU memory and are served through a fixed pool of GPU slots by
+an :class:`~moekit.offload.engine.OffloadEngine`. Each block's ``experts`` module is replaced
+by an :class:`OffloadedExperts` with the same call signature, so the block's own router and
+shared experts run unchanged and ``model.generate`` works as before.
+
+``handle.stats()`` returns (DESIGN.md, "Offload figures"):
+
+- ``hit_rate``: hits / activations, an activation being one (layer call, expert) needed by at
+  least one token of the batch (one fetch serves all of them); a hit is an expert whose weights
+  were in a slot, or already queued for copy by a prefetch, when its layer needed it;
+- ``prefetch_precision`` = |P & A| / |P| and ``prefetch_recall`` = |P & A| / |A|, summed over
+  the layer calls that had a prediction P (A: the experts the layer then needed);
+- ``h2d_bytes_per_token``: bytes copied to the device per token through the model;
+- ``stall_s``: time the computation waited for expert copies;
+- ``pcie_utilization``: bytes copied per second of forward wall time / the pinned host-to-device
+  bandwidth measured on this machine when ``offload`` was called;
+- ``tokens_per_s``: tokens through the model per second of forward wall time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from moekit.hf.families import find_moe_blocks, route_block
+from moekit.offload.cache import POLICIES
+from moekit.offload.costs import TransferCosts, measure_cpu_expert, measure_h2d_bandwidth, parse_bytes
+from moekit.offload.engine import OffloadEngine
+
+__all__ = ["OffloadedExperts", "OffloadHandle", "offload", "PREFETCH"]
+
+PREFETCH = ("none", "next_layer")
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for a block's ``experts``: ``forward(x_TD [T, D], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, D]`` served by the shared engine for MoE layer ``layer``.
+    Holds no parameters (the weights live in the engine's host tensors and slots)."""
+
+    def __init__(self, engine: OffloadEngine, layer: int):
+        super().__init__()
+        self.layer = layer
+        object.__setattr__(self, "engine", engine)  # not a submodule: one engine, many layers
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.engine.forward(self.layer, hidden_states, top_k_index, top_k_weights)
+
+
+class OffloadHandle:
+    """What :func:`offload` returns: the engine, its measured costs, and the figures."""
+
+    def __init__(self, model: nn.Module, engine: OffloadEngine, policy: str, prefetch: str, dense_bytes: int):
+        self.model = model
+        self.engine = engine
+        self.policy = policy
+        self.prefetch = prefetch
+        self.dense_bytes = dense_bytes
+        self._t0: float | None = None
+        self._hooks = [model.register_forward_pre_hook(self._start),
+                       model.register_forward_hook(self._stop)]
+
+    def _sync(self) -> None:
+        if self.engine.cuda:
+            torch.cuda.synchronize(self.engine.device)
+
+    def _start(self, module, args) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, output) -> None:
+        if self._t0 is not None:
+            self._sync()
+            self.engine.counters.wall_s += time.perf_counter() - self._t0
+            self._t0 = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.engine.num_slots
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the cache keeps its contents and its use history)."""
+        self.engine.resolve_stalls()
+        self.engine.counters = type(self.engine.counters)()
+
+    def stats(self) -> dict:
+        """The figures of the module doc, plus the raw counters behind them."""
+        engine = self.engine
+        if engine.cuda:
+            engine.resolve_stalls()
+        c = engine.counters
+        bw = engine.costs.h2d_bytes_per_s
+        wall = c.wall_s
+        return {
+            "hit_rate": c.hits / c.activations if c.activations else float("nan"),
+            "prefetch_precision": c.predicted_used / c.predicted if c.predicted else float("nan"),
+            "prefetch_recall": c.predicted_used / c.needed_after_prediction if c.needed_after_prediction else float("nan"),
+            "h2d_bytes_per_token": c.h2d_bytes / c.tokens if c.tokens else float("nan"),
+            "stall_s": c.stall_s,
+            "pcie_utilization": (c.h2d_bytes / wall) / bw if wall > 0 else float("nan"),
+            "tokens_per_s": c.tokens / wall if wall > 0 else float("nan"),
+            "tokens": c.tokens,
+            "wall_s": wall,
+            "activations": c.activations,
+            "hits": c.hits,
+            "cpu_computed": c.cpu_computed,
+            "demand_copies": c.demand_copies,
+            "prefetch_copies": c.prefetch_copies,
+            "prefetch_useful": c.prefetch_useful,
+            "layer_calls": c.layer_calls,
+            "h2d_bytes": c.h2d_bytes,
+            "h2d_bandwidth_bytes_per_s": bw,
+            "num_slots": engine.num_slots,
+            "expert_bytes": engine.expert_bytes,
+            "dense_bytes": self.dense_bytes,
+            "policy": self.policy,
+            "prefetch": self.prefetch,
+            "cpu_compute": engine.cpu_compute,
+        }
+
+    def remove_hooks(self) -> None:
+        """Stop timing forward passes (the model stays offloaded)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: int | str | None = None,
+            policy: str = "lru", prefetch: str = "none", cpu_compute: bool = False,
+            device: str | torch.device | None = None, reserve: int | str | None = None) -> OffloadHandle:
+    """Offload the routed experts of a ``transformers`` MoE ``model`` (in place).
+
+    cache_experts: number of device expert slots; or gpu_memory: total device budget (bytes or
+    "20GB"), the slots being what is left after the dense weights and ``reserve`` (activations,
+    KV cache; default 10% of the budget). policy: "lru" | "lfu". prefetch: "none" |
+    "next_layer". cpu_compute: compute a missing expert on the CPU when the measured cost model
+    says it beats copying it. device: default CUDA when available, else the CPU (tests).
+    """
+    if (cache_experts is None) == (gpu_memory is None):
+        raise ValueError("cache_experts / gpu_memory: expected exactly one of them, "
+                         f"got cache_experts={cache_experts!r}, gpu_memory={gpu_memory!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    if prefetch not in PREFETCH:
+        raise ValueError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    blocks = find_moe_blocks(model)
+    if any(isinstance(b.module.experts, OffloadedExperts) for b in blocks):
+        raise ValueError("model: expected a model that is not offloaded yet")
+    shapes = {(tuple(b.module.experts.gate_up_proj.shape), b.module.experts.gate_up_proj.dtype) for b in blocks}
+    if len(shapes) != 1:
+        raise ValueError(f"model: expected experts of one shape and dtype in every MoE layer, got {sorted(map(str, shapes))}")
+
+    host_in, host_out = [], []
+    for b in blocks:  # one layer at a time, so the host holds at most one extra layer copy
+        ex = b.module.experts
+        w_in, w_out = ex.gate_up_proj.detach().to("cpu"), ex.down_proj.detach().to("cpu")
+        if device.type == "cuda":
+            w_in, w_out = w_in.pin_memory(), w_out.pin_memory()
+        host_in.append(w_in)
+        host_out.append(w_out)
+        del ex.gate_up_proj, ex.down_proj
+    act_fn = blocks[0].module.experts.act_fn
+    dense_bytes = _tensor_bytes(model)
+    model.to(device)
+
+    w_in, w_out = host_in[0], host_out[0]
+    expert_bytes = (w_in[0].numel() + w_out[0].numel()) * w_in.element_size()
+    if cache_experts is not None:
+        if not isinstance(cache_experts, int) or cache_experts < 1:
+            raise ValueError(f"cache_experts: expected a positive integer, got {cache_experts!r}")
+        num_slots = cache_experts
+    else:
+        budget = parse_bytes(gpu_memory, "gpu_memory")
+        spare = parse_bytes(reserve, "reserve") if reserve is not None else budget // 10
+        num_slots = (budget - dense_bytes - spare) // expert_bytes
+        if num_slots < 1:
+            need = dense_bytes + spare + expert_bytes
+            raise ValueError(f"gpu_memory: expected at least {need} bytes (dense weights {dense_bytes} + reserve "
+                             f"{spare} + one expert {expert_bytes}), got {budget}")
+    num_slots = min(num_slots, len(blocks) * blocks[0].num_experts)
+
+    bandwidth = measure_h2d_bandwidth(device, nbytes=min(64 * 2**20, max(expert_bytes, 2**20)))
+    cpu_fixed, cpu_per_token = measure_cpu_expert(w_in[0], w_out[0]) if cpu_compute else (float("inf"), 0.0)
+    costs = TransferCosts(bandwidth, expert_bytes, cpu_fixed, cpu_per_token)
+    predictors = [None] * len(blocks)
+    if prefetch == "next_layer":
+        for i in range(len(blocks) - 1):
+            nxt = blocks[i + 1].module
+            predictors[i] = lambda x_TD, nxt=nxt: route_block(nxt, x_TD)[0]
+    engine = OffloadEngine(host_in, host_out, int(num_slots), policy, device, act_fn, costs, cpu_compute, predictors)
+    for i, b in enumerate(blocks):
+        b.module.experts = OffloadedExperts(engine, i)
+    return OffloadHandle(model, engine, policy, prefetch, dense_bytes)

@@ -1,0 +1,91 @@
+"""Which expert sits in which GPU slot: the bookkeeping of the expert cache (pure Python).
+
+A fixed pool of ``num_slots`` slots holds experts keyed by ``(layer, expert)``. The cache
+decides hits and victims; copying weights is the engine's job (:mod:`moekit.offload.engine`).
+
+Policies:
+
+- ``"lru"``: evict the least recently used expert (mixtral-offloading's policy);
+- ``"lfu"``: evict the expert used least often over the whole run, ties broken by least
+  recent use. Frequencies are kept for evicted experts too, so an expert that is popular over
+  time wins its slot back (expert popularity is stable in MoE models, unlike page access).
+
+Experts the current computation still needs, or whose copy is in flight for the next layer, are
+*protected*: they are never chosen as victims.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+__all__ = ["POLICIES", "ExpertCache"]
+
+POLICIES = ("lru", "lfu")
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class ExpertCache:
+    """Slot assignment for ``num_slots`` GPU expert slots under ``policy``.
+
+    ``lookup(key)`` -> slot or None; ``use(key)`` records one use (recency and frequency);
+    ``insert(key, protected)`` -> ``(slot, evicted_key or None)``, or None when every slot is
+    protected.
+    """
+
+    def __init__(self, num_slots: int, policy: str = "lru"):
+        if not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots: expected a positive integer, got {num_slots!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+        self.num_slots = num_slots
+        self.policy = policy
+        self._slot_of: OrderedDict[Key, int] = OrderedDict()  # resident keys, least recent first
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._freq: dict[Key, int] = {}
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._slot_of
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def lookup(self, key: Key) -> int | None:
+        return self._slot_of.get(key)
+
+    def resident(self) -> list[Key]:
+        """Resident keys, least recently used first."""
+        return list(self._slot_of)
+
+    def use(self, key: Key) -> None:
+        """Record one use of ``key`` (resident or not: frequencies count every activation)."""
+        self._freq[key] = self._freq.get(key, 0) + 1
+        if key in self._slot_of:
+            self._slot_of.move_to_end(key)
+
+    def victim(self, protected: set[Key] | frozenset[Key] = frozenset()) -> Key | None:
+        """The key ``insert`` would evict now (None if a slot is free or all are protected)."""
+        if self._free:
+            return None
+        candidates = [k for k in self._slot_of if k not in protected]  # least recent first
+        if not candidates:
+            return None
+        if self.policy == "lru":
+            return candidates[0]
+        return min(candidates, key=lambda k: self._freq.get(k, 0))  # min is stable: LRU among ties
+
+    def insert(self, key: Key, protected: set[Key] | frozenset[Key] = frozenset()) -> tuple[int, Key | None] | None:
+        """Give ``key`` a slot (evicting a victim if needed); None if every slot is protected.
+        The new key counts as most recently used."""
+        if key in self._slot_of:
+            raise ValueError(f"key: {key} is already resident in slot {self._slot_of[key]}")
+        evicted = None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            evicted = self.victim(protected)
+            if evicted is None:
+                return None
+            slot = self._slot_of.pop(evicted)
+        self._slot_of[key] = slot
+        return slot, evicted
