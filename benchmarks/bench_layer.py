@@ -1,0 +1,312 @@
+"""MoE expert-compute speed on one GPU: moekit's grouped path against transformers' own
+experts implementations, the balanced ``torch.bmm`` bound and the dense bf16 peak, in one run.
+
+    python benchmarks/bench_layer.py [--out DIR] [--quick]
+
+For every prefill shape (OLMoE-like, Qwen3-30B-A3B-like, Mixtral-like, a DeepSeek-V3 slice),
+uniform and Zipf(1.2) routing, forward and forward+backward, it times:
+
+- ``hf_eager`` / ``hf_grouped_mm``: ``transformers``' ``OlmoeExperts`` (the fused
+  ``[E, 2F, D]`` / ``[E, D, F]`` layout moekit shares) with ``_experts_implementation`` set to
+  ``eager`` (a Python loop over experts) and ``grouped_mm`` (sort + ``grouped_mm`` + un-sort);
+- ``moekit``: :func:`moekit.experts.grouped.experts_grouped_mm` (the layer's CUDA default);
+- ``bmm_bound``: the same FLOPs as a balanced ``torch.bmm`` over ``[E, T*k/E, D]`` with no
+  routing at all (every expert gets the same number of tokens, nothing is gathered).
+
+Decode shapes (T in {1, 8, 64}, forward) add ``moekit_graph`` (the same call replayed from a
+CUDA graph, as a server runs decode) and the bound of reading every active expert's weights
+once at the device-to-device copy bandwidth measured in the same run.
+
+Useful FLOPs follow DESIGN.md: ``6*T*k*D*F`` forward, 3x for forward+backward. Times are
+medians of CUDA-event-timed repetitions after warm-up; inputs are random (never zeros).
+Writes ``layer_<gpu>_<date>.json`` with the exact command, versions and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moekit.experts.grouped import experts_grouped_mm
+
+PREFILL = [  # name, T, D, F, E, K
+    ("olmoe", 16384, 2048, 1024, 64, 8),
+    ("qwen3_30b_a3b", 16384, 2048, 768, 128, 8),
+    ("mixtral", 8192, 4096, 14336, 8, 2),
+    ("deepseek_v3_slice", 8192, 7168, 2048, 32, 8),
+]
+DECODE_MODELS = [("olmoe", 2048, 1024, 64, 8), ("qwen3_30b_a3b", 2048, 768, 128, 8)]
+DECODE_T = (1, 8, 64)
+ZIPF_S = 1.2
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def time_ms(fn, budget_s: float = 0.6, max_reps: int = 50, warmup: int = 3) -> float:
+    """Median CUDA-event time of ``fn()`` in ms, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = time.perf_counter() - t0
+    reps = int(max(3, min(max_reps, budget_s / max(one, 1e-6))))
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def dense_peak_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, max_reps=30)
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    src = torch.randn(256 * 2 ** 20, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), max_reps=30)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def routing(T: int, E: int, K: int, kind: str, gen: torch.Generator):
+    """``[T, K]`` distinct experts per token (uniform, or Zipf(1.2) via Gumbel top-k) and
+    normalised random weights ``[T, K]``."""
+    if kind == "zipf":
+        logp = -ZIPF_S * torch.log(torch.arange(1, E + 1, device="cuda", dtype=torch.float32))
+        logp = logp[torch.randperm(E, device="cuda", generator=gen)]
+    else:
+        logp = torch.zeros(E, device="cuda")
+    gumbel = -torch.log(-torch.log(torch.rand(T, E, device="cuda", generator=gen).clamp_min(1e-20)))
+    idx = torch.topk(logp + gumbel, K, dim=1).indices
+    w = torch.softmax(torch.randn(T, K, device="cuda", generator=gen), dim=1)
+    return idx, w
+
+
+def make_weights(D, F, E, gen):
+    w_in = (torch.randn(E, 2 * F, D, device="cuda", generator=gen) * D ** -0.5).bfloat16()
+    w_out = (torch.randn(E, D, F, device="cuda", generator=gen) * F ** -0.5).bfloat16()
+    return w_in.requires_grad_(), w_out.requires_grad_()
+
+
+def hf_experts(impl: str, D, F, E, K, w_in, w_out):
+    """transformers' OLMoE experts module sharing moekit's weight tensors."""
+    from transformers import OlmoeConfig
+    from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+
+    cfg = OlmoeConfig(hidden_size=D, intermediate_size=F, num_experts=E, num_experts_per_tok=K,
+                      num_hidden_layers=1, num_attention_heads=1, vocab_size=128)
+    cfg._experts_implementation = impl
+    with torch.device("meta"):
+        mod = OlmoeExperts(cfg)
+    mod.gate_up_proj = torch.nn.Parameter(w_in.detach(), requires_grad=True)
+    mod.down_proj = torch.nn.Parameter(w_out.detach(), requires_grad=True)
+    return mod
+
+
+def bmm_bound_fn(x_EMD, w_in, w_out):
+    h = torch.bmm(x_EMD, w_in.transpose(1, 2))
+    g, u = h.chunk(2, dim=-1)
+    return torch.bmm(F.silu(g) * u, w_out.transpose(1, 2))
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def step(fn, inputs, backward: bool, dy):
+    if not backward:
+        return fn
+    return lambda: torch.autograd.grad(fn(), inputs, dy)
+
+
+def run_prefill(name, T, D, F, E, K, kind, gen, peak, log):
+    w_in, w_out = make_weights(D, F, E, gen)
+    x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+    idx, w = routing(T, E, K, kind, gen)
+    w = w.bfloat16().requires_grad_()
+    dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    x_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+    dy_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    impls = {"moekit": (lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], dy)}
+    for impl in ("grouped_mm", "eager"):
+        try:
+            mod = hf_experts(impl, D, F, E, K, w_in, w_out)
+            impls[f"hf_{impl}"] = (lambda m=mod: m(x, idx, w), [x, w, mod.gate_up_proj, mod.down_proj], dy)
+        except Exception as e:  # an older transformers without the class: say so in the file
+            log(f"  hf_{impl} unavailable: {e!r}")
+    impls["bmm_bound"] = (lambda: bmm_bound_fn(x_EMD, w_in, w_out), [x_EMD, w_in, w_out], dy_EMD)
+    rows = []
+    for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+        flops = 6 * T * K * D * F * (3 if backward else 1)
+        res = {}
+        for impl, (fn, inputs, g) in impls.items():
+            slow = impl == "hf_eager"
+            try:
+                res[impl] = time_ms(step(fn, inputs, backward, g), budget_s=0.2 if slow else 0.35,
+                                    warmup=1 if slow else 3)
+            except Exception as e:
+                log(f"  {impl} {mode} failed: {e!r}")
+            torch.cuda.empty_cache()
+        for impl, ms in res.items():
+            rows.append(dict(shape=name, T=T, D=D, F=F, E=E, K=K, routing=kind, mode=mode, impl=impl, ms=ms,
+                             tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak,
+                             speedup_vs_hf_grouped_mm=res.get("hf_grouped_mm", float("nan")) / ms,
+                             speedup_vs_hf_eager=res.get("hf_eager", float("nan")) / ms,
+                             ratio_to_bmm_bound=ms / res.get("bmm_bound", float("nan")),
+                             max_over_mean_tokens=(counts.max() / counts.float().mean()).item()))
+        log("  " + f"{name:18s} {kind:7s} {mode:8s} " + "  ".join(f"{k}={v:.3f}" for k, v in res.items()))
+    return rows
+
+
+def run_decode(name, D, F, E, K, T, kind, gen, copy_gbs, log):
+    w_in, w_out = make_weights(D, F, E, gen)
+    w_in, w_out = w_in.detach(), w_out.detach()
+    x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    idx, w = routing(T, E, K, kind, gen)
+    w = w.bfloat16()
+    active = int(torch.unique(idx).numel())
+    weight_bytes = active * 3 * D * F * 2
+    bound_ms = weight_bytes / (copy_gbs * 1e6)
+    res = {}
+    with torch.no_grad():
+        res["moekit"] = time_ms(lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"))
+        try:
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu")
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu")
+            res["moekit_graph"] = time_ms(graph.replay)
+        except Exception as e:
+            log(f"  moekit_graph failed: {e!r}")
+        for impl in ("grouped_mm", "eager"):
+            try:
+                mod = hf_experts(impl, D, F, E, K, w_in, w_out)
+                res[f"hf_{impl}"] = time_ms(lambda m=mod: m(x, idx, w))
+            except Exception as e:
+                log(f"  hf_{impl} failed: {e!r}")
+    flops = 6 * T * K * D * F
+    log(f"  decode {name:14s} T={T:<3d} {kind:7s} bound={bound_ms:.4f} " + "  ".join(f"{k}={v:.4f}" for k, v in res.items()))
+    return [dict(shape=f"{name}_decode", T=T, D=D, F=F, E=E, K=K, routing=kind, mode="fwd", impl=impl, ms=ms,
+                 tflops=flops / ms / 1e9, active_experts=active, weight_bytes=weight_bytes,
+                 weight_read_bound_ms=bound_ms, ratio_to_weight_read_bound=ms / bound_ms,
+                 achieved_gbs=weight_bytes / ms / 1e6,
+                 speedup_vs_hf_grouped_mm=res.get("hf_grouped_mm", float("nan")) / ms,
+                 speedup_vs_hf_eager=res.get("hf_eager", float("nan")) / ms) for impl, ms in res.items()]
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def machine_info() -> dict:
+    import triton
+    import transformers
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        driver = "unknown"
+    return dict(gpu=props.name, sm_count=props.multi_processor_count, gpu_memory_gib=props.total_memory / 2 ** 30,
+                driver=driver, torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
+                transformers=transformers.__version__, python=platform.python_version(), host=platform.node())
+
+
+def print_table(rows):
+    head = f"{'shape':22s} {'routing':7s} {'mode':8s} {'impl':14s} {'ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} {'vs hf_gmm':>9s} {'vs eager':>8s} {'/bound':>7s}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        bound = r.get("ratio_to_bmm_bound", r.get("ratio_to_weight_read_bound", float("nan")))
+        print(f"{r['shape']:22s} {r['routing']:7s} {r['mode']:8s} {r['impl']:14s} {r['ms']:9.4f} {r['tflops']:8.1f} "
+              f"{r.get('pct_peak', float('nan')):6.1f} {r['speedup_vs_hf_grouped_mm']:9.2f} {r['speedup_vs_hf_eager']:8.2f} {bound:7.3f}"
+              + (f"  T={r['T']}" if "decode" in r["shape"] else ""))
+
+
+def write_json(path: str, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="benchmarks/results", help="folder for layer_<gpu>_<date>.json")
+    p.add_argument("--quick", action="store_true", help="OLMoE prefill and T=1 decode only")
+    p.add_argument("--shapes", default="", help="comma-separated prefill shape names (default: all)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_layer: error: needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    peak, copy_gbs = dense_peak_tflops(), copy_bandwidth_gbs()
+    log(f"dense bf16 peak {peak:.1f} TFLOP/s, copy bandwidth {copy_gbs:.0f} GB/s")
+    shapes = [s for s in PREFILL if not args.shapes or s[0] in args.shapes.split(",")]
+    if args.quick:
+        shapes = shapes[:1]
+    info = machine_info()
+    slug = "h100" if "H100" in info["gpu"] else "h200" if "H200" in info["gpu"] else info["gpu"].split()[-1].lower()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"layer_{slug}_{datetime.date.today().isoformat()}.json")
+    rows = []
+
+    def save():  # after every shape, so that a run cut short still leaves its figures
+        write_json(path, dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                              machine=info, dense_bf16_peak_tflops=peak, copy_bandwidth_gbs=copy_gbs,
+                              flops_definition="6*T*k*D*F forward, 3x for forward+backward (DESIGN.md)",
+                              rows=rows, log=lines))
+
+    for name, D, F_, E, K in DECODE_MODELS[: 1 if args.quick else None]:
+        for T in DECODE_T[: 1 if args.quick else None]:
+            for kind in ("uniform", "zipf"):
+                rows += run_decode(name, D, F_, E, K, T, kind, gen, copy_gbs, log)
+        save()
+    for name, T, D, F_, E, K in shapes:
+        for kind in ("uniform", "zipf"):
+            rows += run_prefill(name, T, D, F_, E, K, kind, gen, peak, log)
+        save()
+    print_table(rows)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
