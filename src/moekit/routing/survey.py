@@ -92,7 +92,7 @@ def survey_router(cfg: SurveyConfig, router: str, balance: str, extra: dict) -> 
     return {
         "router": router,
         "balance": balance,
-        "train_loss": float(loss),
+        "train_loss": loss.item(),
         "max_vio": float(max_vio(counts).mean()),
         "cv": float(coefficient_of_variation(counts).mean()),
         "experts_per_token": float(r.experts_per_token.float().mean()),
