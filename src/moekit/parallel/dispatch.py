@@ -1,0 +1,119 @@
+"""Pure index arithmetic of expert-parallel dispatch: logical experts -> physical slots ->
+ranks, and the inverse combine. No communication here, so all of it is unit-testable on one
+process.
+
+Shapes: ``T`` tokens on this rank, ``K`` experts per token, ``E`` logical experts, ``R``
+physical slots in the EP group, ``P`` ranks in the EP group, ``S = R / P`` slots per rank
+(slot ``r`` lives on rank ``r // S``, EPLB's layout), ``M`` most replicas of one expert,
+``N`` valid assignments sent by this rank, ``Q`` assignments received by this rank.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["SlotTables", "DispatchOrder", "slot_tables", "dispatch_order", "received_slots", "combine"]
+
+
+class SlotTables(NamedTuple):
+    """Placement of one layer as lookup tables (all int64, on the layer's device).
+
+    phy2log_R: logical expert of each physical slot. log2phy_EM: slots of each expert in
+    increasing order, padded with -1. logcnt_E: replicas per expert.
+    """
+
+    phy2log_R: torch.Tensor
+    log2phy_EM: torch.Tensor
+    logcnt_E: torch.Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.phy2log_R.shape[0])
+
+
+def slot_tables(phy2log_R, num_experts: int, num_ranks: int, device=None) -> SlotTables:
+    """Check one layer's ``phy2log`` (``[R]``) and derive ``log2phy`` / ``logcnt``.
+
+    ``ValueError`` unless ``R`` is a multiple of ``num_ranks`` and every logical expert in
+    ``[0, num_experts)`` has at least one slot.
+    """
+    p2l = torch.as_tensor(phy2log_R).detach().to("cpu")
+    if p2l.ndim != 1 or p2l.dtype.is_floating_point or p2l.dtype == torch.bool:
+        raise ValueError(f"phy2log: expected a 1-D integer tensor [R] for one layer, got "
+                         f"{tuple(p2l.shape)} {p2l.dtype}")
+    p2l = p2l.to(torch.int64)
+    num_slots = p2l.shape[0]
+    if num_slots < num_experts or num_slots % num_ranks:
+        raise ValueError(f"phy2log: expected R >= num_experts={num_experts} slots and a multiple of "
+                         f"the EP group size {num_ranks}, got R={num_slots}")
+    if p2l.min() < 0 or p2l.max() >= num_experts:
+        raise ValueError(f"phy2log: expected expert ids in [0, {num_experts}), got "
+                         f"{int(p2l.min())}..{int(p2l.max())}")
+    logcnt = torch.bincount(p2l, minlength=num_experts)
+    if bool((logcnt == 0).any()):
+        missing = torch.nonzero(logcnt == 0)[:, 0].tolist()
+        raise ValueError(f"phy2log: expected every logical expert to have a slot, experts {missing} have none")
+    # slots sorted by expert (stable, so replicas are numbered in slot order)
+    order = torch.argsort(p2l, stable=True)
+    start = torch.cumsum(logcnt, 0) - logcnt
+    replica = torch.arange(num_slots) - start[p2l[order]]
+    log2phy = torch.full((num_experts, int(logcnt.max())), -1, dtype=torch.int64)
+    log2phy[p2l[order], replica] = order
+    return SlotTables(p2l.to(device), log2phy.to(device), logcnt.to(device))
+
+
+class DispatchOrder(NamedTuple):
+    """This rank's valid assignments in send order (by physical slot, so by destination rank).
+
+    token_ids_N: token of each assignment. flat_ids_N: index into the flattened ``[T * K]``
+    routing (to pick its combine weight). send_counts_PS: int64 ``[P, S]`` assignments sent
+    to slot ``s`` of rank ``p``.
+    """
+
+    token_ids_N: torch.Tensor
+    flat_ids_N: torch.Tensor
+    send_counts_PS: torch.Tensor
+
+
+def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int, rank: int) -> DispatchOrder:
+    """Map each assignment to a physical slot and sort by slot.
+
+    The assignments of a replicated expert are dealt round-robin over its replicas in token
+    order, starting at replica ``rank % logcnt`` so that the remainders of different ranks
+    land on different replicas: deterministic, and balanced to within one assignment per rank.
+    """
+    num_tokens, top_k = indices_TK.shape
+    flat = indices_TK.reshape(-1)
+    flat_ids = torch.nonzero(flat >= 0, as_tuple=True)[0]
+    experts = flat[flat_ids]
+    by_expert = torch.argsort(experts, stable=True)
+    flat_ids, experts = flat_ids[by_expert], experts[by_expert]
+    counts_E = torch.bincount(experts, minlength=tables.logcnt_E.shape[0])
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    position = torch.arange(experts.shape[0], device=experts.device) - start_E[experts]
+    replica = (position + rank) % tables.logcnt_E[experts]
+    slots = tables.log2phy_EM[experts, replica]
+    by_slot = torch.argsort(slots, stable=True)
+    flat_ids, slots = flat_ids[by_slot], slots[by_slot]
+    send_counts = torch.bincount(slots, minlength=tables.num_slots).view(num_ranks, -1)
+    return DispatchOrder(flat_ids // top_k, flat_ids, send_counts)
+
+
+def received_slots(recv_counts_PS: torch.Tensor) -> torch.Tensor:
+    """Local slot id ``[Q]`` of each received row: rows arrive source-rank by source-rank,
+    each source's rows sorted by slot."""
+    num_ranks, num_slots = recv_counts_PS.shape
+    local = torch.arange(num_slots, device=recv_counts_PS.device).repeat(num_ranks)
+    return torch.repeat_interleave(local, recv_counts_PS.reshape(-1))
+
+
+def combine(y_ND: torch.Tensor, order: DispatchOrder, weights_TK: torch.Tensor) -> torch.Tensor:
+    """``y[t] = sum_n [token_n = t] * w_n * y_n``: ``[T, D]`` in ``y_ND.dtype``, summed in at
+    least fp32 (bf16 outputs lose no precision in the combine). Differentiable in ``y_ND`` and
+    the weights."""
+    acc = torch.promote_types(y_ND.dtype, torch.float32)
+    w_N = weights_TK.reshape(-1)[order.flat_ids_N].to(acc)
+    out_TD = torch.zeros(weights_TK.shape[0], y_ND.shape[1], dtype=acc, device=y_ND.device)
+    return out_TD.index_add(0, order.token_ids_N, y_ND.to(acc) * w_N[:, None]).to(y_ND.dtype)

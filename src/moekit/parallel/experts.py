@@ -1,0 +1,157 @@
+"""The expert-parallel drop-in for :class:`moekit.experts.GroupedExperts`.
+
+Each rank of the expert-parallel (EP) group holds ``S = R / P`` physical expert slots; slot
+``r`` of the group lives on rank ``r // S`` and computes logical expert ``phy2log[r]``. The
+forward keeps the ``GroupedExperts`` contract, ``(x_TD, indices_TK, weights_TK) -> y_TD``, so
+:class:`moekit.MoE` runs unchanged with this module as its ``experts``:
+
+1. map each (token, choice) to a physical slot (replicas of an expert share its tokens),
+   sort by slot, exchange per-slot counts with the group;
+2. ``all_to_all`` the token rows to the ranks holding their slots (differentiable);
+3. run the local slots with the compute backend (``moekit.experts.get_backend``: the grouped
+   GEMM on CUDA when present, the sorted loop on CPU);
+4. ``all_to_all`` the outputs back (differentiable) and combine them with the router weights
+   on the rank that owns the token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moekit.experts import ExpertsConfig, GroupedExperts
+from moekit.parallel.comm import all_to_all, exchange_counts, group_rank_size
+from moekit.parallel.dispatch import SlotTables, combine, dispatch_order, received_slots, slot_tables
+
+__all__ = ["ExpertParallelExperts"]
+
+
+class ExpertParallelExperts(nn.Module):
+    """``cfg.num_experts`` logical experts spread over the ranks of ``group``.
+
+    cfg: the logical experts (``E = cfg.num_experts``). group: the EP process group (``P`` ranks).
+    phy2log: ``[R]`` logical expert of each physical slot of the group (``R % P == 0``); ``None``
+    means one slot per expert in order (needs ``E % P == 0``). expert_dp_group: ranks that hold
+    the same slots for other data (EP combined with data parallelism across EP groups); their
+    expert gradients are summed by :func:`moekit.parallel.reduce_gradients`.
+
+    Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
+    Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
+    """
+
+    def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None):
+        super().__init__()
+        self.cfg = cfg
+        self.group = group
+        self.expert_dp_group = expert_dp_group
+        self.rank, self.num_ranks = group_rank_size(group)
+        if phy2log is None:
+            if cfg.num_experts % self.num_ranks:
+                raise ValueError(f"phy2log: needed because num_experts={cfg.num_experts} is not a multiple of "
+                                 f"the EP group size {self.num_ranks}")
+            phy2log = torch.arange(cfg.num_experts)
+        tables = slot_tables(phy2log, cfg.num_experts, self.num_ranks)
+        self.slots_per_rank = tables.num_slots // self.num_ranks
+        self.local = GroupedExperts(ExpertsConfig(cfg.dim, cfg.ffn_dim, self.slots_per_rank, cfg.activation,
+                                                  cfg.backend))
+        self.register_buffer("phy2log", tables.phy2log_R)
+        self.register_buffer("log2phy", tables.log2phy_EM, persistent=False)
+        self.register_buffer("logcnt", tables.logcnt_E, persistent=False)
+
+    # ----------------------------------------------------------------------------- placement
+    @property
+    def tables(self) -> SlotTables:
+        return SlotTables(self.phy2log, self.log2phy, self.logcnt)
+
+    @property
+    def local_experts(self) -> torch.Tensor:
+        """``[S]`` logical expert of each slot on this rank."""
+        s = self.slots_per_rank
+        return self.phy2log[self.rank * s:(self.rank + 1) * s]
+
+    def set_placement(self, phy2log_R) -> None:
+        """Replace the lookup tables (weights untouched: see :func:`moekit.parallel.apply_plan`)."""
+        tables = slot_tables(phy2log_R, self.cfg.num_experts, self.num_ranks, self.phy2log.device)
+        if tables.num_slots != self.phy2log.shape[0]:
+            raise ValueError(f"phy2log: expected R={self.phy2log.shape[0]} slots like the current placement, "
+                             f"got {tables.num_slots}")
+        self.phy2log, self.log2phy, self.logcnt = tables
+
+    @torch.no_grad()
+    def load_logical(self, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> None:
+        """Fill this rank's slots from the full logical weights ``[E, H, D]`` / ``[E, D, F]``."""
+        e = self.local_experts.to(w_in_EHD.device)
+        self.local.w_in.copy_(w_in_EHD[e])
+        self.local.w_out.copy_(w_out_EDF[e])
+
+    @torch.no_grad()
+    def init_logical(self, seed: int) -> None:
+        """Initialise every slot from a generator seeded by ``(seed, logical expert)``, so that
+        replicas on different ranks start equal without communication."""
+        w_in, w_out = self.local.w_in, self.local.w_out
+        for s, e in enumerate(self.local_experts.tolist()):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + e)
+            w_in[s].copy_(torch.randn(w_in.shape[1:], generator=gen) * self.cfg.dim ** -0.5)
+            w_out[s].copy_(torch.randn(w_out.shape[1:], generator=gen) * self.cfg.ffn_dim ** -0.5)
+
+    @torch.no_grad()
+    def gather_logical(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full logical weights ``[E, H, D]`` / ``[E, D, F]`` on every rank (all-gather;
+        for checkpoints and tests). Replicas are equal, so any one of them is taken."""
+        out = []
+        for w in (self.local.w_in, self.local.w_out):
+            parts = [torch.empty_like(w) for _ in range(self.num_ranks)]
+            dist.all_gather(parts, w.contiguous(), group=self.group)
+            slots = torch.cat(parts)
+            first_slot = self.log2phy[:, 0]
+            out.append(slots[first_slot])
+        return out[0], out[1]
+
+    # ----------------------------------------------------------------------------- compute
+    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """x_TD ``[T, D]``, indices_TK ``[T, K]`` logical experts (``-1`` = none), weights_TK
+        ``[T, K]`` -> ``[T, D]``. Collective: every rank of the group must call it (``T`` may be 0)."""
+        order = dispatch_order(indices_TK, self.tables, self.num_ranks, self.rank)
+        recv_counts_PS = exchange_counts(order.send_counts_PS, self.group)
+        # one host sync for both split lists (dropless EP needs the sizes on the host)
+        send_splits, recv_splits = torch.stack([order.send_counts_PS.sum(1), recv_counts_PS.sum(1)]).tolist()
+        x_send = x_TD[order.token_ids_N]
+        if torch.is_grad_enabled() and self.local.w_in.requires_grad and not x_send.requires_grad:
+            # Every rank must run both all-to-alls' backwards in the same order, also a rank
+            # whose input needs no gradient: give the dispatch a (discarded) gradient path.
+            x_send = x_send.detach().requires_grad_()
+        x_recv = all_to_all(x_send, recv_splits, send_splits, self.group)
+        y_recv = self._compute_local(x_recv, received_slots(recv_counts_PS))
+        y_back = all_to_all(y_recv, send_splits, recv_splits, self.group)
+        return combine(y_back, order, weights_TK)
+
+    def _compute_local(self, x_QD: torch.Tensor, slot_Q: torch.Tensor) -> torch.Tensor:
+        w_in, w_out = self.local.w_in, self.local.w_out
+        if x_QD.shape[0] == 0:
+            # Nothing to compute; stay connected to the input (so this rank's backward still
+            # runs the dispatch all-to-all with the others) and to the weights (zero, not
+            # missing, gradients).
+            return x_QD * 0.0 + 0.0 * (w_in.sum() + w_out.sum()).to(x_QD.dtype)
+        ones_Q1 = torch.ones(x_QD.shape[0], 1, dtype=x_QD.dtype, device=x_QD.device)
+        return self.local(x_QD, slot_Q[:, None], ones_Q1)
+
+    # ----------------------------------------------------------------------------- gradients
+    @torch.no_grad()
+    def reduce_replica_grads(self) -> None:
+        """Sum the gradients of the replicas of each replicated expert over the EP group (each
+        replica saw only its share of the tokens), so replicas take identical steps."""
+        replicated_E = self.logcnt > 1
+        if not bool(replicated_E.any()):
+            return
+        row_E = torch.cumsum(replicated_E.long(), 0) - 1
+        local_e = self.local_experts
+        mine = replicated_E[local_e]
+        slots, rows = torch.nonzero(mine)[:, 0], row_E[local_e[mine]]
+        for w in (self.local.w_in, self.local.w_out):
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            buf = w.grad.new_zeros((int(replicated_E.sum()),) + tuple(w.shape[1:]))
+            buf.index_add_(0, rows, w.grad[slots])
+            dist.all_reduce(buf, group=self.group)
+            w.grad[slots] = buf[rows]

@@ -1,0 +1,82 @@
+"""Expert-parallel MoE layers: build one from a config, or convert the MoE layers of a model.
+
+Routing, balance losses and shared experts are the ones of :class:`moekit.MoE` (same router,
+same code); only the routed experts are replaced by :class:`ExpertParallelExperts`, which
+dispatches tokens to the ranks holding their experts by all-to-all.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moekit import routing as R
+from moekit.experts import ExpertsConfig, SharedExperts
+from moekit.layer import MoE, MoEConfig, build_router
+from moekit.parallel.comm import resolve_group
+from moekit.parallel.experts import ExpertParallelExperts
+
+__all__ = ["ExpertParallelMoE", "parallelize"]
+
+
+def _experts_config(cfg: MoEConfig) -> ExpertsConfig:
+    return ExpertsConfig(cfg.dim, cfg.ffn_dim, cfg.num_experts, cfg.activation, cfg.backend)
+
+
+class ExpertParallelMoE(MoE):
+    """A :class:`moekit.MoE` whose routed experts are sharded over an expert-parallel group.
+
+    cfg: the layer config (``cfg.num_experts`` logical experts). group: the EP process group,
+    or a ``DeviceMesh`` with ``mesh_dim`` naming its EP dimension (default: WORLD). phy2log:
+    ``[R]`` logical expert of each physical slot (a row of :attr:`moekit.placement.Plan.phy2log`;
+    ``None`` = one slot per expert). dp_group: the data-parallel group (every rank that sees
+    other tokens; default WORLD), over which global-batch balance counts are summed.
+    expert_dp_group: ranks holding the same slots in other EP groups (a 2-D mesh: its other
+    dimension), or ``None``. seed: expert ``e`` is initialised from a generator seeded with
+    ``(seed, e)``, so replicas agree without communication. Dense parameters (router, shared
+    experts) come from the global RNG: seed it equally on every rank or call
+    :func:`moekit.parallel.broadcast_dense_parameters`.
+
+    Only the local slots are ever allocated, so layers whose experts do not fit on one device
+    can be built. The forward is collective over the EP group.
+    """
+
+    def __init__(self, cfg: MoEConfig, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
+                 dp_group=None, expert_dp_group=None, seed: int = 0):
+        nn.Module.__init__(self)  # not MoE.__init__: it would allocate all E experts here
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.experts = ExpertParallelExperts(_experts_config(cfg), resolve_group(group, mesh_dim), phy2log,
+                                             expert_dp_group)
+        self.experts.init_logical(seed)
+        self.shared = (SharedExperts(cfg.dim, cfg.num_shared_experts * cfg.ffn_dim, cfg.activation)
+                       if cfg.num_shared_experts > 0 else None)
+        num_slots = cfg.num_experts + (cfg.num_null_experts if cfg.router == "null_experts" else 0)
+        self.global_balance = R.GlobalBalance(num_slots, cfg.top_k, dp_group) if cfg.balance == "global" else None
+        self.aux_free = R.AuxFreeBias(cfg.num_experts, cfg.bias_update_rate, dp_group) if cfg.balance == "aux_free" else None
+
+
+def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
+                expert_dp_group=None) -> list[ExpertParallelExperts]:
+    """Shard the routed experts of every :class:`moekit.MoE` in ``model``, in place.
+
+    Each layer keeps its router and shared experts; its ``experts`` become an
+    :class:`ExpertParallelExperts` holding this rank's slots, copied from the layer's full
+    weights (identical on every rank, e.g. loaded from the same checkpoint). phy2log:
+    ``[L, R]`` (or a ``Plan``), one row per MoE layer in ``model.modules()`` order, or
+    ``None`` for one slot per expert. Returns the new expert modules in layer order.
+    """
+    ep_group = resolve_group(group, mesh_dim)
+    layers = [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallelExperts)]
+    phy2log = getattr(phy2log, "phy2log", phy2log)
+    if phy2log is not None and (len(phy2log) != len(layers) or getattr(phy2log, "ndim", 2) != 2):
+        raise ValueError(f"phy2log: expected [L={len(layers)}, R], one row per MoE layer, got "
+                         f"{tuple(getattr(phy2log, 'shape', (len(phy2log),)))}")
+    out = []
+    for i, layer in enumerate(layers):
+        full = layer.experts
+        ep = ExpertParallelExperts(full.cfg, ep_group, None if phy2log is None else phy2log[i], expert_dp_group)
+        ep.to(device=full.w_in.device, dtype=full.w_in.dtype)
+        ep.load_logical(full.w_in.detach(), full.w_out.detach())
+        layer.experts = ep
+        out.append(ep)
+    return out

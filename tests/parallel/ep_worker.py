@@ -1,0 +1,220 @@
+"""One rank of the expert-parallel equivalence checks: ``run(rank, world, port, backend,
+scenarios)``, called in forked processes by ep_launch.py (CPU tests), or as a script
+``python ep_worker.py <backend> <scenario>...`` with RANK / WORLD_SIZE / MASTER_PORT in the
+environment, one process per rank (GPU tests, as torchrun would start them).
+
+Every check builds the single-process ``moekit.MoE`` on the whole batch (all ranks' tokens)
+as the reference and compares the expert-parallel layer's outputs and ALL gradients with it.
+A failed check raises, so the process exits non-zero and the test shows its traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import moekit
+from moekit.metrics import moves as count_moves
+from moekit.parallel import ExpertParallelMoE, apply_plan, parallelize, reduce_gradients
+
+# this process's rank and the world size: set by run() before any check runs
+RANK = int(os.environ.get("RANK", 0))
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _close(a, b, name, tol):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if a.shape != b.shape:
+        raise AssertionError(f"rank {RANK}: {name}: shape {tuple(a.shape)} != {tuple(b.shape)}")
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = max(b.abs().max().item() if b.numel() else 0.0, 1.0)
+    if err > tol * scale:
+        raise AssertionError(f"rank {RANK}: {name}: max abs error {err:.3e} (scale {scale:.2e}, tol {tol})")
+
+
+def _batch(sizes, dim, device, dtype, seed):
+    """The global batch and its targets (every rank builds the same ones) and this rank's slice."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(sizes), dim, generator=gen, dtype=torch.float64).to(device, dtype)
+    g = torch.randn(sum(sizes), dim, generator=gen, dtype=torch.float64).to(device, dtype)
+    lo = sum(sizes[:RANK])
+    return x, g, slice(lo, lo + sizes[RANK])
+
+
+def _reference(cfg, device, dtype, seed):
+    torch.manual_seed(seed)
+    return moekit.MoE(cfg).to(device, dtype)
+
+
+def _check_grads(ref, ep, ep_modules, tol, ep_rank_size=None):
+    """Dense grads equal the reference's; each local slot's grads equal its logical expert's."""
+    ref_params = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():
+        if name.startswith("experts."):
+            continue
+        _close(p.grad, ref_params[name].grad, f"grad {name}", tol)
+    for i, m in enumerate(ep_modules):
+        e = m.local_experts.to(ref.experts.w_in.device)
+        _close(m.local.w_in.grad, ref.experts.w_in.grad[e], "grad w_in", tol)
+        _close(m.local.w_out.grad, ref.experts.w_out.grad[e], "grad w_out", tol)
+
+
+def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8, top_k=2, balance="global",
+                      shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0):
+    """EP forward + backward == single-process MoE on the concatenated batch."""
+    cfg_ref = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=num_experts, top_k=top_k, num_shared_experts=shared,
+                               balance="micro" if balance == "global" else balance, balance_coeff=0.1)
+    cfg_ep = dataclasses.replace(cfg_ref, balance=balance)
+    ref = _reference(cfg_ref, device, dtype, seed)
+    torch.manual_seed(seed)
+    ep = moekit.MoE(cfg_ep).to(device, dtype)
+    ep.load_state_dict(ref.state_dict())
+    if mask_last_rank:
+        # the last EP rank's experts are never chosen: that rank receives zero tokens
+        ep_size = dist.get_world_size(group)
+        per = (len(phy2log) if phy2log is not None else num_experts) // ep_size
+        p2l = phy2log if phy2log is not None else torch.arange(num_experts)
+        for m in (ref, ep):
+            m.aux_free.bias[p2l[-per:]] = -1e4
+    modules = parallelize(ep, group, None if phy2log is None else phy2log[None], expert_dp_group=expert_dp_group)
+
+    x, g, mine = _batch(sizes, cfg_ref.dim, device, dtype, seed + 1)
+    x_ref = x.clone().requires_grad_()
+    out_ref = ref(x_ref)
+    ((out_ref.hidden * g).sum() + out_ref.aux_loss).backward()
+
+    x_ep = x[mine].clone().requires_grad_()
+    out = ep(x_ep)
+    # sum over ranks of the EP losses == the reference loss (global balance: P stays local)
+    aux = out.aux_loss / WORLD if balance == "global" else out.aux_loss * (sizes[RANK] / sum(sizes))
+    ((out.hidden * g[mine]).sum() + aux).backward()
+    reduce_gradients(ep, average=False)
+
+    _close(out.hidden, out_ref.hidden[mine], "hidden", tol)
+    _close(x_ep.grad, x_ref.grad[mine], "grad x", tol)
+    _check_grads(ref, ep, modules, tol)
+    return ref, ep, modules
+
+
+def check_apply_plan(device, dtype, tol):
+    """Train one Adam step, move to a new placement (weights + Adam state), train another:
+    identical to the reference that never moved; the moved bytes are what the plan says."""
+    num_experts, ep_size = 8, WORLD
+    slots = num_experts + ep_size  # one spare slot per rank
+    gen = torch.Generator().manual_seed(5)
+    old = torch.cat([torch.arange(num_experts), torch.randint(0, num_experts, (ep_size,), generator=gen)])
+    old = old[torch.randperm(slots, generator=gen)]
+    new = torch.cat([torch.arange(num_experts), torch.zeros(ep_size, dtype=torch.long)])  # expert 0 is hot
+    new = new[torch.randperm(slots, generator=gen)]
+    cfg = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=num_experts, top_k=2, balance="none")
+    ref = _reference(cfg, device, dtype, 3)
+    ep = copy.deepcopy(ref)
+    (module,) = parallelize(ep, None, old[None])
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt_ep = torch.optim.Adam(ep.parameters(), lr=1e-2)
+    sizes = [4 + r for r in range(WORLD)]
+    for step in range(2):
+        x, g, mine = _batch(sizes, cfg.dim, device, dtype, 100 + step)
+        out_ref = ref(x)
+        (out_ref.hidden * g).sum().backward()
+        out = ep(x[mine])
+        (out.hidden * g[mine]).sum().backward()
+        reduce_gradients(ep, average=False)
+        _close(out.hidden, out_ref.hidden[mine], f"hidden step {step}", tol)
+        opt_ref.step(), opt_ep.step()
+        opt_ref.zero_grad(set_to_none=True), opt_ep.zero_grad(set_to_none=True)
+        if step == 0:
+            report = apply_plan(ep, new[None], opt_ep)
+            expected_moves = count_moves(old[None], new[None], ep_size)
+            assert report.moves == expected_moves, (report.moves, expected_moves)
+            row = module.local.w_in[0].numel() + module.local.w_out[0].numel()
+            per_copy = row * module.local.w_in.element_size()
+            assert report.weight_bytes_total == expected_moves * per_copy, report
+            assert report.state_bytes_total == 2 * expected_moves * per_copy, report  # exp_avg, exp_avg_sq
+            sent = torch.tensor([report.bytes_sent, report.bytes_received], device=device)
+            dist.all_reduce(sent)
+            assert sent.tolist() == [report.bytes_total] * 2, (sent, report)
+            assert torch.equal(module.phy2log.cpu(), new)
+        e = module.local_experts.to(device)
+        _close(module.local.w_in, ref.experts.w_in[e], f"w_in after step {step}", tol)
+        _close(module.local.w_out, ref.experts.w_out[e], f"w_out after step {step}", tol)
+        for p_ep in (module.local.w_in, module.local.w_out):
+            p_ref = ref.experts.w_in if p_ep is module.local.w_in else ref.experts.w_out
+            for key in ("exp_avg", "exp_avg_sq"):
+                _close(opt_ep.state[p_ep][key], opt_ref.state[p_ref][key][e], f"{key} step {step}", tol)
+
+
+def check_fresh_layer(device, dtype):
+    """ExpertParallelMoE built from a config: replicas start equal, gather_logical is consistent."""
+    cfg = moekit.MoEConfig(dim=8, ffn_dim=8, num_experts=4, top_k=2)
+    p2l = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2]) if WORLD == 4 else None  # 2 slots per rank, replicas
+    layer = ExpertParallelMoE(cfg, phy2log=p2l, seed=7).to(device, dtype)
+    w_in, w_out = layer.experts.gather_logical()
+    e = layer.experts.local_experts.to(device)
+    _close(layer.experts.local.w_in, w_in[e], "fresh w_in", 0)
+    _close(layer.experts.local.w_out, w_out[e], "fresh w_out", 0)
+    out = layer(torch.randn(3, 2, 8, device=device, dtype=dtype))
+    assert out.hidden.shape == (3, 2, 8)
+
+
+def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) -> None:
+    """Join a group of ``world`` ranks on 127.0.0.1:``port`` and run ``scenarios``."""
+    global RANK, WORLD
+    RANK, WORLD = rank, world
+    device = torch.device("cuda", RANK) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=WORLD,
+                            device_id=device if backend == "nccl" else None)
+    f64 = torch.float32 if backend == "nccl" else torch.float64
+    # the sorted CPU backend sums its outputs in fp32 even for fp64 inputs: fp32-level tolerance
+    tol64 = 2e-5 if backend == "nccl" else 2e-6
+    try:
+        for scenario in scenarios:
+            if scenario == "identity":
+                check_equivalence(device, f64, tol64, sizes=[6] * WORLD, shared=1)
+                check_equivalence(device, torch.float32, 1e-4, sizes=[5] * WORLD, num_experts=2 * WORLD, top_k=1,
+                                  balance="none")
+                check_equivalence(device, torch.float32, 1e-4, sizes=[3] * WORLD, num_experts=WORLD * 2,
+                                  top_k=WORLD * 2, balance="none")
+            elif scenario == "zero_tokens":
+                sizes = [5, 0, 7, 3][:WORLD]
+                check_equivalence(device, f64, tol64, sizes=sizes, balance="aux_free", mask_last_rank=True)
+            elif scenario == "replicas":
+                gen = torch.Generator().manual_seed(11)
+                slots = 8 + 2 * WORLD  # R > E: hot experts 0 and 1 get extra replicas
+                extra = torch.tensor([0, 0, 1, 0, 1, 2, 0, 3][: 2 * WORLD])
+                p2l = torch.cat([torch.arange(8), extra])[torch.randperm(slots, generator=gen)]
+                check_equivalence(device, f64, tol64, sizes=[9] * WORLD, phy2log=p2l, shared=1)
+                check_equivalence(device, f64, tol64, sizes=[6, 0, 2, 5][:WORLD], phy2log=p2l, balance="aux_free",
+                                  mask_last_rank=True)
+            elif scenario == "apply_plan":
+                check_apply_plan(device, f64, tol64)
+            elif scenario == "fresh":
+                check_fresh_layer(device, f64)
+            elif scenario == "mesh":
+                from torch.distributed.device_mesh import init_device_mesh
+
+                mesh = init_device_mesh(device.type, (2, WORLD // 2), mesh_dim_names=("dp", "ep"))
+                gen = torch.Generator().manual_seed(2)
+                p2l = torch.cat([torch.arange(8), torch.tensor([0, 5])])[torch.randperm(10, generator=gen)]
+                check_equivalence(device, f64, tol64, sizes=[4, 6, 0, 5][:WORLD], balance="none",
+                                  group=mesh.get_group("ep"), expert_dp_group=mesh.get_group("dp"), phy2log=p2l)
+            else:
+                raise ValueError(f"unknown scenario {scenario!r}")
+            dist.barrier()
+            if RANK == 0:
+                print(f"ok {scenario} world={WORLD}", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"]), sys.argv[1],
+        sys.argv[2:])
