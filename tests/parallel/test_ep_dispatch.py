@@ -1,0 +1,148 @@
+"""Single-process tests of the expert-parallel index arithmetic (moekit.parallel.dispatch and
+the transfer planning of moekit.parallel.rebalance): no process group needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moekit.experts import experts_reference
+from moekit.experts.reference import expert_mlp
+from moekit.metrics import moves
+from moekit.parallel import combine, dispatch_order, plan_transfers, received_slots, resolve_group, slot_tables
+
+
+@st.composite
+def placements(draw, max_experts=8, max_ranks=4):
+    """A random valid phy2log [R] with every expert present, and the number of ranks."""
+    num_experts = draw(st.integers(1, max_experts))
+    num_ranks = draw(st.integers(1, max_ranks))
+    extra = draw(st.integers(0, 2 * num_ranks))
+    num_slots = -(-(num_experts + extra) // num_ranks) * num_ranks
+    fill = draw(st.lists(st.integers(0, num_experts - 1), min_size=num_slots - num_experts,
+                         max_size=num_slots - num_experts))
+    perm = draw(st.permutations(list(range(num_slots))))
+    p2l = torch.tensor(list(range(num_experts)) + fill)[torch.tensor(perm)]
+    return p2l, num_experts, num_ranks
+
+
+@given(placements())
+@settings(max_examples=60, deadline=None)
+def test_slot_tables_invert_phy2log(case):
+    p2l, num_experts, num_ranks = case
+    t = slot_tables(p2l, num_experts, num_ranks)
+    assert torch.equal(t.logcnt_E, torch.bincount(p2l, minlength=num_experts))
+    for e in range(num_experts):
+        slots = t.log2phy_EM[e]
+        cnt = int(t.logcnt_E[e])
+        assert torch.equal(slots[:cnt], torch.nonzero(p2l == e)[:, 0])  # increasing slot order
+        assert bool((slots[cnt:] == -1).all())
+
+
+@given(placements(), st.integers(0, 12), st.integers(1, 3), st.integers(0, 3), st.data())
+@settings(max_examples=80, deadline=None)
+def test_dispatch_order_covers_every_assignment_once_and_splits_replicas_evenly(case, num_tokens, top_k, rank, data):
+    p2l, num_experts, num_ranks = case
+    top_k = min(top_k, num_experts)
+    rank = rank % num_ranks
+    idx = torch.tensor(data.draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_tokens * top_k,
+                                          max_size=num_tokens * top_k)), dtype=torch.long).view(num_tokens, top_k)
+    t = slot_tables(p2l, num_experts, num_ranks)
+    order = dispatch_order(idx, t, num_ranks, rank)
+    valid = torch.nonzero(idx.reshape(-1) >= 0)[:, 0]
+    # each valid assignment exactly once, token ids consistent with flat ids
+    assert torch.equal(torch.sort(order.flat_ids_N).values, valid)
+    assert torch.equal(order.token_ids_N, order.flat_ids_N // top_k)
+    # slots in send order, each computing the assignment's expert
+    slots = torch.repeat_interleave(torch.arange(p2l.shape[0]), order.send_counts_PS.reshape(-1))
+    assert order.send_counts_PS.shape == (num_ranks, p2l.shape[0] // num_ranks)
+    assert torch.equal(p2l[slots], idx.reshape(-1)[order.flat_ids_N])
+    # replicas of one expert share its assignments to within one
+    per_slot = order.send_counts_PS.reshape(-1)
+    for e in range(num_experts):
+        loads = per_slot[p2l == e]
+        assert int(loads.max() - loads.min()) <= 1
+
+
+def test_dispatch_remainders_go_to_different_replicas_on_different_ranks():
+    p2l = torch.tensor([0, 1, 0, 1])  # two replicas of each expert on two ranks
+    t = slot_tables(p2l, 2, 2)
+    idx = torch.tensor([[0]])  # one assignment: the remainder
+    first = [dispatch_order(idx, t, 2, r).send_counts_PS.reshape(-1).tolist() for r in range(2)]
+    assert first == [[1, 0, 0, 0], [0, 0, 1, 0]]
+
+
+def test_received_slots_are_source_major_then_slot():
+    counts = torch.tensor([[2, 0, 1], [0, 1, 1]])
+    assert received_slots(counts).tolist() == [0, 0, 2, 1, 2]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("top_k", [1, 3, 6])
+def test_one_rank_pipeline_equals_reference_outputs_and_grads(dtype, tol, top_k):
+    """Dispatch -> per-slot MLP -> combine on one rank (with replicas and an unused expert)
+    equals experts_reference, in outputs and in the gradients of x, weights and expert weights."""
+    torch.manual_seed(top_k)
+    num_experts, dim, ffn, num_tokens = 6, 8, 5, 7
+    p2l = torch.tensor([3, 0, 1, 2, 3, 4, 5, 3])
+    x = torch.randn(num_tokens, dim, dtype=dtype, requires_grad=True)
+    idx = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
+    idx[idx == 5] = 4 if top_k < num_experts else 5  # expert 5 gets no token unless k = E
+    idx[0, -1] = -1  # one unused slot
+    w = torch.rand(num_tokens, top_k, dtype=dtype, requires_grad=True)
+    w_in = (torch.randn(num_experts, 2 * ffn, dim, dtype=dtype) / 3).requires_grad_()
+    w_out = (torch.randn(num_experts, dim, ffn, dtype=dtype) / 3).requires_grad_()
+    g = torch.randn(num_tokens, dim, dtype=dtype)
+
+    t = slot_tables(p2l, num_experts, 1)
+    order = dispatch_order(idx, t, 1, 0)
+    x_N = x[order.token_ids_N]
+    slot_N = received_slots(order.send_counts_PS)
+    y_N = torch.cat([expert_mlp(x_N[slot_N == s], w_in[p2l[s]], w_out[p2l[s]], "swiglu")
+                     for s in range(p2l.shape[0])])
+    y = combine(y_N, order, w)
+    grads = torch.autograd.grad((y * g).sum(), (x, w, w_in, w_out))
+
+    y_ref = experts_reference(x, idx, w, w_in, w_out, "swiglu")
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), (x, w, w_in, w_out))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@given(placements(max_ranks=4), st.data())
+@settings(max_examples=60, deadline=None)
+def test_plan_transfers_are_exactly_the_moves(case, data):
+    old, num_experts, num_ranks = case
+    perm = torch.tensor(data.draw(st.permutations(list(range(old.shape[0])))))
+    new = old.clone()
+    new[: num_experts] = torch.arange(num_experts)
+    new = new[perm]
+    transfers = plan_transfers(old, new, num_ranks)
+    assert len(transfers) == moves(old[None], new[None], num_ranks)
+    per = old.shape[0] // num_ranks
+    for tr in transfers:
+        old_src = old[tr.src_rank * per:(tr.src_rank + 1) * per]
+        assert int(old_src[tr.src_slot]) == tr.expert
+        assert tr.expert not in old[tr.dst_rank * per:(tr.dst_rank + 1) * per].tolist()
+        assert tr.expert in new[tr.dst_rank * per:(tr.dst_rank + 1) * per].tolist()
+    assert len({(tr.dst_rank, tr.expert) for tr in transfers}) == len(transfers)
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="phy2log: expected every logical expert"):
+        slot_tables(torch.tensor([0, 0, 1, 1]), 3, 2)
+    with pytest.raises(ValueError, match="phy2log: expected R >= num_experts"):
+        slot_tables(torch.tensor([0, 1, 2]), 3, 2)
+    with pytest.raises(ValueError, match=r"phy2log: expected expert ids in \[0, 2\)"):
+        slot_tables(torch.tensor([0, 2]), 2, 1)
+    with pytest.raises(ValueError, match="phy2log: expected a 1-D integer tensor"):
+        slot_tables(torch.tensor([[0, 1]]), 2, 1)
+    with pytest.raises(ValueError, match="new_phy2log"):
+        plan_transfers(torch.tensor([0, 1]), torch.tensor([0, 1, 1, 0]), 2)
+    if not torch.distributed.is_initialized():
+        with pytest.raises(ValueError, match="group: expected an initialised"):
+            resolve_group()
