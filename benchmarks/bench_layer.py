@@ -208,6 +208,17 @@ def run_decode(name, D, F, E, K, T, kind, gen, copy_gbs, log):
             res["moekit_graph"] = time_ms(graph.replay)
         except Exception as e:
             log(f"  moekit_graph failed: {e!r}")
+        try:  # the per-slot decode kernels at every T (auto uses them up to DECODE_MAX_SLOTS)
+            slots = torch.cuda.CUDAGraph()
+            op = torch.ops.moekit.experts_decode
+            for _ in range(2):
+                op(x, idx, w, w_in, w_out, "swiglu")
+            torch.cuda.synchronize()
+            with torch.cuda.graph(slots):
+                op(x, idx, w, w_in, w_out, "swiglu")
+            res["moekit_slots_graph"] = time_ms(slots.replay)
+        except Exception as e:
+            log(f"  moekit_slots_graph failed: {e!r}")
         for impl in ("grouped_mm", "eager"):
             try:
                 mod = hf_experts(impl, D, F, E, K, w_in, w_out)
@@ -225,6 +236,31 @@ def run_decode(name, D, F, E, K, T, kind, gen, copy_gbs, log):
 
 
 # ------------------------------------------------------------------------------ output
+
+
+def profile_olmoe(path: str) -> None:
+    """Kernel-time breakdown of moekit's OLMoE-shape forward+backward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    name, T, D, F_, E, K = PREFILL[0]
+    w_in, w_out = make_weights(D, F_, E, gen)
+    x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+    idx, w = routing(T, E, K, "uniform", gen)
+    w = w.bfloat16().requires_grad_()
+    dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    fn = step(lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], True, dy)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    with open(path, "w") as f:
+        f.write(f"moekit {name} fwd+bwd, 5 iterations, uniform routing\n{table}\n")
+    print(table)
 
 
 def machine_info() -> dict:
@@ -265,6 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="folder for layer_<gpu>_<date>.json")
     p.add_argument("--quick", action="store_true", help="OLMoE prefill and T=1 decode only")
     p.add_argument("--shapes", default="", help="comma-separated prefill shape names (default: all)")
+    p.add_argument("--profile", action="store_true", help="also write a kernel-time breakdown (OLMoE fwd+bwd)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_layer: error: needs a CUDA device", file=sys.stderr)
@@ -305,6 +342,8 @@ def main(argv=None) -> int:
         save()
     print_table(rows)
     print(f"wrote {path}")
+    if args.profile:
+        profile_olmoe(os.path.join(args.out, f"layer_profile_{slug}.txt"))
     return 0
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from moekit.experts import experts_reference, experts_sorted
 from moekit.experts.backends import BACKENDS, resolve_backend
 from moekit.experts.grouped import experts_grouped_mm, route_by_expert
+from moekit.experts.steps import decode_experts
 
 
 def _inputs(T, D, F, E, K, activation, seed=0, dead=(), minus_one=0.0, dtype=torch.float64):
@@ -84,6 +85,18 @@ def test_rejects_unknown_activation():
     args = _inputs(3, 8, 8, 2, 1, "swiglu", dtype=torch.float32)
     with pytest.raises(ValueError, match="activation"):
         experts_grouped_mm(*args, "relu")
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_decode_steps_match_reference(activation):
+    # The per-slot decode path (its torch definition; the Triton kernels are checked against
+    # it below and on the GPU): T=1 and T=2 with a -1 slot, fp32 and bf16.
+    for T, minus_one in ((1, 0.0), (2, 0.3)):
+        args = _inputs(T, 16, 8, 6, 4, activation, seed=T, minus_one=minus_one)
+        y_ref = experts_reference(*args, activation)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            low = [a.to(dtype) if a.is_floating_point() else a for a in args]
+            assert _rel(decode_experts(*low, activation), y_ref) < tol
 
 
 def test_compile_fullgraph_equals_eager():
@@ -161,6 +174,13 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         src = torch.randn(T * K, D); src[nv:] = float("nan")
         for wt in (torch.rand(T, K), None):
             torch.testing.assert_close(tk.gather_sum(src, inv, wt, torch.float32), steps.gather_sum(src, inv, wt, torch.float32))
+        # decode kernels (per slot, no sort) against their torch definition
+        from moekit.experts import triton_decode as td
+        x = torch.randn(2, D); idx2 = idx[:2].contiguous(); w2 = torch.rand(2, K).masked_fill(idx2 < 0, 0.0)
+        w_in = torch.randn(E, H, D) / D ** 0.5; w_out = torch.randn(E, D, F) / F ** 0.5
+        a = td.slot_gate_up(x, idx2, w_in, act)
+        y = tk.gather_sum(td.slot_down(a, idx2, w_out), None, w2, torch.float32, shape_TK=(2, K))
+        torch.testing.assert_close(y, steps.decode_experts(x, idx2, w2, w_in, w_out, act), rtol=1e-4, atol=1e-5)
     print("ok")
 """)
 

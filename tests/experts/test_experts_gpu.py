@@ -102,6 +102,22 @@ def test_grouped_matches_fp32_reference(case, dtype, activation):
     assert torch.all(g[1][args[1] < 0] == 0)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,E,K,minus_one", [(1, 64, 8, 0.0), (1, 256, 8, 0.0), (2, 16, 4, 0.3), (1, 8, 1, 0.0)])
+def test_decode_path_matches_fp32_reference(T, E, K, minus_one, dtype, activation):
+    args = _inputs(T, 512, 256, E, K, "zipf", minus_one, (), activation, seed=T + E)
+    y_ref = experts_sorted(*args, activation)
+    low = [a.to(dtype) if a.is_floating_point() and i != 2 else a for i, a in enumerate(args)]
+    with torch.no_grad():  # inference with <= DECODE_MAX_SLOTS slots: the per-slot kernels
+        y = experts_grouped_mm(*low, activation)
+        y_compiled = torch.compile(experts_grouped_mm, fullgraph=True)(*low, activation)
+    err = _rel(y, y_ref)
+    print(f"decode T={T} E={E} K={K} {dtype} {activation} y={err:.2e}")
+    assert y.dtype == dtype and err < TOL[dtype][0]
+    assert _rel(y_compiled, y) < 1e-6
+
+
 def test_compile_fullgraph_equals_eager():
     args = _inputs(300, 256, 128, 32, 4, "zipf", 0.1, (2,), "swiglu")
     args = [a.bfloat16() if a.is_floating_point() and i != 2 else a for i, a in enumerate(args)]

@@ -9,12 +9,18 @@ Forward, for ``T`` tokens, ``K`` slots each (``N = T*K`` assignments, ``-1`` slo
 2. ``moekit::experts_grouped_fwd``: gather ``x[order // K]``, ``torch._grouped_mm`` with the
    fused ``[E, H, D]`` gate+up weight, SwiGLU / GELU (Triton), ``torch._grouped_mm`` with
    ``[E, D, F]``, then the weighted un-permute ``y[t] = sum_j w[t, j] * y_sorted[inv[t, j]]``
-   (Triton, fp32 accumulation, deterministic). Saves only ``h_NH`` (the gate+up output).
+   (Triton, fp32 accumulation, deterministic). Saves the gathered input ``x_ND`` and the
+   gate+up output ``h_NH``; the activation and the expert outputs are recomputed / never
+   stored.
 3. ``moekit::experts_grouped_bwd``: gathers ``dout`` by token, one grouped GEMM with the
    down weight gives the *unweighted* hidden gradient; a fused kernel recomputes the
    activation, applies the routing weight and yields the routing-weight gradient as a row dot
    (so the expert outputs are never stored), then two grouped GEMMs give the weight
    gradients, one the input gradient, and a gather-sum un-permutes it.
+
+Decode-sized calls (``T*K <= DECODE_MAX_SLOTS`` with no gradient needed) skip the sort:
+``moekit::experts_decode`` runs each slot's expert as matrix-vector products in Triton
+(:mod:`moekit.experts.triton_decode`), reading each chosen expert's weights once.
 
 GEMMs accumulate in fp32 (CUTLASS on Hopper). The ops have fake (meta) implementations and a
 registered autograd formula, so ``torch.compile(fullgraph=True)`` treats them as opaque nodes.
@@ -30,7 +36,11 @@ import torch
 from moekit.experts import steps
 from moekit.experts.sorted import experts_sorted
 
-__all__ = ["experts_grouped_mm", "grouped_mm_supported", "route_by_expert"]
+__all__ = ["DECODE_MAX_SLOTS", "experts_grouped_mm", "grouped_mm_supported", "route_by_expert"]
+
+# Up to this many token-expert slots (T*K) an inference call takes the per-slot decode kernels:
+# sorting costs several launches, and with so few slots few experts are shared between them.
+DECODE_MAX_SLOTS = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +54,8 @@ def route_by_expert(indices_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     int64), ``inv_TK [T, K]`` (sorted row of each slot or ``-1``, int64), ``offs_E [E]``
     (int32 end of each expert's rows). Experts appear in ascending order, stably."""
     flat = indices_TK.reshape(-1)
-    key = torch.where(flat < 0, num_experts, flat)
+    # int32 keys: half the radix-sort passes of int64.
+    key = torch.where(flat < 0, num_experts, flat).to(torch.int32)
     sorted_key, order_N = torch.sort(key, stable=True)
     experts = torch.arange(num_experts, device=flat.device, dtype=sorted_key.dtype)
     offs_E = torch.searchsorted(sorted_key, experts, right=True, out_int32=True)
@@ -75,20 +86,21 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("moekit::experts_grouped_fwd", mutates_args=())
 def _experts_fwd(x_TD: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor,
                  order_N: torch.Tensor, inv_TK: torch.Tensor, offs_E: torch.Tensor,
-                 activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``y_TD [T, D]`` and the saved gate+up output ``h_NH [N, H]``."""
+                 activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``y_TD [T, D]`` and, for the backward, ``h_NH [N, H]`` and ``x_ND [N, D]``."""
     K = inv_TK.shape[1]
     x_ND = x_TD.index_select(0, order_N // K)
     h_NH = _gmm(x_ND, w_in_EHD.transpose(-2, -1), offs_E)
     a_NF = steps.act_forward(h_NH, offs_E, activation)
     y_ND = _gmm(a_NF, w_out_EDF.transpose(-2, -1), offs_E)
     y_TD = steps.gather_sum(y_ND, inv_TK, weights_TK, x_TD.dtype)
-    return y_TD, h_NH
+    return y_TD, h_NH, x_ND
 
 
 @_experts_fwd.register_fake
 def _(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation):
-    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(order_N.shape[0], w_in_EHD.shape[1])
+    N = order_N.shape[0]
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(N, w_in_EHD.shape[1]), x_TD.new_empty(N, x_TD.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,47 +109,62 @@ def _(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation
 
 
 @torch.library.custom_op("moekit::experts_grouped_bwd", mutates_args=())
-def _experts_bwd(dy_TD: torch.Tensor, x_TD: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor,
+def _experts_bwd(dy_TD: torch.Tensor, x_ND: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor,
                  w_out_EDF: torch.Tensor, order_N: torch.Tensor, inv_TK: torch.Tensor, offs_E: torch.Tensor,
                  h_NH: torch.Tensor, activation: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``dx_TD``, ``dweights_TK``, ``dw_in_EHD``, ``dw_out_EDF``."""
     K = inv_TK.shape[1]
-    tok_N = order_N // K
-    dy_ND = dy_TD.to(x_TD.dtype).index_select(0, tok_N)
+    dy_ND = dy_TD.to(x_ND.dtype).index_select(0, order_N // K)
     # Gradient of the unweighted hidden: dout[token] @ W_out (the routing weight is applied in
     # the fused activation backward, which also yields d(weight) = <dau, a>).
     dau_NF = _gmm(dy_ND, w_out_EDF, offs_E)
     dh_NH, aw_NF, dw_N = steps.act_backward(h_NH, dau_NF, weights_TK.reshape(-1), order_N, offs_E, activation)
     dw_out_EDF = _gmm(dy_ND.t(), aw_NF, offs_E)
-    x_ND = x_TD.index_select(0, tok_N)  # re-gathered rather than saved
     dw_in_EHD = _gmm(dh_NH.t(), x_ND, offs_E)
     dx_ND = _gmm(dh_NH, w_in_EHD, offs_E)
-    dx_TD = steps.gather_sum(dx_ND, inv_TK, None, x_TD.dtype)
+    dx_TD = steps.gather_sum(dx_ND, inv_TK, None, x_ND.dtype)
     dweights_TK = torch.where(inv_TK >= 0, dw_N[inv_TK.clamp(min=0)], 0.0).to(weights_TK.dtype)
     return dx_TD, dweights_TK, dw_in_EHD, dw_out_EDF
 
 
 @_experts_bwd.register_fake
-def _(dy_TD, x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH, activation):
-    return (x_TD.new_empty(x_TD.shape), weights_TK.new_empty(weights_TK.shape),
+def _(dy_TD, x_ND, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH, activation):
+    return (dy_TD.new_empty(dy_TD.shape, dtype=x_ND.dtype), weights_TK.new_empty(weights_TK.shape),
             w_in_EHD.new_empty(w_in_EHD.shape), w_out_EDF.new_empty(w_out_EDF.shape))
 
 
 def _setup_context(ctx, inputs, output):
     x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation = inputs
     ctx.activation = activation
-    ctx.save_for_backward(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, output[1])
+    ctx.save_for_backward(output[2], weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, output[1])
 
 
-def _backward(ctx, dy_TD, _dh_unused):
-    x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH = ctx.saved_tensors
-    dx, dw, dw_in, dw_out = _experts_bwd(dy_TD.contiguous(), x_TD, weights_TK, w_in_EHD, w_out_EDF,
+def _backward(ctx, dy_TD, _dh_unused, _dx_unused):
+    x_ND, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH = ctx.saved_tensors
+    dx, dw, dw_in, dw_out = _experts_bwd(dy_TD.contiguous(), x_ND, weights_TK, w_in_EHD, w_out_EDF,
                                          order_N, inv_TK, offs_E, h_NH, ctx.activation)
     return dx, dw, dw_in, dw_out, None, None, None, None
 
 
 _experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode (few slots, no gradient)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moekit::experts_decode", mutates_args=())
+def _experts_decode(x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor,
+                    w_out_EDF: torch.Tensor, activation: str) -> torch.Tensor:
+    """Per-slot expert MLPs, no sort: ``y_TD [T, D]`` (forward only)."""
+    return steps.decode_experts(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation)
+
+
+@_experts_decode.register_fake
+def _(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation):
+    return x_TD.new_empty(x_TD.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +204,13 @@ def experts_grouped_mm(
         x_TD, w_in_EHD, w_out_EDF = x_TD.to(dtype), w_in_EHD.to(dtype), w_out_EDF.to(dtype)
     if not grouped_mm_supported(x_TD, w_in_EHD, w_out_EDF):
         return experts_sorted(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, weights_TK, w_in_EHD, w_out_EDF))
+    if indices_TK.numel() <= DECODE_MAX_SLOTS and not needs_grad and steps.use_triton(x_TD):
+        return _experts_decode(x_TD.contiguous(), indices_TK.contiguous(), weights_TK.contiguous(),
+                               w_in_EHD.contiguous(), w_out_EDF.contiguous(), activation)
     order_N, inv_TK, offs_E = route_by_expert(indices_TK, w_in_EHD.shape[0])
     # Contiguous operands: the kernels index rows with one stride and slots as t*K + j.
-    y_TD, _ = _experts_fwd(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD, w_out_EDF,
+    y_TD, _, _ = _experts_fwd(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD, w_out_EDF,
                            order_N, inv_TK, offs_E, activation)
     return y_TD

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["act_forward", "act_backward", "gather_sum", "use_triton"]
+__all__ = ["act_forward", "act_backward", "decode_experts", "gather_sum", "use_triton"]
 
 
 @functools.cache
@@ -91,3 +91,29 @@ def gather_sum(src_ND: torch.Tensor, inv_TK: torch.Tensor, weights_TK: torch.Ten
     if weights_TK is not None:
         rows = rows * weights_TK.float()[..., None]
     return rows.sum(1).to(out_dtype)
+
+
+def decode_experts(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
+    """Expert outputs for a few slots without sorting: each slot ``(t, j)`` runs its own
+    expert's MLP (matrix-vector products), then ``y[t] = sum_j w[t, j] * y_slot``. ``[T, D]``.
+    Forward only (the decode path of :mod:`moekit.experts.grouped`)."""
+    T, K = indices_TK.shape
+    if use_triton(x_TD):
+        from moekit.experts import triton_decode, triton_kernels
+
+        a_SF = triton_decode.slot_gate_up(x_TD, indices_TK, w_in_EHD, activation)
+        y_SD = triton_decode.slot_down(a_SF, indices_TK, w_out_EDF)
+        return triton_kernels.gather_sum(y_SD, None, weights_TK, x_TD.dtype, shape_TK=(T, K))
+    live = (indices_TK >= 0).reshape(-1, 1)
+    e_S = indices_TK.reshape(-1).clamp(min=0)
+    x_SD = x_TD.float().repeat_interleave(K, dim=0)
+    h_SH = torch.einsum("sd,shd->sh", x_SD, w_in_EHD.float()[e_S])
+    if activation == "swiglu":
+        gate, up = h_SH.chunk(2, dim=-1)
+        a_SF = F.silu(gate) * up
+    else:
+        a_SF = F.gelu(h_SH)
+    a_SF = a_SF.to(x_TD.dtype).float()  # same rounding point as the kernels
+    y_SD = torch.where(live, torch.einsum("sf,sdf->sd", a_SF, w_out_EDF.float()[e_S]), 0.0)
+    y_SD = y_SD.to(x_TD.dtype).float() * weights_TK.float().reshape(-1, 1)
+    return y_SD.view(T, K, -1).sum(1).to(x_TD.dtype)
