@@ -62,6 +62,8 @@ class OffloadHandle:
         self.prefetch = prefetch
         self.dense_bytes = dense_bytes
         self._t0: float | None = None
+        self._tokens0 = 0
+        self.forward_log: list[tuple[int, float]] = []  # (tokens, seconds) of each forward pass
         self._hooks = [model.register_forward_pre_hook(self._start),
                        model.register_forward_hook(self._stop)]
 
@@ -71,12 +73,15 @@ class OffloadHandle:
 
     def _start(self, module, args) -> None:
         self._sync()
+        self._tokens0 = self.engine.counters.tokens
         self._t0 = time.perf_counter()
 
     def _stop(self, module, args, output) -> None:
         if self._t0 is not None:
             self._sync()
-            self.engine.counters.wall_s += time.perf_counter() - self._t0
+            seconds = time.perf_counter() - self._t0
+            self.engine.counters.wall_s += seconds
+            self.forward_log.append((self.engine.counters.tokens - self._tokens0, seconds))
             self._t0 = None
 
     @property
@@ -87,6 +92,7 @@ class OffloadHandle:
         """Zero the counters (the cache keeps its contents and its use history)."""
         self.engine.resolve_stalls()
         self.engine.counters = type(self.engine.counters)()
+        self.forward_log = []
 
     def stats(self) -> dict:
         """The figures of the module doc, plus the raw counters behind them."""
@@ -158,9 +164,9 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     if prefetch not in PREFETCH:
         raise ValueError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    blocks = find_moe_blocks(model)
-    if any(isinstance(b.module.experts, OffloadedExperts) for b in blocks):
+    if any(isinstance(m, OffloadedExperts) for m in model.modules()):
         raise ValueError("model: expected a model that is not offloaded yet")
+    blocks = find_moe_blocks(model)
     shapes = {(tuple(b.module.experts.gate_up_proj.shape), b.module.experts.gate_up_proj.dtype) for b in blocks}
     if len(shapes) != 1:
         raise ValueError(f"model: expected experts of one shape and dtype in every MoE layer, got {sorted(map(str, shapes))}")

@@ -1,0 +1,68 @@
+"""``moekit generate``: greedy generation with offloaded experts, then the offload figures."""
+
+from __future__ import annotations
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate text with a transformers MoE model whose experts live in CPU memory",
+        description="Load a local transformers MoE model, keep the dense weights on the GPU and the "
+        "routed experts in pinned CPU memory behind a GPU expert cache (moekit.offload), generate "
+        "greedily and print hit rate, prefetch precision/recall, H2D bytes per token, stall time, "
+        "PCIe utilisation and tokens/s.")
+    p.add_argument("--model", required=True, help="local model folder (config.json, weights, tokenizer)")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="prompt text (repeat for a batch)")
+    p.add_argument("--offload", default="cache", choices=("cache",),
+                   help="offloading mode: 'cache' = GPU expert cache over pinned CPU experts")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--cache-experts", type=int, help="number of GPU expert slots")
+    size.add_argument("--gpu-memory", help="GPU budget for dense weights + expert slots, e.g. 20GB")
+    p.add_argument("--policy", default="lru", help="cache policy: lru | lfu (default lru)")
+    p.add_argument("--prefetch", default="none", help="none | next_layer (default none)")
+    p.add_argument("--cpu-compute", action="store_true",
+                   help="compute a missing expert on the CPU when the measured cost model says it is faster")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--json", default=None, help="also write the texts and figures to this JSON file")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import json
+    import os
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from moekit.hf.text import load_causal_lm
+    from moekit.offload import offload
+    from moekit.offload.session import generate_and_measure
+
+    model, tokenizer = load_causal_lm(args.model, args.dtype)
+    handle = offload(model, cache_experts=args.cache_experts, gpu_memory=args.gpu_memory, policy=args.policy,
+                     prefetch=args.prefetch, cpu_compute=args.cpu_compute, device=args.device)
+    result = generate_and_measure(model, tokenizer, args.prompt, handle, args.max_new_tokens)
+    console = Console()
+    for prompt, text in zip(args.prompt, result["texts"]):
+        console.print(f"[bold]{prompt}[/bold]{text}")
+    table = Table(title=f"offload: {handle.num_slots} GPU expert slots, policy={args.policy}, prefetch={args.prefetch}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "h2d_bytes_per_token", "stall_s",
+                "pcie_utilization", "tokens_per_s", "decode_tokens_per_s", "cpu_computed", "demand_copies",
+                "prefetch_copies"):
+        value = result["stats"][key]
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        fd, tmp = tempfile.mkstemp(prefix=".generate-", suffix=".json.tmp", dir=directory)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh, indent=2)
+        os.replace(tmp, args.json)
+    return 0
