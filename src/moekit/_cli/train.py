@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--name", default=None, help="run name (default: <balance>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoint.*")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--no-checkpoint", action="store_true", help="write no checkpoint (figures only)")
     p.set_defaults(run=run)
 
 
@@ -84,7 +85,8 @@ def run(args) -> int:
         lm = with_balance(base.lm, args.balance)
         result = train(lm, dataclasses.replace(base.loader, seed=args.seed),
                        dataclasses.replace(base.train, seed=args.seed), load_corpus(),
-                       run_dir=run_dir, resume=args.resume, progress=not args.no_progress, name=name)
+                       run_dir=run_dir, resume=args.resume, progress=not args.no_progress, name=name,
+                       checkpoint=not args.no_checkpoint)
         if rank == 0:
             plots = plot_run(result, run_dir)
             console = Console()

@@ -93,12 +93,17 @@ def compare(base: Preset, arms: list[str], seeds: list[int], corpus: Corpus, out
             loader = dataclasses.replace(base.loader, seed=seed)
             cfg = dataclasses.replace(base.train, seed=seed)
             result = train(lm, loader, cfg, corpus, run_dir=out_dir / name, progress=progress,
-                           name=name)
+                           name=name, checkpoint=False)
             plot_run(result, out_dir / name)
             results[name] = result
             rows.append(summary_row(result, seed))
+    runs = {name: {"history": [{k: h[k] for k in ("step", "loss", "aux", "max_vio_batch",
+                                                   "step_time_s")} for h in res["history"]],
+                   "evals": [{k: v for k, v in e.items() if k != "counts_LDE"} for e in res["evals"]],
+                   "counts_LDE": res["counts_LDE"]}
+            for name, res in results.items()}
     doc = {"arms": arms, "seeds": seeds, "domains": list(corpus.domains), "rows": rows,
-           "device": next(iter(results.values()))["device"],
+           "device": next(iter(results.values()))["device_name"], "runs": runs,
            "preset": {"lm": results[rows[0]["run"]]["lm"], "loader": dataclasses.asdict(base.loader),
                       "train": dataclasses.asdict(base.train)}}
     table = markdown_table(rows, list(corpus.domains))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import platform
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -127,6 +129,12 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
 def _progress(enabled: bool):
     if not enabled:
         return None
@@ -138,7 +146,7 @@ def _progress(enabled: bool):
 
 def train(lm_cfg: LMConfig, loader_cfg: LoaderConfig, cfg: TrainConfig, corpus: Corpus,
           run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          name: str = "run", stop_at: int | None = None) -> dict:
+          name: str = "run", stop_at: int | None = None, checkpoint: bool = True) -> dict:
     """Train from scratch (or resume from ``run_dir``'s checkpoint) and evaluate.
 
     Writes ``run_dir/metrics.json`` and a checkpoint (rank 0 only) when ``run_dir`` is given.
@@ -146,6 +154,7 @@ def train(lm_cfg: LMConfig, loader_cfg: LoaderConfig, cfg: TrainConfig, corpus: 
     stop_at: leave after this many completed steps with a checkpoint and no final evaluation
     (a time-boxed or pre-empted job; resume later with ``resume=True``); the schedule still
     runs to ``cfg.steps``. The result then has ``stopped_at`` and ``final = None``.
+    checkpoint: False writes no checkpoint at all (comparison runs that only report figures).
     """
     if stop_at is not None and not 0 < stop_at <= cfg.steps:
         raise ValueError(f"stop_at: expected 1..{cfg.steps} (steps) or None, got {stop_at}")
@@ -182,7 +191,7 @@ def train(lm_cfg: LMConfig, loader_cfg: LoaderConfig, cfg: TrainConfig, corpus: 
         return res
 
     def _save(step: int) -> None:
-        if run_dir is not None and rank == 0:
+        if checkpoint and run_dir is not None and rank == 0:
             save_checkpoint(run_dir, model, optimizer,
                             {"step": step, "history": history, "evals": evals, **meta_common})
 
@@ -240,7 +249,8 @@ def train(lm_cfg: LMConfig, loader_cfg: LoaderConfig, cfg: TrainConfig, corpus: 
     times = np.array([h["step_time_s"] for h in history[cfg.timing_warmup:]] or
                      [h["step_time_s"] for h in history] or [float("nan")])
     result = {
-        "name": name, **meta_common, "device": str(device), "amp": str(amp_dtype),
+        "name": name, **meta_common, "device": str(device), "device_name": _device_name(device),
+        "torch": torch.__version__, "amp": str(amp_dtype),
         "tokens_per_step": tokens_per_step,
         "step_time_s_median": float(np.median(times)), "step_time_s_mean": float(times.mean()),
         "tokens_per_s": float(tokens_per_step / np.median(times)),
@@ -249,5 +259,6 @@ def train(lm_cfg: LMConfig, loader_cfg: LoaderConfig, cfg: TrainConfig, corpus: 
         "counts_LDE": final["counts_LDE"],
     }
     if run_dir is not None and rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result
