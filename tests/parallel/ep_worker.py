@@ -194,6 +194,8 @@ def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) ->
                 check_equivalence(device, f64, tol64, sizes=[9] * WORLD, phy2log=p2l, shared=1)
                 check_equivalence(device, f64, tol64, sizes=[6, 0, 2, 5][:WORLD], phy2log=p2l, balance="aux_free",
                                   mask_last_rank=True)
+            elif scenario == "bf16":
+                check_equivalence(device, torch.bfloat16, 5e-2, sizes=[64] * WORLD, num_experts=8, shared=1)
             elif scenario == "apply_plan":
                 check_apply_plan(device, f64, tol64)
             elif scenario == "fresh":

@@ -39,7 +39,7 @@ def slot_tables(phy2log_R, num_experts: int, num_ranks: int, device=None) -> Slo
     ``ValueError`` unless ``R`` is a multiple of ``num_ranks`` and every logical expert in
     ``[0, num_experts)`` has at least one slot.
     """
-    p2l = torch.as_tensor(phy2log_R).detach().to("cpu")
+    p2l = torch.as_tensor(phy2log_R, device="cpu").detach()
     if p2l.ndim != 1 or p2l.dtype.is_floating_point or p2l.dtype == torch.bool:
         raise ValueError(f"phy2log: expected a 1-D integer tensor [R] for one layer, got "
                          f"{tuple(p2l.shape)} {p2l.dtype}")
@@ -58,8 +58,8 @@ def slot_tables(phy2log_R, num_experts: int, num_ranks: int, device=None) -> Slo
     # slots sorted by expert (stable, so replicas are numbered in slot order)
     order = torch.argsort(p2l, stable=True)
     start = torch.cumsum(logcnt, 0) - logcnt
-    replica = torch.arange(num_slots) - start[p2l[order]]
-    log2phy = torch.full((num_experts, int(logcnt.max())), -1, dtype=torch.int64)
+    replica = torch.arange(num_slots, device="cpu") - start[p2l[order]]
+    log2phy = torch.full((num_experts, int(logcnt.max())), -1, dtype=torch.int64, device="cpu")
     log2phy[p2l[order], replica] = order
     return SlotTables(p2l.to(device), log2phy.to(device), logcnt.to(device))
 
@@ -101,12 +101,13 @@ def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int,
     return DispatchOrder(flat_ids // top_k, flat_ids, send_counts)
 
 
-def received_slots(recv_counts_PS: torch.Tensor) -> torch.Tensor:
+def received_slots(recv_counts_PS: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Local slot id ``[Q]`` of each received row: rows arrive source-rank by source-rank,
-    each source's rows sorted by slot."""
+    each source's rows sorted by slot. ``total`` (``Q``, when known on the host) spares a
+    device-to-host sync."""
     num_ranks, num_slots = recv_counts_PS.shape
     local = torch.arange(num_slots, device=recv_counts_PS.device).repeat(num_ranks)
-    return torch.repeat_interleave(local, recv_counts_PS.reshape(-1))
+    return torch.repeat_interleave(local, recv_counts_PS.reshape(-1), output_size=total)
 
 
 def combine(y_ND: torch.Tensor, order: DispatchOrder, weights_TK: torch.Tensor) -> torch.Tensor:

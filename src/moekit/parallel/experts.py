@@ -50,14 +50,15 @@ class ExpertParallelExperts(nn.Module):
             if cfg.num_experts % self.num_ranks:
                 raise ValueError(f"phy2log: needed because num_experts={cfg.num_experts} is not a multiple of "
                                  f"the EP group size {self.num_ranks}")
-            phy2log = torch.arange(cfg.num_experts)
+            phy2log = torch.arange(cfg.num_experts, device="cpu")
         tables = slot_tables(phy2log, cfg.num_experts, self.num_ranks)
         self.slots_per_rank = tables.num_slots // self.num_ranks
         self.local = GroupedExperts(ExpertsConfig(cfg.dim, cfg.ffn_dim, self.slots_per_rank, cfg.activation,
                                                   cfg.backend))
-        self.register_buffer("phy2log", tables.phy2log_R)
-        self.register_buffer("log2phy", tables.log2phy_EM, persistent=False)
-        self.register_buffer("logcnt", tables.logcnt_E, persistent=False)
+        device = self.local.w_in.device  # where the weights went (e.g. under a torch.device context)
+        self.register_buffer("phy2log", tables.phy2log_R.to(device))
+        self.register_buffer("log2phy", tables.log2phy_EM.to(device), persistent=False)
+        self.register_buffer("logcnt", tables.logcnt_E.to(device), persistent=False)
 
     # ----------------------------------------------------------------------------- placement
     @property
@@ -122,7 +123,7 @@ class ExpertParallelExperts(nn.Module):
             # whose input needs no gradient: give the dispatch a (discarded) gradient path.
             x_send = x_send.detach().requires_grad_()
         x_recv = all_to_all(x_send, recv_splits, send_splits, self.group)
-        y_recv = self._compute_local(x_recv, received_slots(recv_counts_PS))
+        y_recv = self._compute_local(x_recv, received_slots(recv_counts_PS, sum(recv_splits)))
         y_back = all_to_all(y_recv, send_splits, recv_splits, self.group)
         return combine(y_back, order, weights_TK)
 

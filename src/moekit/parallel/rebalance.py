@@ -61,8 +61,8 @@ def plan_transfers(old_phy2log_R, new_phy2log_R, num_ranks: int) -> list[Transfe
     ``(dst_rank, expert)``. The source is one of the old holders, chosen round-robin by the
     destination rank so that copies of a hot expert are spread over its holders.
     """
-    old = [int(e) for e in torch.as_tensor(old_phy2log_R).tolist()]
-    new = [int(e) for e in torch.as_tensor(new_phy2log_R).tolist()]
+    old = [int(e) for e in torch.as_tensor(old_phy2log_R, device="cpu").tolist()]
+    new = [int(e) for e in torch.as_tensor(new_phy2log_R, device="cpu").tolist()]
     if len(old) != len(new) or len(old) % num_ranks:
         raise ValueError(f"new_phy2log: expected {len(old)} slots like the old placement (a multiple of "
                          f"{num_ranks} ranks), got {len(new)}")
@@ -111,7 +111,7 @@ def _state_tensors(param: nn.Parameter, optimizer) -> list[torch.Tensor]:
 
 
 def _apply_layer(module: ExpertParallelExperts, new_phy2log_R, optimizer) -> MoveReport:
-    new = torch.as_tensor(new_phy2log_R).detach().to("cpu", torch.int64)
+    new = torch.as_tensor(new_phy2log_R, device="cpu").detach().to(torch.int64)
     old = module.phy2log.detach().to("cpu")
     module.set_placement(new)  # validates before anything moves
     rank, num_ranks, per = module.rank, module.num_ranks, module.slots_per_rank
@@ -147,7 +147,7 @@ def apply_plan(model: nn.Module, phy2log, optimizer: torch.optim.Optimizer | Non
     """
     phy2log = getattr(phy2log, "phy2log", phy2log)
     layers = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
-    p2l = torch.as_tensor(phy2log)
+    p2l = torch.as_tensor(phy2log, device="cpu")
     if p2l.ndim == 1:
         p2l = p2l[None]
     if p2l.ndim != 2 or p2l.shape[0] != len(layers):

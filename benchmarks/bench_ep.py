@@ -1,0 +1,336 @@
+"""Expert parallelism: forward+backward throughput per GPU and all-to-all time, EP=1 vs EP=P,
+balanced vs Zipf-skewed routing, with and without a placement plan from moekit.placement.
+
+    python benchmarks/bench_ep.py [--world 2] [--eps 1,2] [--out DIR] [--quick] [--device cpu]
+
+Spawns ``--world`` processes (one per GPU, NCCL; or gloo on CPU for a smoke run). For every
+model shape and EP size ``P`` dividing the world (consecutive ranks form an EP group), each
+rank holds ``T`` tokens (weak scaling: tokens per GPU fixed) and times the routed-expert path
+``y = experts(x, indices, weights); y.backward(dy)``:
+
+- ``EP=1``: :class:`moekit.experts.GroupedExperts` with all ``E`` experts on every GPU (the
+  layer's CUDA default backend), no communication;
+- ``EP=P``: :class:`moekit.parallel.ExpertParallelExperts` (dispatch all-to-all, local experts
+  on the same backend, combine all-to-all, autograd through both; replica gradients summed).
+
+Routing is synthetic so that its skew is controlled: ``balanced`` gives every expert exactly
+``T*k/E`` assignments on every rank; ``zipf`` samples ``k`` distinct experts per token with
+``p_e ~ 1/rank_e^s`` (expert popularity in a fixed random order). ``zipf+plan`` uses
+``moekit.placement.plan`` (``R = E + extra`` slots) made from the counts of *another* sample
+of the same distribution, scored and timed on the measured one. The plan is applied to a
+running layer with :func:`moekit.parallel.apply_plan` (bytes moved are reported).
+
+Figures: median step time over ranks' CUDA-event timings (the slowest rank sets the pace),
+tokens/s per GPU, useful TFLOP/s per GPU (``18*T*k*D*F`` for forward+backward, DESIGN.md)
+and the fraction of the dense bf16 peak; ``a2a_ms``: the four all-to-alls of a step (dispatch
+and combine, forward and backward) timed alone with the same split sizes. Goals: EP=2 weak
+scaling (balanced, EP=2 over EP=1 tokens/s per GPU) >= 85%; zipf+plan >= 90% of balanced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SHAPES = [  # name, T per GPU, D, F, E, K
+    ("olmoe_like", 16384, 2048, 1024, 64, 8),
+    ("deepseek_v3_slice", 8192, 7168, 2048, 32, 8),
+    ("mixtral_like", 8192, 4096, 14336, 8, 2),
+]
+QUICK_SHAPES = [("tiny", 256, 64, 32, 8, 2)]
+ZIPF_S = 1.2
+PEAK_BF16_TFLOPS = 989.4  # H100/H200 SXM dense bf16
+
+
+# ------------------------------------------------------------------------------ routing
+
+
+def balanced_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator) -> torch.Tensor:
+    """``[T, k]`` distinct experts per token, every expert exactly ``T*k/E`` times (when it divides)."""
+    slots = torch.arange(num_tokens * top_k) % num_experts  # t*k + j mod E: distinct within a row
+    idx = slots.view(num_tokens, top_k)
+    return idx[torch.randperm(num_tokens, generator=gen)]
+
+
+def zipf_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator,
+                 popularity: torch.Tensor) -> torch.Tensor:
+    """``[T, k]`` distinct experts per token, Gumbel-top-k of ``log p``, ``p ~ 1/rank^s``."""
+    logp = -ZIPF_S * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float64))[popularity]
+    gumbel = -torch.log(-torch.log(torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64)))
+    return torch.topk(logp + gumbel, top_k, dim=1).indices
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def _timed(fn, device, iters: int, warmup: int) -> float:
+    """Median ms of ``fn()`` on this rank (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _max_over(value: float, device, group=None) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+# ------------------------------------------------------------------------------ one case
+
+
+def _step_fn(module, x, idx, w, dy, is_ep):
+    def step():
+        for p in module.parameters():
+            p.grad = None
+        x.grad = w.grad = None
+        module(x, idx, w).backward(dy)
+        if is_ep:
+            module.reduce_replica_grads()
+    return step
+
+
+def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
+    """Time of the step's four all-to-alls alone (same splits) and the bytes this rank sends
+    to other ranks per step."""
+    from moekit.parallel import all_to_all, dispatch_order, exchange_counts
+
+    order = dispatch_order(idx, module.tables, module.num_ranks, module.rank)
+    recv = exchange_counts(order.send_counts_PS, module.group)
+    send_splits, recv_splits = torch.stack([order.send_counts_PS.sum(1), recv.sum(1)]).tolist()
+    x_send = x.detach()[order.token_ids_N]
+
+    def four():
+        for _ in range(2):  # forward and backward each run a dispatch and a combine all-to-all
+            back = all_to_all(all_to_all(x_send, recv_splits, send_splits, module.group), send_splits, recv_splits,
+                              module.group)
+        return back
+
+    ms = _timed(four, device, iters, warmup)
+    remote_rows = sum(n for p, n in enumerate(send_splits) if p != module.rank)
+    return ms, 4 * remote_rows * x.shape[1] * x.element_size()
+
+
+def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup, rank, world) -> dict:
+    from moekit.experts import ExpertsConfig, GroupedExperts
+    from moekit.metrics import balancedness
+    from moekit.parallel import ExpertParallelExperts, apply_plan
+
+    name, num_tokens, dim, ffn, num_experts, top_k = shape
+    cfg = ExpertsConfig(dim, ffn, num_experts)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    popularity = torch.randperm(num_experts, generator=torch.Generator().manual_seed(7))
+    if routing == "balanced":
+        idx = balanced_routing(num_tokens, num_experts, top_k, gen)
+    else:
+        idx = zipf_routing(num_tokens, num_experts, top_k, gen, popularity)
+    counts = torch.bincount(idx.reshape(-1), minlength=num_experts).to(device)
+    group = groups[ep][rank // ep] if ep > 1 else None
+    if ep > 1:
+        dist.all_reduce(counts, group=group)
+    idx = idx.to(device)
+    x = torch.randn(num_tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    w = torch.softmax(torch.randn(num_tokens, top_k, device=device), -1).to(dtype).requires_grad_()
+    dy = torch.randn(num_tokens, dim, device=device, dtype=dtype)
+    row = {"shape": name, "T_per_gpu": num_tokens, "D": dim, "F": ffn, "E": num_experts, "k": top_k,
+           "ep": ep, "routing": routing, "plan": plan_rows is not None}
+    with torch.device(device):  # allocate (and randomly initialise) the weights on the device
+        if ep == 1:
+            module = GroupedExperts(cfg).to(dtype)
+        else:
+            layout = None if plan_rows is None else plan_rows[0]
+            module = ExpertParallelExperts(cfg, group, layout).to(dtype)
+    if ep > 1:
+        if plan_rows is not None:
+            skew_p2l = plan_rows[1]
+            t0 = time.perf_counter()
+            report = apply_plan(module, skew_p2l[None])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row.update(apply_plan_s=_max_over(time.perf_counter() - t0, device, group), moves=report.moves,
+                       bytes_moved=report.bytes_total, slots=int(skew_p2l.shape[0]))
+        row["balancedness"] = balancedness(counts.cpu()[None], module.phy2log.cpu()[None], ep)
+    step_ms = _timed(_step_fn(module, x, idx, w, dy, ep > 1), device, iters, warmup)
+    row["rank_step_ms"] = step_ms
+    row["step_ms"] = _max_over(step_ms, device)
+    if ep > 1:
+        a2a_ms, remote_bytes = _a2a_ms(module, idx, x, device, iters, warmup)
+        row["a2a_ms"] = _max_over(a2a_ms, device)
+        row["a2a_remote_bytes_per_rank"] = remote_bytes
+    flops = 18.0 * num_tokens * top_k * dim * ffn
+    row["tokens_per_s_per_gpu"] = num_tokens / (row["step_ms"] / 1e3)
+    row["tflops_per_gpu"] = flops / (row["step_ms"] / 1e3) / 1e12
+    if device.type == "cuda":
+        row["fraction_of_bf16_peak"] = row["tflops_per_gpu"] / PEAK_BF16_TFLOPS
+    del module
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def make_plans(shape, ep, extra_per_gpu, world) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A plan for uniform load (the layout in service) and one from the counts of another Zipf
+    sample (over all ranks' tokens), both with ``R = E + ep*extra_per_gpu`` slots."""
+    import moekit.placement as placement
+
+    name, num_tokens, dim, ffn, num_experts, top_k = shape
+    popularity = torch.randperm(num_experts, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(99)
+    sample = zipf_routing(num_tokens * world, num_experts, top_k, gen, popularity)
+    load = torch.bincount(sample.reshape(-1), minlength=num_experts).double().numpy()[None]
+    cfg = placement.PlacementConfig(num_replicas=num_experts + ep * extra_per_gpu, num_gpus=ep)
+    uniform = placement.plan(np.ones_like(load), cfg)
+    skew = placement.plan(load, cfg, previous=uniform)
+    return uniform.phy2log[0], skew.phy2log[0], skew.balancedness
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def worker(rank: int, args) -> None:
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=args.world,
+                            device_id=device if device.type == "cuda" else None)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    eps = [ep for ep in args.eps if args.world % ep == 0]
+    groups = {ep: [dist.new_group(list(range(g, g + ep))) for g in range(0, args.world, ep)] for ep in eps if ep > 1}
+    rows = []
+    for shape in (QUICK_SHAPES if args.quick else SHAPES):
+        if args.shapes and shape[0] not in args.shapes:
+            continue
+        for ep in eps:
+            if shape[4] % ep:
+                continue
+            cases = [("balanced", None), ("zipf", None)]
+            if ep > 1:
+                uniform, skew, planned_bal = make_plans(shape, ep, max(1, shape[4] // (4 * ep)), args.world)
+                cases.append(("zipf", (uniform, skew)))
+            for routing, plan_rows in cases:
+                row = run_case(shape, ep, routing, plan_rows, groups, device, dtype, args.iters, args.warmup,
+                               rank, args.world)
+                if plan_rows is not None:
+                    row["plan_balancedness_on_planning_sample"] = planned_bal
+                rows.append(row)
+                if rank == 0:
+                    print(_fmt(row), flush=True)
+    if rank == 0:
+        _write(rows, args, device)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _fmt(row: dict) -> str:
+    label = f"{row['routing']}{'+plan' if row['plan'] else ''}"
+    extra = f" a2a {row['a2a_ms']:7.2f} ms" if "a2a_ms" in row else " " * 15
+    bal = f" bal {row['balancedness']:.3f}" if "balancedness" in row else ""
+    return (f"{row['shape']:>18} EP={row['ep']} {label:<13} step {row['step_ms']:8.2f} ms{extra} "
+            f"{row['tokens_per_s_per_gpu'] / 1e3:9.1f} ktok/s/GPU {row['tflops_per_gpu']:7.1f} TFLOP/s{bal}")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Weak-scaling efficiency and plan recovery per shape and EP size."""
+    out = []
+    by = {(r["shape"], r["ep"], r["routing"], r["plan"]): r for r in rows}
+    for (shape, ep, routing, plan), r in by.items():
+        if ep == 1 or routing != "balanced":
+            continue
+        base = by.get((shape, 1, "balanced", False))
+        skew, planned = by.get((shape, ep, "zipf", False)), by.get((shape, ep, "zipf", True))
+        s = {"shape": shape, "ep": ep}
+        if base:
+            s["weak_scaling_efficiency_balanced"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+        if skew:
+            s["zipf_no_plan_over_balanced"] = skew["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
+        if planned:
+            s["zipf_plan_over_balanced"] = planned["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
+        s["goal_weak_scaling_ge_0.85"] = s.get("weak_scaling_efficiency_balanced", 0) >= 0.85
+        s["goal_plan_recovery_ge_0.90"] = s.get("zipf_plan_over_balanced", 0) >= 0.90
+        out.append(s)
+    return out
+
+
+def _write(rows, args, device) -> None:
+    summary = summarize(rows)
+    for s in summary:
+        print(json.dumps(s))
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
+    tag = ("cpu" if device.type != "cuda" else gpu.lower().replace("nvidia ", "").split()[0])
+    result = {
+        "benchmark": "bench_ep",
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
+                     "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+                     "python": platform.python_version()},
+        "machine": {"device": gpu, "world": args.world, "host": platform.node(), "cpus": os.cpu_count()},
+        "settings": {"zipf_s": ZIPF_S, "iters": args.iters, "warmup": args.warmup,
+                     "dtype": "bfloat16" if device.type == "cuda" else "float32",
+                     "peak_bf16_tflops_assumed": PEAK_BF16_TFLOPS},
+        "rows": rows,
+        "summary": summary,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"ep_{tag}_{datetime.date.today().isoformat()}.json")
+    fd, tmp = tempfile.mkstemp(dir=args.out, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
+    p.add_argument("--eps", default="1,2,4,8", help="EP sizes to run (those dividing --world)")
+    p.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    args.eps = [int(e) for e in args.eps.split(",")]
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    if args.world is None:
+        args.world = torch.cuda.device_count() if args.device == "cuda" else 2
+    if args.world < 1 or (args.device == "cuda" and args.world > torch.cuda.device_count()):
+        raise SystemExit(f"bench_ep: error: --world {args.world} needs that many GPUs")
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        args.port = s.getsockname()[1]
+    mp.spawn(worker, args=(args,), nprocs=args.world, join=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Expert parallelism over NCCL on 2 GPUs: the same equivalence checks as the gloo tests
+(outputs and all gradients equal the single-GPU ``moekit.MoE``, which runs the CUDA expert
+backend), plus bf16. One process per GPU, started as torchrun would."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+_spec = importlib.util.spec_from_file_location("ep_launch", Path(__file__).with_name("ep_launch.py"))
+ep_launch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ep_launch)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                       reason="needs 2 CUDA devices"),
+]
+
+# NVLink multicast off (device notes): NCCL's NVLS path is not needed for all-to-all.
+_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def test_nccl_two_gpus_equal_single_gpu_layer():
+    scenarios = ["identity", "zero_tokens", "replicas", "apply_plan", "fresh", "bf16"]
+    out = ep_launch.launch_subprocess(2, "nccl", scenarios, timeout=300, extra_env=_ENV)
+    assert all(f"ok {s} world=2" in out for s in scenarios), out
