@@ -137,10 +137,15 @@ def _(dy_TD, x_ND, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_N
 def _setup_context(ctx, inputs, output):
     x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation = inputs
     ctx.activation = activation
+    # h_NH and x_ND are outputs only so that they can be saved: never materialise zero
+    # gradients for them (two [N, H] / [N, D] fills per step otherwise).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2], weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, output[1])
 
 
 def _backward(ctx, dy_TD, _dh_unused, _dx_unused):
+    if dy_TD is None:
+        return None, None, None, None, None, None, None, None
     x_ND, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH = ctx.saved_tensors
     dx, dw, dw_in, dw_out = _experts_bwd(dy_TD.contiguous(), x_ND, weights_TK, w_in_EHD, w_out_EDF,
                                          order_N, inv_TK, offs_E, h_NH, ctx.activation)

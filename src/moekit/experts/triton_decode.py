@@ -16,6 +16,8 @@ exactly once (at larger ``T`` slots that share an expert re-read it, mostly from
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -74,6 +76,21 @@ def _slot_down_kernel(a_ptr, idx_ptr, w_ptr, y_ptr, D: tl.constexpr, F: tl.const
     tl.store(y_ptr + s.to(tl.int64) * D + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < D)
 
 
+def _tuned(kernel, block_rows: str, block_cols: str):
+    """``kernel`` autotuned over tile shapes and warps, keyed on the problem shape (the first
+    call of a shape times each config once; Triton's interpreter gets the plain kernel)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    shapes = [(16, 256, 4, 3), (8, 512, 4, 3), (32, 128, 4, 3), (16, 512, 8, 3), (32, 256, 8, 4), (8, 256, 2, 4),
+              (4, 1024, 4, 3)]
+    configs = [triton.Config({block_rows: r, block_cols: c}, num_warps=w, num_stages=st) for r, c, w, st in shapes]
+    return triton.autotune(configs, key=["D", "F", "K"] if "K" in kernel.arg_names else ["D", "F"])(kernel)
+
+
+_GATE_UP_TUNED = _tuned(_slot_gate_up_kernel, "BLOCK_F", "BLOCK_D")
+_DOWN_TUNED = _tuned(_slot_down_kernel, "BLOCK_D", "BLOCK_F")
+
+
 def slot_gate_up(x_TD: torch.Tensor, indices_TK: torch.Tensor, w_in_EHD: torch.Tensor, activation: str) -> torch.Tensor:
     """``[T, D]``, ``[T, K]``, ``[E, H, D]`` -> ``a_SF [T*K, F]`` (zero rows for ``-1`` slots)."""
     T, K = indices_TK.shape
@@ -81,6 +98,10 @@ def slot_gate_up(x_TD: torch.Tensor, indices_TK: torch.Tensor, w_in_EHD: torch.T
     swiglu = activation == "swiglu"
     F = w_in_EHD.shape[1] // 2 if swiglu else w_in_EHD.shape[1]
     a_SF = torch.empty(T * K, F, dtype=x_TD.dtype, device=x_TD.device)
+    if _GATE_UP_TUNED is not None:
+        grid = lambda meta: (T * K, triton.cdiv(F, meta["BLOCK_F"]))  # noqa: E731
+        _GATE_UP_TUNED[grid](x_TD, indices_TK, w_in_EHD, a_SF, K=K, D=D, F=F, SWIGLU=swiglu)
+        return a_SF
     block_f, block_d = 16, min(256, triton.next_power_of_2(D))
     _slot_gate_up_kernel[(T * K, triton.cdiv(F, block_f))](
         x_TD, indices_TK, w_in_EHD, a_SF, K=K, D=D, F=F, SWIGLU=swiglu, BLOCK_F=block_f, BLOCK_D=block_d,
@@ -93,6 +114,10 @@ def slot_down(a_SF: torch.Tensor, indices_TK: torch.Tensor, w_out_EDF: torch.Ten
     S, F = a_SF.shape
     D = w_out_EDF.shape[1]
     y_SD = torch.empty(S, D, dtype=a_SF.dtype, device=a_SF.device)
+    if _DOWN_TUNED is not None:
+        grid = lambda meta: (S, triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
+        _DOWN_TUNED[grid](a_SF, indices_TK, w_out_EDF, y_SD, D=D, F=F)
+        return y_SD
     block_d, block_f = 16, min(256, triton.next_power_of_2(F))
     _slot_down_kernel[(S, triton.cdiv(D, block_d))](
         a_SF, indices_TK, w_out_EDF, y_SD, D=D, F=F, BLOCK_D=block_d, BLOCK_F=block_f, num_warps=4)
