@@ -253,14 +253,16 @@ def profile_olmoe(path: str) -> None:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    events = prof.key_averages()
+    gpu = events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    cpu = events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)
     with open(path, "w") as f:
-        f.write(f"moekit {name} fwd+bwd, 5 iterations, uniform routing\n{table}\n")
-    print(table)
+        f.write(f"moekit {name} fwd+bwd, 5 iterations, uniform routing\n{gpu}\n\nby CPU time\n{cpu}\n")
+    print(gpu)
 
 
 def machine_info() -> dict:
