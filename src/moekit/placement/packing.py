@@ -152,7 +152,8 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
                        + (~home_BPK[b3, g3, kq_AQS])[:, :, None, :]
                        - (~home_BPK[a[:, None], g_A[:, None], kg_AS])[:, None, :, None]
                        - (~home_BPK[b3, q3, kq_AQS])[:, :, None, :])
-            score = gain / mean_B[a].astype(np.float32)[:, None, None, None] - move_price * d_moves
+            inv_mean = (1.0 / np.maximum(mean_B[a], 1e-30)).astype(np.float32)
+            score = gain * inv_mean[:, None, None, None] - move_price * d_moves
             if max_moves_B is not None:
                 invalid |= (away_B[a][:, None, None, None] + d_moves) > max_moves_B[a][:, None, None, None]
             invalid |= gain <= 1e-9 * load_g_A.astype(np.float32)[:, None, None, None]

@@ -11,21 +11,23 @@ import numpy as np
 __all__ = ["greedy_counts", "sticky_counts", "expand_replicas"]
 
 
-def greedy_counts(weight_BX: np.ndarray, num_slots: int, max_count: int | None = None) -> np.ndarray:
+def greedy_counts(weight_BX: np.ndarray, num_slots: int, max_count=None) -> np.ndarray:
     """Replica counts that minimise the largest per-replica load ``max_x w_x / c_x``.
 
     Starts from one replica each and repeatedly gives one more to the expert with the largest
     load per replica (among those below ``max_count``): for this objective the greedy is exact
-    (the classic divisor-method argument; it is D'Hondt's apportionment). Returns int64
+    (the classic divisor-method argument; it is D'Hondt's apportionment). ``max_count``: an int
+    or an int array ``[B]`` (one cap per row; ``cap * X >= num_slots``). Returns int64
     ``[B, X]`` summing to ``num_slots`` in every row.
     """
     num_rows, num_exp = weight_BX.shape
     cnt_BX = np.ones((num_rows, num_exp), dtype=np.int64)
     rows = np.arange(num_rows)
+    cap_B1 = None if max_count is None else np.broadcast_to(np.asarray(max_count), (num_rows,))[:, None]
     for _ in range(num_slots - num_exp):
         per_BX = weight_BX / cnt_BX
-        if max_count is not None:
-            per_BX = np.where(cnt_BX >= max_count, -np.inf, per_BX)
+        if cap_B1 is not None:
+            per_BX = np.where(cnt_BX >= cap_B1, -np.inf, per_BX)
         cnt_BX[rows, per_BX.argmax(axis=1)] += 1
     return cnt_BX
 

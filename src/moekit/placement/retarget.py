@@ -19,12 +19,13 @@ def _loads(key_BPS: np.ndarray, w_BX: np.ndarray, cnt_BX: np.ndarray) -> np.ndar
     return (w_BX / cnt_BX)[rows, key_BPS].sum(axis=2)
 
 
-def retarget_search(key_BPS: np.ndarray, w_BX: np.ndarray, max_count: int,
+def retarget_search(key_BPS: np.ndarray, w_BX: np.ndarray, max_count,
                     max_iters: int = 64) -> np.ndarray:
     """Improve a duplicate-free layout ``key_BPS`` by re-assigning slots of the heaviest pack.
 
     A step takes a slot of the heaviest pack ``g`` holding expert ``x`` (with ``c_x >= 2``) and
-    gives it to an expert ``y`` that ``g`` lacks (``c_y < max_count``): ``g`` sheds
+    gives it to an expert ``y`` that ``g`` lacks (``c_y < max_count``, an int or one per row
+    ``[B]``): ``g`` sheds
     ``w_x / c_x`` and gains ``w_y / (c_y + 1)``; every other pack holding ``x`` gains
     ``w_x / (c_x - 1) - w_x / c_x``; packs holding ``y`` get lighter (ignored: the step is taken
     only if the upper bound on the new maximum, computed without that relief, is below the old
@@ -41,6 +42,7 @@ def retarget_search(key_BPS: np.ndarray, w_BX: np.ndarray, max_count: int,
     has_BPX = np.zeros((num_rows, num_packs, num_exp), dtype=bool)
     has_BPX[rows_all[:, None, None], np.arange(num_packs)[None, :, None], key_BPS] = True
     load_BP = _loads(key_BPS, w_BX, cnt_BX)
+    cap_B = np.broadcast_to(np.asarray(max_count), (num_rows,))
     active = rows_all
     for _ in range(max_iters):
         if active.size == 0:
@@ -61,7 +63,7 @@ def retarget_search(key_BPS: np.ndarray, w_BX: np.ndarray, max_count: int,
         others_ASP[ra, :, g_A] = -np.inf
         bound_AS = np.where(can_AS, others_ASP.max(axis=2), np.inf)
         new_g_ASX = (top_A[:, None] - wx_AS / cx_AS)[:, :, None] + (w_AX / (c_AX + 1))[:, None, :]
-        ok_AX = ~has_BPX[a, g_A] & (c_AX < max_count)
+        ok_AX = ~has_BPX[a, g_A] & (c_AX < cap_B[a][:, None])
         new_max = np.maximum(bound_AS[:, :, None], new_g_ASX)
         new_max = np.where(ok_AX[:, None, :], new_max, np.inf)
         flat = new_max.reshape(a.size, -1)
