@@ -27,7 +27,7 @@ def test_lfu_evicts_least_frequent_and_remembers_evicted_counts():
     assert cache.insert((0, 2)) == (1, (0, 1))  # (0, 1) used once
     for _ in range(5):
         cache.use((0, 1))  # popular while evicted
-    assert cache.victim() == (0, 2)  # 2 uses < 3 uses of (0, 0)
+    assert cache.victim(0) == (0, 2)  # 2 uses < 3 uses of (0, 0)
     assert cache.insert((0, 1))[1] == (0, 2)
 
 
@@ -59,11 +59,33 @@ def test_cost_model_prefers_cpu_only_when_faster():
     assert costs.prefer_cpu(8, backlog_s=0.05)  # behind a queued copy, the CPU wins
 
 
+def test_layer_quota_makes_cyclic_scans_hit():
+    # 3 layers x 2 experts needed per call, 4 slots: a global LRU never hits on this cycle
+    hits = {}
+    for layers in (1, 3):
+        cache, hits[layers] = ExpertCache(4, "lru", num_layers=layers), 0
+        for _ in range(10):
+            for layer in range(3):
+                need = {(layer, 0), (layer, 1)}
+                for key in sorted(need):
+                    cache.use(key)
+                    if key in cache:
+                        hits[layers] += 1
+                    else:
+                        cache.insert(key, need)
+    assert hits[1] == 0 and hits[3] > 0
+    cache = ExpertCache(4, "lru", num_layers=2)  # quota 2
+    for key in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        cache.insert(key)
+    assert cache.victim(0) == (0, 0)  # layer 0 at its quota evicts its own expert, not layer 1's
+    assert cache.insert((0, 2), protected={(0, 0), (0, 1)}) is None  # no own slot free: stream
+
+
 @settings(max_examples=60, deadline=None)
-@given(policy=st.sampled_from(["lru", "lfu"]), slots=st.integers(1, 5),
+@given(policy=st.sampled_from(["lru", "lfu"]), slots=st.integers(1, 5), layers=st.integers(1, 3),
        ops=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 6), st.booleans()), max_size=60))
-def test_cache_invariants(policy, slots, ops):
-    cache = ExpertCache(slots, policy)
+def test_cache_invariants(policy, slots, layers, ops):
+    cache = ExpertCache(slots, policy, num_layers=layers)
     for layer, expert, protect_all in ops:
         key = (layer, expert)
         cache.use(key)
@@ -73,7 +95,8 @@ def test_cache_invariants(policy, slots, ops):
         before = set(cache.resident())
         placed = cache.insert(key, protected)
         if placed is None:
-            assert len(before) == slots and before <= protected
+            own = {k for k in before if k[0] == layer}
+            assert len(before) == slots and (before <= protected or own <= protected)
             continue
         slot, evicted = placed
         assert evicted is None or (evicted in before and evicted not in protected)

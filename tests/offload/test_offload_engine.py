@@ -34,7 +34,9 @@ def _check_accounting(handle, num_layers):
     assert c.demand_copies >= misses - c.cpu_computed  # every miss is fetched or computed on the CPU
     assert c.h2d_bytes == (c.demand_copies + c.prefetch_copies) * handle.engine.expert_bytes
     assert c.layer_calls == num_layers * len(handle.forward_log)
-    assert 0.0 <= s["hit_rate"] <= 1.0 and s["tokens"] == sum(n for n, _ in handle.forward_log)
+    assert sum(r.h2d_bytes for r in handle.forward_log) == c.h2d_bytes
+    assert sum(r.hits for r in handle.forward_log) == c.hits
+    assert 0.0 <= s["hit_rate"] <= 1.0 and s["tokens"] == sum(r.tokens for r in handle.forward_log)
     assert s["h2d_bytes_per_token"] == pytest.approx(c.h2d_bytes / c.tokens)
     return s
 
@@ -112,3 +114,17 @@ def test_gpu_memory_budget_sets_the_slots_and_bad_input_is_rejected():
     offload(model, cache_experts=2, device="cpu")
     with pytest.raises(ValueError, match="not offloaded yet"):
         offload(model, cache_experts=2, device="cpu")
+
+
+def test_reconfigure_starts_a_fresh_cache_with_new_settings():
+    model = tiny_model("mixtral", seed=12)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(3, 96, (1, 4), generator=torch.Generator().manual_seed(13))
+    handle = offload(model, cache_experts=2, device="cpu")
+    _generate(model, ids)
+    handle.reconfigure(cache_experts=5, policy="lfu", prefetch="next_layer")
+    assert handle.num_slots == 5 and handle.engine.counters.activations == 0 and len(handle.engine.cache) == 0
+    torch.testing.assert_close(_generate(model, ids), _generate(ref, ids), rtol=0, atol=0)
+    assert handle.stats()["policy"] == "lfu" and handle.stats()["prefetch_copies"] > 0
+    with pytest.raises(ValueError, match="cache_experts"):
+        handle.reconfigure(cache_experts=0)

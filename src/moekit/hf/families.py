@@ -72,7 +72,18 @@ class MoEBlock:
 
     @property
     def top_k(self) -> int:
-        return int(self.module.gate.top_k)
+        return int(self.setting("top_k", "num_experts_per_tok"))
+
+    def setting(self, *names: str):
+        """The first of ``names`` found on the router, the block, or the block's config (where
+        ``transformers`` releases keep routing settings differs between 5.x versions)."""
+        owners = (self.module.gate, self.module, getattr(self.module, "config", None),
+                  getattr(self.module.experts, "config", None))
+        for name in names:
+            for owner in owners:
+                if owner is not None and hasattr(owner, name):
+                    return getattr(owner, name)
+        raise ValueError(f"model: block {self.name} has none of {names}; unsupported transformers version")
 
 
 def block_family(module: nn.Module) -> Family | None:

@@ -59,13 +59,14 @@ def moe_config_of(block: MoEBlock) -> MoEConfig:
     fam = block.family
     kw = dict(dim=int(dim), ffn_dim=int(ffn_dim), num_experts=int(num_experts), top_k=block.top_k,
               score=fam.score, balance="none", balance_coeff=0.0, activation="swiglu",
-              norm_topk_prob=bool(getattr(gate, "norm_topk_prob", True)))
+              norm_topk_prob=bool(block.setting("norm_topk_prob") if fam.name != "mixtral" else True))
     if fam.group_limited:
         if not kw["norm_topk_prob"]:
             raise ValueError(f"model: block {block.name} has norm_topk_prob=False with sigmoid scores; "
                              "moekit always renormalises sigmoid top-k weights (expected norm_topk_prob=True)")
-        kw.update(router="group_limited", num_groups=int(gate.num_group), topk_group=int(gate.topk_group),
-                  routed_scaling_factor=float(gate.routed_scaling_factor), balance="aux_free",
+        kw.update(router="group_limited", num_groups=int(block.setting("num_group", "n_group")),
+                  topk_group=int(block.setting("topk_group")),
+                  routed_scaling_factor=float(block.setting("routed_scaling_factor")), balance="aux_free",
                   bias_update_rate=0.0)
     return MoEConfig(**kw)
 

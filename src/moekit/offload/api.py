@@ -23,6 +23,7 @@ shared experts run unchanged and ``model.generate`` works as before.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from moekit.offload.cache import POLICIES
 from moekit.offload.costs import TransferCosts, measure_cpu_expert, measure_h2d_bandwidth, parse_bytes
 from moekit.offload.engine import OffloadEngine
 
-__all__ = ["OffloadedExperts", "OffloadHandle", "offload", "PREFETCH"]
+__all__ = ["OffloadedExperts", "OffloadHandle", "ForwardRecord", "offload", "PREFETCH"]
 
 PREFETCH = ("none", "next_layer")
 
@@ -52,18 +53,32 @@ class OffloadedExperts(nn.Module):
             return self.engine.forward(self.layer, hidden_states, top_k_index, top_k_weights)
 
 
+class ForwardRecord(NamedTuple):
+    """One forward pass of the offloaded model: tokens through it, wall seconds, bytes copied
+    to the device, expert activations and hits (so decode steps can be told from the prefill)."""
+
+    tokens: int
+    seconds: float
+    h2d_bytes: int
+    activations: int
+    hits: int
+
+
 class OffloadHandle:
     """What :func:`offload` returns: the engine, its measured costs, and the figures."""
 
-    def __init__(self, model: nn.Module, engine: OffloadEngine, policy: str, prefetch: str, dense_bytes: int):
+    def __init__(self, model: nn.Module, engine: OffloadEngine, layers: list[OffloadedExperts],
+                 predictors: list, policy: str, prefetch: str, dense_bytes: int):
         self.model = model
         self.engine = engine
+        self.layers = layers
         self.policy = policy
         self.prefetch = prefetch
         self.dense_bytes = dense_bytes
+        self._predictors = predictors  # next-layer predictors, used when prefetch == "next_layer"
         self._t0: float | None = None
-        self._tokens0 = 0
-        self.forward_log: list[tuple[int, float]] = []  # (tokens, seconds) of each forward pass
+        self._before = (0, 0, 0, 0)
+        self.forward_log: list[ForwardRecord] = []
         self._hooks = [model.register_forward_pre_hook(self._start),
                        model.register_forward_hook(self._stop)]
 
@@ -71,9 +86,13 @@ class OffloadHandle:
         if self.engine.cuda:
             torch.cuda.synchronize(self.engine.device)
 
+    def _snapshot(self) -> tuple[int, int, int, int]:
+        c = self.engine.counters
+        return c.tokens, c.h2d_bytes, c.activations, c.hits
+
     def _start(self, module, args) -> None:
         self._sync()
-        self._tokens0 = self.engine.counters.tokens
+        self._before = self._snapshot()
         self._t0 = time.perf_counter()
 
     def _stop(self, module, args, output) -> None:
@@ -81,8 +100,34 @@ class OffloadHandle:
             self._sync()
             seconds = time.perf_counter() - self._t0
             self.engine.counters.wall_s += seconds
-            self.forward_log.append((self.engine.counters.tokens - self._tokens0, seconds))
+            delta = [a - b for a, b in zip(self._snapshot(), self._before)]
+            self.forward_log.append(ForwardRecord(delta[0], seconds, delta[1], delta[2], delta[3]))
             self._t0 = None
+
+    def reconfigure(self, *, cache_experts: int | None = None, policy: str | None = None,
+                    prefetch: str | None = None, cpu_compute: bool | None = None) -> None:
+        """Start over with a new (empty) expert cache and other settings, keeping the host
+        weights and the measured costs (no reload). Unset arguments keep their value."""
+        old = self.engine
+        policy = policy or self.policy
+        prefetch = prefetch or self.prefetch
+        _check_choices(policy, prefetch)
+        cpu_compute = old.cpu_compute if cpu_compute is None else cpu_compute
+        num_slots = old.num_slots if cache_experts is None else _check_slots(cache_experts, old)
+        costs = old.costs
+        if cpu_compute and costs.cpu_s_fixed == float("inf"):
+            fixed, per_token = measure_cpu_expert(old.host_w_in[0][0], old.host_w_out[0][0])
+            costs = TransferCosts(costs.h2d_bytes_per_s, costs.expert_bytes, fixed, per_token)
+        if old.cuda:
+            old.resolve_stalls()
+        old.slot_in = old.slot_out = None  # free the old slots before allocating the new ones
+        predictors = self._predictors if prefetch == "next_layer" else None
+        self.engine = OffloadEngine(old.host_w_in, old.host_w_out, num_slots, policy, old.device, old.act_fn,
+                                    costs, cpu_compute, predictors)
+        for layer in self.layers:
+            object.__setattr__(layer, "engine", self.engine)
+        self.policy, self.prefetch = policy, prefetch
+        self.forward_log = []
 
     @property
     def num_slots(self) -> int:
@@ -159,10 +204,7 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     if (cache_experts is None) == (gpu_memory is None):
         raise ValueError("cache_experts / gpu_memory: expected exactly one of them, "
                          f"got cache_experts={cache_experts!r}, gpu_memory={gpu_memory!r}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-    if prefetch not in PREFETCH:
-        raise ValueError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
+    _check_choices(policy, prefetch)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if any(isinstance(m, OffloadedExperts) for m in model.modules()):
         raise ValueError("model: expected a model that is not offloaded yet")
@@ -187,9 +229,7 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     w_in, w_out = host_in[0], host_out[0]
     expert_bytes = (w_in[0].numel() + w_out[0].numel()) * w_in.element_size()
     if cache_experts is not None:
-        if not isinstance(cache_experts, int) or cache_experts < 1:
-            raise ValueError(f"cache_experts: expected a positive integer, got {cache_experts!r}")
-        num_slots = cache_experts
+        num_slots = _positive_int(cache_experts, "cache_experts")
     else:
         budget = parse_bytes(gpu_memory, "gpu_memory")
         spare = parse_bytes(reserve, "reserve") if reserve is not None else budget // 10
@@ -203,12 +243,29 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     bandwidth = measure_h2d_bandwidth(device, nbytes=min(64 * 2**20, max(expert_bytes, 2**20)))
     cpu_fixed, cpu_per_token = measure_cpu_expert(w_in[0], w_out[0]) if cpu_compute else (float("inf"), 0.0)
     costs = TransferCosts(bandwidth, expert_bytes, cpu_fixed, cpu_per_token)
-    predictors = [None] * len(blocks)
-    if prefetch == "next_layer":
-        for i in range(len(blocks) - 1):
-            nxt = blocks[i + 1].module
-            predictors[i] = lambda x_TD, nxt=nxt: route_block(nxt, x_TD)[0]
-    engine = OffloadEngine(host_in, host_out, int(num_slots), policy, device, act_fn, costs, cpu_compute, predictors)
-    for i, b in enumerate(blocks):
-        b.module.experts = OffloadedExperts(engine, i)
-    return OffloadHandle(model, engine, policy, prefetch, dense_bytes)
+    predictors: list = [None] * len(blocks)
+    for i in range(len(blocks) - 1):
+        predictors[i] = lambda x_TD, nxt=blocks[i + 1].module: route_block(nxt, x_TD)[0]
+    engine = OffloadEngine(host_in, host_out, int(num_slots), policy, device, act_fn, costs, cpu_compute,
+                           predictors if prefetch == "next_layer" else None)
+    layers = [OffloadedExperts(engine, i) for i in range(len(blocks))]
+    for b, layer in zip(blocks, layers):
+        b.module.experts = layer
+    return OffloadHandle(model, engine, layers, predictors, policy, prefetch, dense_bytes)
+
+
+def _check_choices(policy: str, prefetch: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    if prefetch not in PREFETCH:
+        raise ValueError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _check_slots(cache_experts, engine: OffloadEngine) -> int:
+    return min(_positive_int(cache_experts, "cache_experts"), len(engine.host_w_in) * engine.num_experts)

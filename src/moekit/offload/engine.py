@@ -86,7 +86,7 @@ class OffloadEngine:
         self.num_experts = int(host_w_in[0].shape[0])
         w_in, w_out = host_w_in[0], host_w_out[0]
         self.expert_bytes = w_in[0].numel() * w_in.element_size() + w_out[0].numel() * w_out.element_size()
-        self.cache = ExpertCache(num_slots, policy)
+        self.cache = ExpertCache(num_slots, policy, num_layers=len(host_w_in))
         self.slot_in = torch.empty((num_slots, *w_in.shape[1:]), dtype=w_in.dtype, device=self.device)
         self.slot_out = torch.empty((num_slots, *w_out.shape[1:]), dtype=w_out.dtype, device=self.device)
         self.act_fn = act_fn
@@ -259,11 +259,8 @@ class OffloadEngine:
             return
         predicted = [e for e in sorted(range(self.num_experts), key=lambda e: -pred_E[e]) if pred_E[e] > 0]
         self._predicted[layer] = set(predicted)
-        # never evict experts of the target layer: a resident one is as good a guess as a fetched
-        # one, and evicting it (LRU would: it is the oldest entry when layers run in a cycle)
-        # trades a likely hit for a prediction
-        guard = set(protected) | {key for key in self.cache.resident() if key[0] == layer}
-        guard |= {(layer, e) for e in predicted}
+        # the target layer's other experts are fair game (its quota bounds what it may take)
+        guard = set(protected) | {(layer, e) for e in predicted}
         for e in predicted:
             key = (layer, e)
             if key in self.cache:

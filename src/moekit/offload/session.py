@@ -12,9 +12,9 @@ __all__ = ["generate_and_measure", "decode_rate"]
 def decode_rate(handle: OffloadHandle, batch_size: int) -> float:
     """Tokens/s of the decode steps logged by ``handle`` (forward passes of exactly
     ``batch_size`` tokens, i.e. one new token per sequence; the prefill is excluded)."""
-    steps = [(n, s) for n, s in handle.forward_log if n == batch_size]
-    seconds = sum(s for _, s in steps)
-    return sum(n for n, _ in steps) / seconds if seconds > 0 else float("nan")
+    steps = [r for r in handle.forward_log if r.tokens == batch_size]
+    seconds = sum(r.seconds for r in steps)
+    return sum(r.tokens for r in steps) / seconds if seconds > 0 else float("nan")
 
 
 def generate_and_measure(model, tokenizer, prompts: list[str], handle: OffloadHandle,

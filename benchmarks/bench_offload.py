@@ -1,0 +1,354 @@
+"""Offloaded MoE decoding: moekit's GPU expert cache vs transformers' device_map offloading.
+
+A model built from a real published config (Mixtral-8x7B by default; fewer decoder layers so
+that it fits host memory; random bf16 weights, nothing downloaded) decodes greedily at batch
+1 and 8 with a GPU budget well below its expert bytes. In the same run:
+
+- all-on-GPU: the plain ``transformers`` model entirely on the GPU (the speed ceiling);
+- moekit ``offload`` with the same number of expert slots for lru / lfu / + next-layer prefetch /
+  + CPU computation of misses, and a smaller budget where decoding is copy-bound;
+- ``transformers``' own offloading (accelerate ``dispatch_model``, what ``from_pretrained(
+  device_map=...)`` runs): ``auto`` placement under the same GPU budget, and experts mapped to
+  the CPU;
+- pinned and pageable host-to-device bandwidth, measured first.
+
+Figures per run: decode tokens/s (decode steps only, after a warm-up generation), hit rate,
+prefetch precision / recall, H2D bytes per token, stall, PCIe utilisation, and the copy bound
+``B_h2d / (decode bytes copied per token)``. Prints a table and writes
+``benchmarks/results/offload_<gpu>_<date>.json`` (or ``--out``).
+
+    python benchmarks/bench_offload.py                 # on the GPU machine
+    python benchmarks/bench_offload.py --preset tiny --device cpu   # a 1-minute dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+# Published configs (config.json of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-30B-A3B).
+MIXTRAL_8X7B = dict(family="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                    num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                    rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=32768, num_hidden_layers=32)
+QWEN3_30B_A3B = dict(family="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                     moe_intermediate_size=768, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6,
+                     rms_norm_eps=1e-6, max_position_embeddings=40960, num_hidden_layers=48)
+TINY = dict(MIXTRAL_8X7B, vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2)
+PRESETS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B, "tiny": TINY}
+
+TEXT = [
+    "The river rose through the night, and by morning the lower town was under water. ",
+    "def merge(a, b):\n    out = []\n    while a and b:\n        out.append(a.pop(0) if a[0] < b[0] else b.pop(0))\n",
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; ",
+    "Mixture-of-Experts layers route each token to a few experts, so most weights stay idle per token. ",
+    "Compute 17 * 23 = 391, then 391 + 209 = 600, and 600 / 25 = 24. Check: 24 * 25 = 600. ",
+    "Le train de nuit pour Vienne partait a vingt-deux heures, et la gare etait presque vide. ",
+    "SELECT name, count(*) FROM orders JOIN users ON orders.user_id = users.id GROUP BY name; ",
+    "She tuned the violin, listened once more to the open strings, and began the slow movement. ",
+]
+
+
+def build_model(preset: dict, layers: int, device: str):
+    import transformers as T
+
+    cfg = dict(preset)
+    family = cfg.pop("family")
+    cfg["num_hidden_layers"] = layers
+    config = (T.MixtralConfig if family == "mixtral" else T.Qwen3MoeConfig)(**cfg)
+    with torch.device(device):  # random init on the device is fast; weights std = initializer_range
+        model = T.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
+    """``[batch, length]`` token ids from text bytes (a random-weight model has no tokenizer)."""
+    rows = []
+    for i in range(batch):
+        data = (TEXT[i % len(TEXT)] * 4).encode()[:length]
+        rows.append([3 + (b * 7 + i) % (vocab - 3) for b in data])
+    return torch.tensor(rows)
+
+
+class ForwardTimer:
+    """Wall time of every forward pass of ``model`` (device synchronised at both ends)."""
+
+    def __init__(self, model):
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+        self._handles = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._stop)]
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _start(self, *_):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self._sync()
+        self.seconds.append(time.perf_counter() - self._t0)
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def decode(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
+    """Greedy generation; decode tokens/s over the steps after the prefill."""
+    timer = ForwardTimer(model)
+    with torch.no_grad():
+        out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    timer.close()
+    steps = timer.seconds[1:]
+    return {"decode_tokens_per_s": ids.shape[0] * len(steps) / sum(steps) if steps else float("nan"),
+            "prefill_s": timer.seconds[0], "decode_steps": len(steps), "tokens": out[:, ids.shape[1]:].cpu()}
+
+
+def measure_bandwidth(device: str) -> dict:
+    from moekit.offload import measure_h2d_bandwidth
+
+    out = {"pinned_h2d_bytes_per_s": measure_h2d_bandwidth(device, nbytes=256 * 2**20 if device == "cuda" else 2**24)}
+    if device == "cuda":
+        src = torch.empty(256 * 2**20, dtype=torch.uint8)
+        dst = torch.empty_like(src, device=device)
+        best = float("inf")
+        for i in range(4):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0) if i else best
+        out["pageable_h2d_bytes_per_s"] = src.numel() / best
+    return out
+
+
+def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: float) -> tuple[list, dict]:
+    from moekit.offload import offload
+
+    model = copy.deepcopy(cpu_model)
+    half = num_experts_total // 2
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    handle = offload(model, cache_experts=half, device=args.device)
+    runs = []
+    variants = [("lru", "none", False, half), ("lfu", "none", False, half), ("lru", "next_layer", False, half),
+                ("lfu", "next_layer", False, half), ("lfu", "next_layer", True, half),
+                ("lru", "none", False, num_experts_total // 4), ("lfu", "next_layer", False, num_experts_total // 4),
+                ("lfu", "next_layer", True, num_experts_total // 4)]
+    for policy, prefetch, cpu, slots in variants:
+        for batch in (1, 8):
+            name = f"moekit {policy}{' +prefetch' if prefetch != 'none' else ''}{' +cpu' if cpu else ''}"
+            try:
+                handle.reconfigure(cache_experts=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu)
+                ids = prompts(batch, args.prompt_len, cpu_model.config.vocab_size)
+                decode(model, ids, args.warmup_tokens, args.device)  # fills the cache: steady state
+                handle.reset_stats()
+                res = decode(model, ids, args.new_tokens, args.device)
+                s = handle.stats()
+                dec = [r for r in handle.forward_log[1:]]
+                dec_bytes = sum(r.h2d_bytes for r in dec)
+                dec_s = sum(r.seconds for r in dec)
+                dec_act = sum(r.activations for r in dec)
+                dec_hit = sum(r.hits for r in dec) / dec_act if dec_act else float("nan")
+                tokens = batch * len(dec)
+                bound = bw * tokens / dec_bytes if dec_bytes else float("inf")
+                runs.append(dict(name=name, batch=batch, slots=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu,
+                                 decode_tokens_per_s=res["decode_tokens_per_s"], decode_hit_rate=dec_hit,
+                                 hit_rate=s["hit_rate"], prefetch_precision=s["prefetch_precision"],
+                                 prefetch_recall=s["prefetch_recall"], h2d_bytes_per_token=dec_bytes / max(tokens, 1),
+                                 decode_pcie_utilization=(dec_bytes / dec_s) / bw if dec_s else float("nan"),
+                                 pcie_utilization=s["pcie_utilization"], stall_s=s["stall_s"],
+                                 copy_bound_tokens_per_s=bound,
+                                 fraction_of_copy_bound=res["decode_tokens_per_s"] / bound if dec_bytes else None,
+                                 cpu_computed=s["cpu_computed"], demand_copies=s["demand_copies"],
+                                 prefetch_copies=s["prefetch_copies"], misses=s["activations"] - s["hits"],
+                                 activations=s["activations"], tokens=res["tokens"]))
+            except Exception as exc:  # keep the other figures of a one-shot device run
+                runs.append(dict(name=name, batch=batch, slots=slots, error=repr(exc)))
+            print_run(runs[-1])
+    mem = {}
+    if args.device == "cuda":
+        mem = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+               "budget_bytes_half": handle.dense_bytes + half * expert_bytes + args.reserve_bytes}
+    costs = handle.engine.costs
+    mem["cost_model"] = dict(h2d_bytes_per_s=costs.h2d_bytes_per_s, expert_bytes=costs.expert_bytes,
+                             cpu_s_fixed=costs.cpu_s_fixed, cpu_s_per_token=costs.cpu_s_per_token)
+    del model, handle
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return runs, mem
+
+
+def hf_runs(cpu_model, args, budget_bytes: int) -> list:
+    """transformers' offloading (accelerate hooks) under the same GPU budget."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.hooks import remove_hook_from_submodules
+
+    if args.device != "cuda":
+        return [dict(name="transformers device_map", error="needs CUDA")]
+    saved = dict(cpu_model.state_dict())  # keeps the CPU tensors alive while dispatch moves / metas them
+    maps = {}
+    maps["transformers device_map=auto"] = infer_auto_device_map(
+        cpu_model, max_memory={0: budget_bytes, "cpu": 400 * 2**30},
+        no_split_module_classes=cpu_model._no_split_modules, dtype=torch.bfloat16)
+    experts_cpu = {}
+    for name, module in cpu_model.named_modules():
+        if name.endswith("mlp.experts"):
+            experts_cpu[name] = "cpu"
+    for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"):
+        experts_cpu[name] = 0
+    for i, layer in enumerate(cpu_model.model.layers):
+        for child, _ in layer.named_children():
+            if child != "mlp":
+                experts_cpu[f"model.layers.{i}.{child}"] = 0
+        experts_cpu[f"model.layers.{i}.mlp.gate"] = 0
+    maps["transformers experts->cpu"] = experts_cpu
+    runs = []
+    for name, device_map in maps.items():
+        on_gpu = sum(1 for v in device_map.values() if v == 0)
+        try:
+            model = dispatch_model(cpu_model, device_map=device_map, main_device=0)
+            for batch in (1, 8):
+                ids = prompts(batch, args.prompt_len, cpu_model.config.vocab_size)
+                torch.cuda.reset_peak_memory_stats()
+                res = decode(model, ids, args.hf_new_tokens, "cuda")
+                runs.append(dict(name=name, batch=batch, decode_tokens_per_s=res["decode_tokens_per_s"],
+                                 peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                                 modules_on_gpu=on_gpu, modules_on_cpu=len(device_map) - on_gpu,
+                                 tokens=res["tokens"]))
+                print_run(runs[-1])
+        except Exception as exc:
+            runs.append(dict(name=name, error=repr(exc)))
+            print_run(runs[-1])
+        finally:
+            remove_hook_from_submodules(cpu_model)
+            cpu_model.load_state_dict(saved, assign=True)
+            cpu_model.to("cpu")
+            gc.collect()
+            torch.cuda.empty_cache()
+    return runs
+
+
+def print_run(run: dict) -> None:
+    if "error" in run:
+        print(f"{run['name']:<34} batch {run.get('batch', '-')}: ERROR {run['error']}", flush=True)
+        return
+    extra = ""
+    if "hit_rate" in run:
+        extra = (f" slots {run['slots']:>3} hit {run['decode_hit_rate']:.3f} P/R {run['prefetch_precision']:.2f}/"
+                 f"{run['prefetch_recall']:.2f} pcie {run['decode_pcie_utilization']:.2f} "
+                 f"bound {run['copy_bound_tokens_per_s']:.1f} cpu {run['cpu_computed']} stall {run['stall_s']:.2f}s")
+    print(f"{run['name']:<34} batch {run['batch']}: {run['decode_tokens_per_s']:8.2f} tok/s{extra}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="mixtral-8x7b", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=4, help="decoder layers kept (default 4)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--hf-new-tokens", type=int, default=4)
+    p.add_argument("--reserve-bytes", type=int, default=2 * 2**30, help="budget share for activations / KV cache")
+    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/offload_<gpu>_<date>.json)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    torch.manual_seed(0)
+
+    bandwidth = measure_bandwidth(args.device)
+    bw = bandwidth["pinned_h2d_bytes_per_s"]
+    print(f"pinned H2D {bw / 1e9:.1f} GB/s, pageable {bandwidth.get('pageable_h2d_bytes_per_s', float('nan')) / 1e9:.1f} GB/s")
+    t0 = time.perf_counter()
+    model = build_model(preset, args.layers, args.device)
+    experts = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
+    num_experts_total = sum(p.shape[0] for p in experts) // 2
+    expert_total_bytes = sum(p.numel() * p.element_size() for p in experts)
+    expert_bytes = expert_total_bytes // num_experts_total
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - expert_total_bytes
+    print(f"model: {args.preset} x {args.layers} layers, {num_experts_total} experts of {expert_bytes / 2**20:.0f} MiB "
+          f"({expert_total_bytes / 2**30:.1f} GiB), dense {dense_bytes / 2**30:.2f} GiB, built in {time.perf_counter() - t0:.1f}s")
+
+    runs = []
+    for batch in (1, 8):
+        res = decode(model, prompts(batch, args.prompt_len, model.config.vocab_size), args.new_tokens, args.device)
+        runs.append(dict(name="all on GPU (transformers)", batch=batch, decode_tokens_per_s=res["decode_tokens_per_s"],
+                         tokens=res["tokens"]))
+        print_run(runs[-1])
+    model.to("cpu")
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    mk_runs, mem = moekit_runs(model, args, expert_bytes, num_experts_total, bw)
+    runs += mk_runs
+    budget = dense_bytes + (num_experts_total // 2) * expert_bytes + args.reserve_bytes
+    runs += hf_runs(model, args, budget)
+
+    ref = {r["batch"]: r["tokens"] for r in runs if r["name"].startswith("all on GPU")}
+    for r in runs:
+        if "tokens" in r:
+            r["token_match_vs_all_gpu"] = float((r["tokens"] == ref[r["batch"]][:, : r["tokens"].shape[1]]).float().mean())
+            del r["tokens"]
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    doc = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"device": gpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform()},
+        "versions": _versions(),
+        "model": {"preset": args.preset, "layers": args.layers, "config": preset, "dtype": "bfloat16",
+                  "weights": "random (HF init)", "expert_bytes": expert_bytes, "experts": num_experts_total,
+                  "expert_total_bytes": expert_total_bytes, "dense_bytes": dense_bytes},
+        "budget": {"half_expert_slots": num_experts_total // 2, "quarter_expert_slots": num_experts_total // 4,
+                   "gpu_budget_bytes_for_transformers": budget, "reserve_bytes": args.reserve_bytes},
+        "bandwidth": bandwidth,
+        "memory": mem,
+        "runs": runs,
+    }
+    tag = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-") or args.device
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"offload_{tag}_{dt.date.today().isoformat()}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".json.tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=2, default=float)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _versions() -> dict:
+    import transformers
+
+    try:
+        import accelerate
+
+        acc = accelerate.__version__
+    except ImportError:
+        acc = None
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "accelerate": acc, "python": platform.python_version(), "moekit_git": rev}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
