@@ -39,8 +39,10 @@ from moekit.experts.sorted import experts_sorted
 __all__ = ["DECODE_MAX_SLOTS", "experts_grouped_mm", "grouped_mm_supported", "route_by_expert"]
 
 # Up to this many token-expert slots (T*K) an inference call takes the per-slot decode kernels:
-# sorting costs several launches, and with so few slots few experts are shared between them.
-DECODE_MAX_SLOTS = 16
+# sorting costs several launches. Measured on an H100 (benchmarks/bench_layer.py, CUDA graphs):
+# at T*K = 64 (OLMoE / Qwen3 shapes, T = 8) they beat the sorted grouped-GEMM path by 1.3-1.4x,
+# at T*K = 512 the grouped GEMM wins (slots sharing an expert re-read its weights).
+DECODE_MAX_SLOTS = 64
 
 
 # ---------------------------------------------------------------------------------------------
