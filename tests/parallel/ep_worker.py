@@ -67,7 +67,7 @@ def _check_grads(ref, ep, ep_modules, tol, ep_rank_size=None):
 def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8, top_k=2, balance="global",
                       shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0):
     """EP forward + backward == single-process MoE on the concatenated batch."""
-    cfg_ref = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=num_experts, top_k=top_k, num_shared_experts=shared,
+    cfg_ref = moekit.MoEConfig(dim=16, ffn_dim=16, num_experts=num_experts, top_k=top_k, num_shared_experts=shared,
                                balance="micro" if balance == "global" else balance, balance_coeff=0.1)
     cfg_ep = dataclasses.replace(cfg_ref, balance=balance)
     ref = _reference(cfg_ref, device, dtype, seed)
@@ -173,15 +173,17 @@ def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) ->
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=WORLD,
                             device_id=device if backend == "nccl" else None)
     f64 = torch.float32 if backend == "nccl" else torch.float64
-    # the sorted CPU backend sums its outputs in fp32 even for fp64 inputs: fp32-level tolerance
-    tol64 = 2e-5 if backend == "nccl" else 2e-6
+    # the sorted CPU backend sums its outputs in fp32 even for fp64 inputs: fp32-level tolerance;
+    # on GPU the checks run in fp32, whose grouped GEMMs may use TF32
+    tol64 = 1e-3 if backend == "nccl" else 2e-6
+    tol32 = 1e-3 if backend == "nccl" else 1e-4
     try:
         for scenario in scenarios:
             if scenario == "identity":
                 check_equivalence(device, f64, tol64, sizes=[6] * WORLD, shared=1)
-                check_equivalence(device, torch.float32, 1e-4, sizes=[5] * WORLD, num_experts=2 * WORLD, top_k=1,
+                check_equivalence(device, torch.float32, tol32, sizes=[5] * WORLD, num_experts=2 * WORLD, top_k=1,
                                   balance="none")
-                check_equivalence(device, torch.float32, 1e-4, sizes=[3] * WORLD, num_experts=WORLD * 2,
+                check_equivalence(device, torch.float32, tol32, sizes=[3] * WORLD, num_experts=WORLD * 2,
                                   top_k=WORLD * 2, balance="none")
             elif scenario == "zero_tokens":
                 sizes = [5, 0, 7, 3][:WORLD]
