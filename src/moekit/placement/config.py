@@ -91,7 +91,9 @@ class ReplanConfig:
     move_price: cost of copying one expert to a GPU, in units of the layer's mean GPU load; a
         swap is taken only if it lowers the heaviest GPU by more than ``move_price`` times the
         mean load per new copy (0.003: a copy must buy 0.3% of the mean).
-    max_move_fraction: optional hard budget, at most this share of a row's slots move.
+    max_move_fraction: optional budget: swaps stop at this share of a row's slots moved, and
+        every replica keeps its GPU unless its expert's count changed (count changes that would
+        exceed the budget are not taken, unless the row's experts changed node).
     count_hysteresis: a replica moves to another expert only if that expert's load per replica
         exceeds the donor's (after the loss) by this factor (0.3: by 30%).
     anchor_slack: during the initial packing a replica stays on its GPU while that GPU is

@@ -129,26 +129,63 @@ def _place_rows(w_BX: np.ndarray, num_slots: int, num_packs: int, prev_BPS: np.n
             keys[rows[win]] = cand[win]
             best_B[rows[win]] = cand_max[win]
         return keys
-    else:
-        prev_valid = np.where(prev_BPS >= 0, prev_BPS, num_exp).reshape(num_rows, -1)
-        old_cnt = np.zeros((num_rows, num_exp + 1), dtype=np.int64)
-        np.add.at(old_cnt, (np.arange(num_rows)[:, None], prev_valid), 1)
-        old_cnt = np.maximum(old_cnt[:, :num_exp], 1)
-        # rows whose experts changed (new group on the node) may not sum to num_slots
-        cnt_BX = np.where((old_cnt.sum(axis=1) == num_slots)[:, None], old_cnt, 0)
-        fresh = cnt_BX.sum(axis=1) == 0
-        if fresh.any():
-            cnt_BX[fresh] = greedy_counts(w_BX[fresh], num_slots, num_packs)
-        cnt_BX = sticky_counts(w_BX, cnt_BX, num_packs, replan.count_hysteresis)
-        key_BPS = _anchored_layout(w_BX, cnt_BX, prev_BPS, replan.anchor_slack)
-        home_BPK = np.zeros((num_rows, num_packs, num_exp + 1), dtype=bool)
-        home_BPK[np.arange(num_rows)[:, None, None], np.arange(num_packs)[None, :, None],
-                 np.where(prev_BPS >= 0, prev_BPS, num_exp)] = True
-        home_BPK = home_BPK[:, :, :num_exp]
+    return _replan_rows(w_BX, num_slots, num_packs, prev_BPS, replan, floor_B)
+
+
+def _replan_rows(w_BX: np.ndarray, num_slots: int, num_packs: int, prev_BPS: np.ndarray,
+                 replan: ReplanConfig, floor_B: np.ndarray | None) -> np.ndarray:
+    """Movement-aware keys ``[B, R]`` from the previous layout ``prev_BPS`` (row-local ids).
+
+    Two count candidates per row -- the previous counts, and counts moved where the per-replica
+    load says it pays (``count_hysteresis``) -- each packed anchored to the previous layout and
+    improved by priced swaps; a row takes the one with the lower
+    ``max(max_load, floor) / mean + move_price * moves``.
+    """
+    num_rows, num_exp = w_BX.shape
+    rows = np.arange(num_rows)
+    prev_valid = np.where(prev_BPS >= 0, prev_BPS, num_exp).reshape(num_rows, -1)
+    old_cnt = np.zeros((num_rows, num_exp + 1), dtype=np.int64)
+    np.add.at(old_cnt, (rows[:, None], prev_valid), 1)
+    old_cnt = np.maximum(old_cnt[:, :num_exp], 1)
+    # rows whose experts changed (a new group on the node) may not sum to num_slots
+    keep_BX = np.where((old_cnt.sum(axis=1) == num_slots)[:, None], np.minimum(old_cnt, num_packs), 0)
+    fresh = keep_BX.sum(axis=1) != num_slots
+    if fresh.any():
+        keep_BX[fresh] = greedy_counts(w_BX[fresh], num_slots, num_packs)
+    move_BX = sticky_counts(w_BX, keep_BX, num_packs, replan.count_hysteresis)
+    differ = np.flatnonzero((move_BX != keep_BX).any(axis=1))
+    cand_rows = np.concatenate([rows, differ])
+    cnt = np.concatenate([keep_BX, move_BX[differ]])
+    w, prev = w_BX[cand_rows], prev_BPS[cand_rows]
+    home_BPK = np.zeros((cand_rows.size, num_packs, num_exp + 1), dtype=bool)
+    home_BPK[np.arange(cand_rows.size)[:, None, None], np.arange(num_packs)[None, :, None],
+             np.where(prev >= 0, prev, num_exp)] = True
+    home_BPK = home_BPK[:, :, :num_exp]
     max_moves = None
     if replan.max_move_fraction is not None:
-        max_moves = np.full(num_rows, int(replan.max_move_fraction * num_slots))
-    return _improve(w_BX, key_BPS, home_BPK, replan.move_price, max_moves, floor_B)
+        max_moves = np.full(cand_rows.size, int(replan.max_move_fraction * num_slots))
+    floor = None if floor_B is None else floor_B[cand_rows]
+    # under a hard budget every replica that still has a place stays (only count changes move)
+    slack = np.inf if max_moves is not None else replan.anchor_slack
+    keys = _improve(w, _anchored_layout(w, cnt, prev, slack), home_BPK,
+                    replan.move_price, max_moves, floor)
+    if differ.size == 0:
+        return keys
+    key_CPS = keys.reshape(-1, num_packs, num_slots // num_packs)
+    away = (~home_BPK[np.arange(cand_rows.size)[:, None, None], np.arange(num_packs)[None, :, None],
+                      key_CPS]).sum(axis=(1, 2))
+    if max_moves is not None:
+        # an over-budget candidate (count changes alone can exceed it) is never preferred
+        away = np.where(away > max_moves, np.inf, away)
+    mean = np.maximum(w.sum(axis=1) / num_packs, 1e-300)
+    top = _max_load(w, keys, num_packs)
+    if floor is not None:
+        top = np.maximum(top, floor)
+    score = top / mean + replan.move_price * away
+    out = keys[:num_rows].copy()
+    better = score[num_rows:] < score[differ]
+    out[differ[better]] = keys[num_rows:][better]
+    return out
 
 
 def _fresh_rows(w_BX: np.ndarray, num_slots: int, num_packs: int, cap_B: np.ndarray) -> np.ndarray:
