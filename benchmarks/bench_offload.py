@@ -197,11 +197,13 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
 
 def hf_runs(cpu_model, args, budget_bytes: int) -> list:
     """transformers' offloading (accelerate hooks) under the same GPU budget."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.hooks import remove_hook_from_submodules
-
     if args.device != "cuda":
         return [dict(name="transformers device_map", error="needs CUDA")]
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.hooks import remove_hook_from_submodules
+    except ImportError as exc:
+        return [dict(name="transformers device_map", error=repr(exc))]
     saved = dict(cpu_model.state_dict())  # keeps the CPU tensors alive while dispatch moves / metas them
     maps = {}
     maps["transformers device_map=auto"] = infer_auto_device_map(
@@ -243,6 +245,42 @@ def hf_runs(cpu_model, args, budget_bytes: int) -> list:
             gc.collect()
             torch.cuda.empty_cache()
     return runs
+
+
+def summarize_goals(runs: list) -> dict:
+    """The issue's goals, computed from the runs of this file (None where a run is missing)."""
+    ok = [r for r in runs if "error" not in r]
+
+    def best(prefix, batch, slots=None):
+        rs = [r for r in ok if r["name"].startswith(prefix) and r["batch"] == batch
+              and (slots is None or r.get("slots") == slots)]
+        return max(rs, key=lambda r: r["decode_tokens_per_s"]) if rs else None
+
+    def one(name, batch, slots):
+        return next((r for r in ok if r["name"] == name and r["batch"] == batch and r.get("slots") == slots), None)
+
+    out = {}
+    all_gpu = {b: best("all on GPU", b) for b in (1, 8)}
+    half = max((r.get("slots", 0) for r in ok if r["name"].startswith("moekit")), default=None)
+    for b in (1, 8):
+        mk, hf = best("moekit", b, half), best("transformers", b)
+        if mk and hf:
+            out[f"batch{b}_moekit_over_best_transformers_offload"] = mk["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+        if mk and all_gpu[b]:
+            out[f"batch{b}_half_budget_fraction_of_all_gpu"] = mk["decode_tokens_per_s"] / all_gpu[b]["decode_tokens_per_s"]
+        if mk:
+            out[f"batch{b}_best_moekit_half_budget"] = mk["name"]
+        lru, pf = one("moekit lru", b, half), one("moekit lru +prefetch", b, half)
+        if lru and pf:
+            out[f"batch{b}_prefetch_hit_rate_gain_points"] = 100 * (pf["decode_hit_rate"] - lru["decode_hit_rate"])
+    copy_bound = [r for r in ok if r["name"].startswith("moekit") and r.get("decode_pcie_utilization", 0) > 0.5]
+    if copy_bound:
+        out["copy_bound_runs_fraction_of_bound_min"] = min(r["fraction_of_copy_bound"] for r in copy_bound)
+        out["copy_bound_runs_fraction_of_bound_max"] = max(r["fraction_of_copy_bound"] for r in copy_bound)
+    b8 = [r for r in ok if r["name"].startswith("moekit") and r["batch"] == 8]
+    out["batch8_each_needed_expert_fetched_at_most_once"] = all(
+        r["demand_copies"] <= r["misses"] - r["cpu_computed"] for r in b8) if b8 else None
+    return out
 
 
 def print_run(run: dict) -> None:
@@ -287,6 +325,7 @@ def main(argv=None) -> int:
 
     runs = []
     for batch in (1, 8):
+        decode(model, prompts(batch, args.prompt_len, model.config.vocab_size), args.warmup_tokens, args.device)
         res = decode(model, prompts(batch, args.prompt_len, model.config.vocab_size), args.new_tokens, args.device)
         runs.append(dict(name="all on GPU (transformers)", batch=batch, decode_tokens_per_s=res["decode_tokens_per_s"],
                          tokens=res["tokens"]))
@@ -305,6 +344,9 @@ def main(argv=None) -> int:
         if "tokens" in r:
             r["token_match_vs_all_gpu"] = float((r["tokens"] == ref[r["batch"]][:, : r["tokens"].shape[1]]).float().mean())
             del r["tokens"]
+    goals = summarize_goals(runs)
+    for key, value in goals.items():
+        print(f"goal {key}: {value}")
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     doc = {
         "command": " ".join([sys.executable, *sys.argv]),
@@ -319,6 +361,7 @@ def main(argv=None) -> int:
                    "gpu_budget_bytes_for_transformers": budget, "reserve_bytes": args.reserve_bytes},
         "bandwidth": bandwidth,
         "memory": mem,
+        "goals": goals,
         "runs": runs,
     }
     tag = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-") or args.device

@@ -73,12 +73,16 @@ class ExpertCache:
         if key in self._slot_of:
             self._slot_of.move_to_end(key)
 
-    def victim(self, layer: int, protected: set[Key] | frozenset[Key] = frozenset()) -> Key | None:
+    def victim(self, layer: int, protected: set[Key] | frozenset[Key] = frozenset(),
+               borrow: bool = False) -> Key | None:
         """The key ``insert`` would evict now for an expert of ``layer`` (None if a slot is
-        free, or if every candidate is protected)."""
+        free, or if every candidate is protected). ``borrow``: ignore the quota (any
+        unprotected key; for a layer call that needs more experts than its quota)."""
         if self._free:
             return None
-        if self._per_layer.get(layer, 0) >= self.quota:  # at its quota: only its own experts
+        if borrow:
+            candidates = [k for k in self._slot_of if k not in protected]
+        elif self._per_layer.get(layer, 0) >= self.quota:  # at its quota: only its own experts
             candidates = [k for k in self._slot_of if k[0] == layer and k not in protected]
         else:  # below its quota: from layers above theirs, else from anyone
             unprotected = [k for k in self._slot_of if k not in protected]
@@ -89,16 +93,17 @@ class ExpertCache:
             return candidates[0]
         return min(candidates, key=lambda k: self._freq.get(k, 0))  # min is stable: LRU among ties
 
-    def insert(self, key: Key, protected: set[Key] | frozenset[Key] = frozenset()) -> tuple[int, Key | None] | None:
+    def insert(self, key: Key, protected: set[Key] | frozenset[Key] = frozenset(),
+               borrow: bool = False) -> tuple[int, Key | None] | None:
         """Give ``key`` a slot (evicting a victim if needed); None if no slot may be taken.
-        The new key counts as most recently used."""
+        The new key counts as most recently used. ``borrow``: see :meth:`victim`."""
         if key in self._slot_of:
             raise ValueError(f"key: {key} is already resident in slot {self._slot_of[key]}")
         evicted = None
         if self._free:
             slot = self._free.pop()
         else:
-            evicted = self.victim(key[0], protected)
+            evicted = self.victim(key[0], protected, borrow)
             if evicted is None:
                 return None
             slot = self._slot_of.pop(evicted)

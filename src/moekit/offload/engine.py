@@ -217,9 +217,12 @@ class OffloadEngine:
             if e in on_cpu:
                 continue
             if e not in slot_of:  # more experts than free slots: stream through the slots
-                # experts already computed are unprotected now; with fewer slots than the
-                # experts still to come resident, evict one of those and fetch it again later
-                placed = self.cache.insert((layer, e), protected) or self.cache.insert((layer, e))
+                # a slot of an expert this layer has computed already, else one borrowed from
+                # another layer over the quota, else (fewer slots than experts still to come)
+                # one of this layer's later experts, which is then fetched again
+                key = (layer, e)
+                placed = (self.cache.insert(key, protected) or self.cache.insert(key, protected, borrow=True)
+                          or self.cache.insert(key))
                 evicted = placed[1]
                 self._forget(evicted)
                 if evicted is not None and evicted[0] == layer:
