@@ -65,7 +65,7 @@ def _check_grads(ref, ep, ep_modules, tol, ep_rank_size=None):
 
 
 def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8, top_k=2, balance="global",
-                      shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0):
+                      shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0, dedup=True):
     """EP forward + backward == single-process MoE on the concatenated batch."""
     cfg_ref = moekit.MoEConfig(dim=16, ffn_dim=16, num_experts=num_experts, top_k=top_k, num_shared_experts=shared,
                                balance="micro" if balance == "global" else balance, balance_coeff=0.1)
@@ -81,7 +81,8 @@ def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8,
         p2l = phy2log if phy2log is not None else torch.arange(num_experts)
         for m in (ref, ep):
             m.aux_free.bias[p2l[-per:]] = -1e4
-    modules = parallelize(ep, group, None if phy2log is None else phy2log[None], expert_dp_group=expert_dp_group)
+    modules = parallelize(ep, group, None if phy2log is None else phy2log[None], expert_dp_group=expert_dp_group,
+                          dedup=dedup)
 
     x, g, mine = _batch(sizes, cfg_ref.dim, device, dtype, seed + 1)
     x_ref = x.clone().requires_grad_()
@@ -101,7 +102,7 @@ def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8,
     return ref, ep, modules
 
 
-def check_apply_plan(device, dtype, tol):
+def check_apply_plan(device, dtype, tol, dedup=True):
     """Train one Adam step, move to a new placement (weights + Adam state), train another:
     identical to the reference that never moved; the moved bytes are what the plan says."""
     num_experts, ep_size = 8, WORLD
@@ -114,7 +115,7 @@ def check_apply_plan(device, dtype, tol):
     cfg = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=num_experts, top_k=2, balance="none")
     ref = _reference(cfg, device, dtype, 3)
     ep = copy.deepcopy(ref)
-    (module,) = parallelize(ep, None, old[None])
+    (module,) = parallelize(ep, None, old[None], dedup=dedup)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
     opt_ep = torch.optim.Adam(ep.parameters(), lr=1e-2)
     sizes = [4 + r for r in range(WORLD)]
@@ -149,11 +150,11 @@ def check_apply_plan(device, dtype, tol):
                 _close(opt_ep.state[p_ep][key], opt_ref.state[p_ref][key][e], f"{key} step {step}", tol)
 
 
-def check_fresh_layer(device, dtype):
+def check_fresh_layer(device, dtype, dedup=True):
     """ExpertParallelMoE built from a config: replicas start equal, gather_logical is consistent."""
     cfg = moekit.MoEConfig(dim=8, ffn_dim=8, num_experts=4, top_k=2)
     p2l = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2]) if WORLD == 4 else None  # 2 slots per rank, replicas
-    layer = ExpertParallelMoE(cfg, phy2log=p2l, seed=7).to(device, dtype)
+    layer = ExpertParallelMoE(cfg, phy2log=p2l, seed=7, dedup=dedup).to(device, dtype)
     w_in, w_out = layer.experts.gather_logical()
     e = layer.experts.local_experts.to(device)
     _close(layer.experts.local.w_in, w_in[e], "fresh w_in", 0)
@@ -179,44 +180,50 @@ def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) ->
     tol32 = 1e-3 if backend == "nccl" else 1e-4
     try:
         for scenario in scenarios:
-            if scenario == "identity":
-                check_equivalence(device, f64, tol64, sizes=[6] * WORLD, shared=1)
-                check_equivalence(device, torch.float32, tol32, sizes=[5] * WORLD, num_experts=2 * WORLD, top_k=1,
-                                  balance="none")
-                check_equivalence(device, torch.float32, tol32, sizes=[3] * WORLD, num_experts=WORLD * 2,
-                                  top_k=WORLD * 2, balance="none")
-            elif scenario == "zero_tokens":
-                sizes = [5, 0, 7, 3][:WORLD]
-                check_equivalence(device, f64, tol64, sizes=sizes, balance="aux_free", mask_last_rank=True)
-            elif scenario == "replicas":
-                gen = torch.Generator().manual_seed(11)
-                slots = 8 + 2 * WORLD  # R > E: hot experts 0 and 1 get extra replicas
-                extra = torch.tensor([0, 0, 1, 0, 1, 2, 0, 3][: 2 * WORLD])
-                p2l = torch.cat([torch.arange(8), extra])[torch.randperm(slots, generator=gen)]
-                check_equivalence(device, f64, tol64, sizes=[9] * WORLD, phy2log=p2l, shared=1)
-                check_equivalence(device, f64, tol64, sizes=[6, 0, 2, 5][:WORLD], phy2log=p2l, balance="aux_free",
-                                  mask_last_rank=True)
-            elif scenario == "bf16":
-                check_equivalence(device, torch.bfloat16, 5e-2, sizes=[64] * WORLD, num_experts=8, shared=1)
-            elif scenario == "apply_plan":
-                check_apply_plan(device, f64, tol64)
-            elif scenario == "fresh":
-                check_fresh_layer(device, f64)
-            elif scenario == "mesh":
-                from torch.distributed.device_mesh import init_device_mesh
-
-                mesh = init_device_mesh(device.type, (2, WORLD // 2), mesh_dim_names=("dp", "ep"))
-                gen = torch.Generator().manual_seed(2)
-                p2l = torch.cat([torch.arange(8), torch.tensor([0, 5])])[torch.randperm(10, generator=gen)]
-                check_equivalence(device, f64, tol64, sizes=[4, 6, 0, 5][:WORLD], balance="none",
-                                  group=mesh.get_group("ep"), expert_dp_group=mesh.get_group("dp"), phy2log=p2l)
-            else:
-                raise ValueError(f"unknown scenario {scenario!r}")
+            for dedup in (True, False):  # the deduplicated fast path and the simple per-assignment one
+                _run_scenario(scenario, device, f64, tol64, tol32, dedup)
             dist.barrier()
             if RANK == 0:
                 print(f"ok {scenario} world={WORLD}", flush=True)
     finally:
         dist.destroy_process_group()
+
+
+def _run_scenario(scenario, device, f64, tol64, tol32, dedup):
+    kw = dict(dedup=dedup)
+    if scenario == "identity":
+        check_equivalence(device, f64, tol64, sizes=[6] * WORLD, shared=1, **kw)
+        check_equivalence(device, torch.float32, tol32, sizes=[5] * WORLD, num_experts=2 * WORLD, top_k=1,
+                          balance="none", **kw)
+        check_equivalence(device, torch.float32, tol32, sizes=[3] * WORLD, num_experts=WORLD * 2,
+                          top_k=WORLD * 2, balance="none", **kw)
+    elif scenario == "zero_tokens":
+        sizes = [5, 0, 7, 3][:WORLD]
+        check_equivalence(device, f64, tol64, sizes=sizes, balance="aux_free", mask_last_rank=True, **kw)
+    elif scenario == "replicas":
+        gen = torch.Generator().manual_seed(11)
+        slots = 8 + 2 * WORLD  # R > E: hot experts 0 and 1 get extra replicas
+        extra = torch.tensor([0, 0, 1, 0, 1, 2, 0, 3][: 2 * WORLD])
+        p2l = torch.cat([torch.arange(8), extra])[torch.randperm(slots, generator=gen)]
+        check_equivalence(device, f64, tol64, sizes=[9] * WORLD, phy2log=p2l, shared=1, **kw)
+        check_equivalence(device, f64, tol64, sizes=[6, 0, 2, 5][:WORLD], phy2log=p2l, balance="aux_free",
+                          mask_last_rank=True, **kw)
+    elif scenario == "bf16":
+        check_equivalence(device, torch.bfloat16, 5e-2, sizes=[64] * WORLD, num_experts=8, shared=1, **kw)
+    elif scenario == "apply_plan":
+        check_apply_plan(device, f64, tol64, **kw)
+    elif scenario == "fresh":
+        check_fresh_layer(device, f64, **kw)
+    elif scenario == "mesh":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (2, WORLD // 2), mesh_dim_names=("dp", "ep"))
+        gen = torch.Generator().manual_seed(2)
+        p2l = torch.cat([torch.arange(8), torch.tensor([0, 5])])[torch.randperm(10, generator=gen)]
+        check_equivalence(device, f64, tol64, sizes=[4, 6, 0, 5][:WORLD], balance="none",
+                          group=mesh.get_group("ep"), expert_dp_group=mesh.get_group("dp"), phy2log=p2l, **kw)
+    else:
+        raise ValueError(f"unknown scenario {scenario!r}")
 
 
 if __name__ == "__main__":

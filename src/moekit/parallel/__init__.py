@@ -11,8 +11,18 @@ Runs under ``torchrun`` with gloo (CPU) or NCCL (GPUs). Typical use::
     report = moekit.parallel.apply_plan(layer, plan.phy2log, optimizer)  # move experts to a new plan
 """
 
-from moekit.parallel.comm import all_to_all, exchange_counts, resolve_group
-from moekit.parallel.dispatch import DispatchOrder, SlotTables, combine, dispatch_order, received_slots, slot_tables
+from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts, resolve_group
+from moekit.parallel.dispatch import (
+    DispatchOrder,
+    SlotTables,
+    TokenDispatch,
+    combine,
+    dispatch_order,
+    received_routing,
+    received_slots,
+    slot_tables,
+    token_dispatch,
+)
 from moekit.parallel.experts import ExpertParallelExperts
 from moekit.parallel.grads import broadcast_dense_parameters, dense_parameters, reduce_gradients
 from moekit.parallel.layer import ExpertParallelMoE, parallelize
@@ -24,8 +34,10 @@ __all__ = [
     "ExpertParallelMoE",
     "MoveReport",
     "SlotTables",
+    "TokenDispatch",
     "Transfer",
     "all_to_all",
+    "all_to_all_plain",
     "apply_plan",
     "broadcast_dense_parameters",
     "combine",
@@ -34,8 +46,10 @@ __all__ = [
     "exchange_counts",
     "parallelize",
     "plan_transfers",
+    "received_routing",
     "received_slots",
     "reduce_gradients",
     "resolve_group",
     "slot_tables",
+    "token_dispatch",
 ]

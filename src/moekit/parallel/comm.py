@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all", "exchange_counts", "resolve_group", "group_rank_size"]
+__all__ = ["all_to_all", "all_to_all_plain", "exchange_counts", "resolve_group", "group_rank_size"]
 
 
 def resolve_group(group=None, mesh_dim: str | int | None = None):
@@ -39,15 +39,16 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x_ND, out_splits, in_splits, group):
         ctx.splits = (out_splits, in_splits)
         ctx.group = group
-        return _all_to_all_raw(x_ND, out_splits, in_splits, group)
+        return all_to_all_plain(x_ND, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad_MD):
         out_splits, in_splits = ctx.splits
-        return _all_to_all_raw(grad_MD, in_splits, out_splits, ctx.group), None, None, None
+        return all_to_all_plain(grad_MD, in_splits, out_splits, ctx.group), None, None, None
 
 
-def _all_to_all_raw(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+def all_to_all_plain(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Non-differentiable :func:`all_to_all` (metadata, weights being moved)."""
     x_ND = x_ND.contiguous()
     out = x_ND.new_empty((sum(out_splits),) + tuple(x_ND.shape[1:]))
     dist.all_to_all_single(out, x_ND, out_splits, in_splits, group=group)

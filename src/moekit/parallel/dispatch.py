@@ -14,7 +14,17 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SlotTables", "DispatchOrder", "slot_tables", "dispatch_order", "received_slots", "combine"]
+__all__ = [
+    "SlotTables",
+    "DispatchOrder",
+    "TokenDispatch",
+    "slot_tables",
+    "dispatch_order",
+    "token_dispatch",
+    "received_slots",
+    "received_routing",
+    "combine",
+]
 
 
 class SlotTables(NamedTuple):
@@ -68,12 +78,13 @@ class DispatchOrder(NamedTuple):
     """This rank's valid assignments in send order (by physical slot, so by destination rank).
 
     token_ids_N: token of each assignment. flat_ids_N: index into the flattened ``[T * K]``
-    routing (to pick its combine weight). send_counts_PS: int64 ``[P, S]`` assignments sent
-    to slot ``s`` of rank ``p``.
+    routing (to pick its combine weight). slot_ids_N: physical slot of each assignment
+    (non-decreasing). send_counts_PS: int64 ``[P, S]`` assignments sent to slot ``s`` of rank ``p``.
     """
 
     token_ids_N: torch.Tensor
     flat_ids_N: torch.Tensor
+    slot_ids_N: torch.Tensor
     send_counts_PS: torch.Tensor
 
 
@@ -98,7 +109,7 @@ def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int,
     by_slot = torch.argsort(slots, stable=True)
     flat_ids, slots = flat_ids[by_slot], slots[by_slot]
     send_counts = torch.bincount(slots, minlength=tables.num_slots).view(num_ranks, -1)
-    return DispatchOrder(flat_ids // top_k, flat_ids, send_counts)
+    return DispatchOrder(flat_ids // top_k, flat_ids, slots, send_counts)
 
 
 def received_slots(recv_counts_PS: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -118,3 +129,62 @@ def combine(y_ND: torch.Tensor, order: DispatchOrder, weights_TK: torch.Tensor) 
     w_N = weights_TK.reshape(-1)[order.flat_ids_N].to(acc)
     out_TD = torch.zeros(weights_TK.shape[0], y_ND.shape[1], dtype=acc, device=y_ND.device)
     return out_TD.index_add(0, order.token_ids_N, y_ND.to(acc) * w_N[:, None]).to(y_ND.dtype)
+
+
+class TokenDispatch(NamedTuple):
+    """Deduplicated dispatch: each token travels once to each rank holding any of its slots
+    (``U`` rows instead of ``N`` assignments; the receiver weights and sums its slots' outputs
+    per row, so the combine also returns ``U`` rows). ``A = N`` assignments, in send order.
+
+    token_ids_U: token of each sent row, sorted by (destination rank, token).
+    row_A: row of each assignment, counted from the start of its destination's rows.
+    slot_A: the assignment's slot, local to its destination rank.
+    flat_ids_A: index into the flattened ``[T * K]`` routing (its weight).
+    send_counts_P2: int64 ``[P, 2]``, rows and assignments sent to each rank.
+    """
+
+    token_ids_U: torch.Tensor
+    row_A: torch.Tensor
+    slot_A: torch.Tensor
+    flat_ids_A: torch.Tensor
+    send_counts_P2: torch.Tensor
+
+
+def token_dispatch(order: DispatchOrder, num_tokens: int, num_ranks: int) -> TokenDispatch:
+    """Group the assignments of ``order`` into one row per (destination rank, token)."""
+    slots_per_rank = order.send_counts_PS.shape[1]
+    dst_N = order.slot_ids_N // slots_per_rank
+    key_N = dst_N * max(num_tokens, 1) + order.token_ids_N
+    by_key = torch.argsort(key_N, stable=True)  # by destination, then token: rows in token order
+    key_A, dst_A = key_N[by_key], dst_N[by_key]
+    rows_U, row_A = torch.unique_consecutive(key_A, return_inverse=True)
+    rows_P = torch.bincount(rows_U // max(num_tokens, 1), minlength=num_ranks)
+    row_start_P = torch.cumsum(rows_P, 0) - rows_P
+    assign_P = torch.bincount(dst_A, minlength=num_ranks)
+    return TokenDispatch(
+        token_ids_U=rows_U % max(num_tokens, 1),
+        row_A=row_A - row_start_P[dst_A],
+        slot_A=order.slot_ids_N[by_key] % slots_per_rank,
+        flat_ids_A=order.flat_ids_N[by_key],
+        send_counts_P2=torch.stack([rows_P, assign_P], 1),
+    )
+
+
+def received_routing(recv_counts_P2: torch.Tensor, row_A: torch.Tensor, slot_A: torch.Tensor,
+                     weights_A: torch.Tensor, top_k: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing of the ``num_rows`` received rows over this rank's slots:
+    ``indices_UK`` (local slot, ``-1`` padded) and ``weights_UK`` (differentiable in
+    ``weights_A``), ready for an expert backend. Inputs as received: source-rank major, each
+    source's assignments in row order (``row_A`` counted from that source's first row)."""
+    num_ranks = recv_counts_P2.shape[0]
+    num_assign = row_A.shape[0]
+    src_A = torch.repeat_interleave(torch.arange(num_ranks, device=row_A.device), recv_counts_P2[:, 1],
+                                    output_size=num_assign)
+    row_start_P = torch.cumsum(recv_counts_P2[:, 0], 0) - recv_counts_P2[:, 0]
+    row_A = row_A + row_start_P[src_A]
+    per_row_U = torch.bincount(row_A, minlength=num_rows)
+    col_A = torch.arange(num_assign, device=row_A.device) - (torch.cumsum(per_row_U, 0) - per_row_U)[row_A]
+    indices_UK = torch.full((num_rows, top_k), -1, dtype=torch.int64, device=row_A.device)
+    indices_UK[row_A, col_A] = slot_A
+    weights_UK = weights_A.new_zeros(num_rows, top_k).index_put((row_A, col_A), weights_A)
+    return indices_UK, weights_UK

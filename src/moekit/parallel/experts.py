@@ -6,12 +6,18 @@ forward keeps the ``GroupedExperts`` contract, ``(x_TD, indices_TK, weights_TK) 
 :class:`moekit.MoE` runs unchanged with this module as its ``experts``:
 
 1. map each (token, choice) to a physical slot (replicas of an expert share its tokens),
-   sort by slot, exchange per-slot counts with the group;
+   sort by slot, exchange counts with the group;
 2. ``all_to_all`` the token rows to the ranks holding their slots (differentiable);
 3. run the local slots with the compute backend (``moekit.experts.get_backend``: the grouped
    GEMM on CUDA when present, the sorted loop on CPU);
-4. ``all_to_all`` the outputs back (differentiable) and combine them with the router weights
-   on the rank that owns the token.
+4. ``all_to_all`` the outputs back (differentiable) and combine them on the token's rank.
+
+Two dispatch modes give the same result. ``dedup=False`` (the simple reference) sends one row
+per (token, choice) and applies the router weights on the token's rank. ``dedup=True`` (the
+default) sends each token once per destination rank, with its choices' local slots and
+weights beside it; the destination runs the backend with that routing (weights applied
+there) and returns one partial sum per row: with top-k routing over few ranks this moves up
+to ``k`` times fewer bytes through both all-to-alls.
 """
 
 from __future__ import annotations
@@ -21,8 +27,16 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.experts import ExpertsConfig, GroupedExperts
-from moekit.parallel.comm import all_to_all, exchange_counts, group_rank_size
-from moekit.parallel.dispatch import SlotTables, combine, dispatch_order, received_slots, slot_tables
+from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts, group_rank_size
+from moekit.parallel.dispatch import (
+    SlotTables,
+    combine,
+    dispatch_order,
+    received_routing,
+    received_slots,
+    slot_tables,
+    token_dispatch,
+)
 
 __all__ = ["ExpertParallelExperts"]
 
@@ -40,9 +54,10 @@ class ExpertParallelExperts(nn.Module):
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
     """
 
-    def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None):
+    def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.dedup = dedup
         self.group = group
         self.expert_dp_group = expert_dp_group
         self.rank, self.num_ranks = group_rank_size(group)
@@ -114,28 +129,52 @@ class ExpertParallelExperts(nn.Module):
         """x_TD ``[T, D]``, indices_TK ``[T, K]`` logical experts (``-1`` = none), weights_TK
         ``[T, K]`` -> ``[T, D]``. Collective: every rank of the group must call it (``T`` may be 0)."""
         order = dispatch_order(indices_TK, self.tables, self.num_ranks, self.rank)
+        if self.dedup:
+            return self._forward_dedup(x_TD, weights_TK, order)
         recv_counts_PS = exchange_counts(order.send_counts_PS, self.group)
         # one host sync for both split lists (dropless EP needs the sizes on the host)
         send_splits, recv_splits = torch.stack([order.send_counts_PS.sum(1), recv_counts_PS.sum(1)]).tolist()
-        x_send = x_TD[order.token_ids_N]
-        if torch.is_grad_enabled() and self.local.w_in.requires_grad and not x_send.requires_grad:
-            # Every rank must run both all-to-alls' backwards in the same order, also a rank
-            # whose input needs no gradient: give the dispatch a (discarded) gradient path.
-            x_send = x_send.detach().requires_grad_()
-        x_recv = all_to_all(x_send, recv_splits, send_splits, self.group)
-        y_recv = self._compute_local(x_recv, received_slots(recv_counts_PS, sum(recv_splits)))
+        x_recv = all_to_all(self._sendable(x_TD[order.token_ids_N]), recv_splits, send_splits, self.group)
+        slot_Q = received_slots(recv_counts_PS, sum(recv_splits))
+        ones_Q1 = torch.ones(slot_Q.shape[0], 1, dtype=x_TD.dtype, device=x_TD.device)
+        y_recv = self._compute_local(x_recv, slot_Q[:, None], ones_Q1)
         y_back = all_to_all(y_recv, send_splits, recv_splits, self.group)
         return combine(y_back, order, weights_TK)
 
-    def _compute_local(self, x_QD: torch.Tensor, slot_Q: torch.Tensor) -> torch.Tensor:
+    def _forward_dedup(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, order) -> torch.Tensor:
+        disp = token_dispatch(order, x_TD.shape[0], self.num_ranks)
+        recv_counts_P2 = exchange_counts(disp.send_counts_P2, self.group)
+        # one host sync for the four split lists: rows and assignments, sent and received
+        send_rows, send_assign, recv_rows, recv_assign = torch.cat(
+            [disp.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
+        meta_A2 = all_to_all_plain(torch.stack([disp.row_A, disp.slot_A], 1), recv_assign, send_assign, self.group)
+        w_recv_A = all_to_all(self._sendable(weights_TK.reshape(-1)[disp.flat_ids_A]), recv_assign, send_assign,
+                              self.group)
+        x_recv = all_to_all(self._sendable(x_TD[disp.token_ids_U]), recv_rows, send_rows, self.group)
+        indices_UK, weights_UK = received_routing(recv_counts_P2, meta_A2[:, 0], meta_A2[:, 1], w_recv_A,
+                                                  weights_TK.shape[1], sum(recv_rows))
+        y_recv = self._compute_local(x_recv, indices_UK, weights_UK)
+        y_back = all_to_all(y_recv, send_rows, recv_rows, self.group)
+        acc = torch.promote_types(y_back.dtype, torch.float32)  # partial sums of <= P ranks, in fp32
+        out_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
+        return out_TD.index_add(0, disp.token_ids_U, y_back.to(acc)).to(x_TD.dtype)
+
+    def _sendable(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank must run the all-to-alls' backwards in the same order, also a rank whose
+        inputs need no gradient: give such a tensor a (discarded) gradient path."""
+        if torch.is_grad_enabled() and self.local.w_in.requires_grad and not t.requires_grad:
+            return t.detach().requires_grad_()
+        return t
+
+    def _compute_local(self, x_QD: torch.Tensor, slots_QK: torch.Tensor, weights_QK: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.local.w_in, self.local.w_out
         if x_QD.shape[0] == 0:
-            # Nothing to compute; stay connected to the input (so this rank's backward still
-            # runs the dispatch all-to-all with the others) and to the weights (zero, not
-            # missing, gradients).
-            return x_QD * 0.0 + 0.0 * (w_in.sum() + w_out.sum()).to(x_QD.dtype)
-        ones_Q1 = torch.ones(x_QD.shape[0], 1, dtype=x_QD.dtype, device=x_QD.device)
-        return self.local(x_QD, slot_Q[:, None], ones_Q1)
+            # Nothing to compute; stay connected to the received tensors (so this rank's
+            # backward still runs the dispatch all-to-alls with the others) and to the weights
+            # (zero, not missing, gradients).
+            zero = 0.0 * (w_in.sum() + w_out.sum() + weights_QK.sum()).to(x_QD.dtype)
+            return x_QD * 0.0 + zero
+        return self.local(x_QD, slots_QK, weights_QK)
 
     # ----------------------------------------------------------------------------- gradients
     @torch.no_grad()

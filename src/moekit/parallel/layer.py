@@ -31,7 +31,8 @@ class ExpertParallelMoE(MoE):
     ``None`` = one slot per expert). dp_group: the data-parallel group (every rank that sees
     other tokens; default WORLD), over which global-batch balance counts are summed.
     expert_dp_group: ranks holding the same slots in other EP groups (a 2-D mesh: its other
-    dimension), or ``None``. seed: expert ``e`` is initialised from a generator seeded with
+    dimension), or ``None``. dedup: send each token once per destination rank (see
+    :class:`ExpertParallelExperts`). seed: expert ``e`` is initialised from a generator seeded with
     ``(seed, e)``, so replicas agree without communication. Dense parameters (router, shared
     experts) come from the global RNG: seed it equally on every rank or call
     :func:`moekit.parallel.broadcast_dense_parameters`.
@@ -41,12 +42,12 @@ class ExpertParallelMoE(MoE):
     """
 
     def __init__(self, cfg: MoEConfig, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
-                 dp_group=None, expert_dp_group=None, seed: int = 0):
+                 dp_group=None, expert_dp_group=None, seed: int = 0, dedup: bool = True):
         nn.Module.__init__(self)  # not MoE.__init__: it would allocate all E experts here
         self.cfg = cfg
         self.router = build_router(cfg)
         self.experts = ExpertParallelExperts(_experts_config(cfg), resolve_group(group, mesh_dim), phy2log,
-                                             expert_dp_group)
+                                             expert_dp_group, dedup)
         self.experts.init_logical(seed)
         self.shared = (SharedExperts(cfg.dim, cfg.num_shared_experts * cfg.ffn_dim, cfg.activation)
                        if cfg.num_shared_experts > 0 else None)
@@ -56,14 +57,14 @@ class ExpertParallelMoE(MoE):
 
 
 def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
-                expert_dp_group=None) -> list[ExpertParallelExperts]:
+                expert_dp_group=None, dedup: bool = True) -> list[ExpertParallelExperts]:
     """Shard the routed experts of every :class:`moekit.MoE` in ``model``, in place.
 
     Each layer keeps its router and shared experts; its ``experts`` become an
     :class:`ExpertParallelExperts` holding this rank's slots, copied from the layer's full
     weights (identical on every rank, e.g. loaded from the same checkpoint). phy2log:
     ``[L, R]`` (or a ``Plan``), one row per MoE layer in ``model.modules()`` order, or
-    ``None`` for one slot per expert. Returns the new expert modules in layer order.
+    ``None`` for one slot per expert. dedup: see :class:`ExpertParallelExperts`. Returns the new expert modules in layer order.
     """
     ep_group = resolve_group(group, mesh_dim)
     layers = [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallelExperts)]
@@ -74,7 +75,8 @@ def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | i
     out = []
     for i, layer in enumerate(layers):
         full = layer.experts
-        ep = ExpertParallelExperts(full.cfg, ep_group, None if phy2log is None else phy2log[i], expert_dp_group)
+        ep = ExpertParallelExperts(full.cfg, ep_group, None if phy2log is None else phy2log[i], expert_dp_group,
+                                   dedup)
         ep.to(device=full.w_in.device, dtype=full.w_in.dtype)
         ep.load_logical(full.w_in.detach(), full.w_out.detach())
         layer.experts = ep

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moekit.parallel.comm import all_to_all_plain
 from moekit.parallel.dispatch import slot_tables
 from moekit.parallel.experts import ExpertParallelExperts
 
@@ -88,9 +89,7 @@ def _move_rows(t_SX: torch.Tensor, transfers: list[Transfer], old_local: list[in
     incoming = sorted((t for t in transfers if t.dst_rank == rank), key=lambda t: (t.src_rank, t.expert))
     send_splits = [sum(t.dst_rank == p for t in outgoing) for p in range(num_ranks)]
     recv_splits = [sum(t.src_rank == p for t in incoming) for p in range(num_ranks)]
-    send = t_SX[[t.src_slot for t in outgoing]].contiguous()
-    recv = t_SX.new_empty((len(incoming),) + tuple(t_SX.shape[1:]))
-    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    recv = all_to_all_plain(t_SX[[t.src_slot for t in outgoing]], recv_splits, send_splits, group)
     received = {t.expert: i for i, t in enumerate(incoming)}
     rows = []
     for e in new_local:
