@@ -11,7 +11,9 @@ rank holds ``T`` tokens (weak scaling: tokens per GPU fixed) and times the route
 - ``EP=1``: :class:`moekit.experts.GroupedExperts` with all ``E`` experts on every GPU (the
   layer's CUDA default backend), no communication;
 - ``EP=P``: :class:`moekit.parallel.ExpertParallelExperts` (dispatch all-to-all, local experts
-  on the same backend, combine all-to-all, autograd through both; replica gradients summed).
+  on the same backend, combine all-to-all, autograd through both; replica gradients summed),
+  with the deduplicated dispatch (default: each token once per destination rank) and, for
+  balanced routing, also the simple one-row-per-assignment dispatch (``no-dedup``).
 
 Routing is synthetic so that its skew is controlled: ``balanced`` gives every expert exactly
 ``T*k/E`` assignments on every rank; ``zipf`` samples ``k`` distinct experts per token with
@@ -118,12 +120,17 @@ def _step_fn(module, x, idx, w, dy, is_ep):
 def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
     """Time of the step's four all-to-alls alone (same splits) and the bytes this rank sends
     to other ranks per step."""
-    from moekit.parallel import all_to_all, dispatch_order, exchange_counts
+    from moekit.parallel import all_to_all, dispatch_order, exchange_counts, token_dispatch
 
     order = dispatch_order(idx, module.tables, module.num_ranks, module.rank)
-    recv = exchange_counts(order.send_counts_PS, module.group)
-    send_splits, recv_splits = torch.stack([order.send_counts_PS.sum(1), recv.sum(1)]).tolist()
-    x_send = x.detach()[order.token_ids_N]
+    if module.dedup:  # one row per (token, destination rank)
+        disp = token_dispatch(order, x.shape[0], module.num_ranks)
+        counts, rows = disp.send_counts_P2[:, :1], disp.token_ids_U
+    else:  # one row per assignment
+        counts, rows = order.send_counts_PS.sum(1, keepdim=True), order.token_ids_N
+    recv = exchange_counts(counts.contiguous(), module.group)
+    send_splits, recv_splits = torch.cat([counts.t(), recv.t()]).tolist()
+    x_send = x.detach()[rows]
 
     def four():
         for _ in range(2):  # forward and backward each run a dispatch and a combine all-to-all
@@ -136,7 +143,8 @@ def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
     return ms, 4 * remote_rows * x.shape[1] * x.element_size()
 
 
-def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup, rank, world) -> dict:
+def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup, rank, world,
+             dedup: bool = True) -> dict:
     from moekit.experts import ExpertsConfig, GroupedExperts
     from moekit.metrics import balancedness
     from moekit.parallel import ExpertParallelExperts, apply_plan
@@ -158,13 +166,13 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
     w = torch.softmax(torch.randn(num_tokens, top_k, device=device), -1).to(dtype).requires_grad_()
     dy = torch.randn(num_tokens, dim, device=device, dtype=dtype)
     row = {"shape": name, "T_per_gpu": num_tokens, "D": dim, "F": ffn, "E": num_experts, "k": top_k,
-           "ep": ep, "routing": routing, "plan": plan_rows is not None}
+           "ep": ep, "routing": routing, "plan": plan_rows is not None, "dedup": dedup if ep > 1 else None}
     with torch.device(device):  # allocate (and randomly initialise) the weights on the device
         if ep == 1:
             module = GroupedExperts(cfg).to(dtype)
         else:
             layout = None if plan_rows is None else plan_rows[0]
-            module = ExpertParallelExperts(cfg, group, layout).to(dtype)
+            module = ExpertParallelExperts(cfg, group, layout, dedup=dedup).to(dtype)
     if ep > 1:
         if plan_rows is not None:
             skew_p2l = plan_rows[1]
@@ -231,13 +239,13 @@ def worker(rank: int, args) -> None:
         for ep in eps:
             if shape[4] % ep:
                 continue
-            cases = [("balanced", None), ("zipf", None)]
+            cases = [("balanced", None, True), ("zipf", None, True)]
             if ep > 1:
                 uniform, skew, planned_bal = make_plans(shape, ep, max(1, shape[4] // (4 * ep)), args.world)
-                cases.append(("zipf", (uniform, skew)))
-            for routing, plan_rows in cases:
+                cases += [("zipf", (uniform, skew), True), ("balanced", None, False)]
+            for routing, plan_rows, dedup in cases:
                 row = run_case(shape, ep, routing, plan_rows, groups, device, dtype, args.iters, args.warmup,
-                               rank, args.world)
+                               rank, args.world, dedup)
                 if plan_rows is not None:
                     row["plan_balancedness_on_planning_sample"] = planned_bal
                 rows.append(row)
@@ -250,25 +258,29 @@ def worker(rank: int, args) -> None:
 
 
 def _fmt(row: dict) -> str:
-    label = f"{row['routing']}{'+plan' if row['plan'] else ''}"
+    label = f"{row['routing']}{'+plan' if row['plan'] else ''}{' no-dedup' if row['dedup'] is False else ''}"
     extra = f" a2a {row['a2a_ms']:7.2f} ms" if "a2a_ms" in row else " " * 15
     bal = f" bal {row['balancedness']:.3f}" if "balancedness" in row else ""
-    return (f"{row['shape']:>18} EP={row['ep']} {label:<13} step {row['step_ms']:8.2f} ms{extra} "
+    return (f"{row['shape']:>18} EP={row['ep']} {label:<18} step {row['step_ms']:8.2f} ms{extra} "
             f"{row['tokens_per_s_per_gpu'] / 1e3:9.1f} ktok/s/GPU {row['tflops_per_gpu']:7.1f} TFLOP/s{bal}")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Weak-scaling efficiency and plan recovery per shape and EP size."""
     out = []
-    by = {(r["shape"], r["ep"], r["routing"], r["plan"]): r for r in rows}
-    for (shape, ep, routing, plan), r in by.items():
-        if ep == 1 or routing != "balanced":
+    by = {(r["shape"], r["ep"], r["routing"], r["plan"], r["dedup"] is not False): r for r in rows}
+    for (shape, ep, routing, plan, dedup), r in by.items():
+        if ep == 1 or routing != "balanced" or not dedup:
             continue
-        base = by.get((shape, 1, "balanced", False))
-        skew, planned = by.get((shape, ep, "zipf", False)), by.get((shape, ep, "zipf", True))
+        base = by.get((shape, 1, "balanced", False, True))
+        skew, planned = by.get((shape, ep, "zipf", False, True)), by.get((shape, ep, "zipf", True, True))
+        simple = by.get((shape, ep, "balanced", False, False))
         s = {"shape": shape, "ep": ep}
         if base:
             s["weak_scaling_efficiency_balanced"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+            if simple:
+                s["weak_scaling_efficiency_balanced_no_dedup"] = (simple["tokens_per_s_per_gpu"]
+                                                                  / base["tokens_per_s_per_gpu"])
         if skew:
             s["zipf_no_plan_over_balanced"] = skew["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
         if planned:
