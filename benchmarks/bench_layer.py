@@ -18,7 +18,8 @@ CUDA graph, as a server runs decode) and the bound of reading every active exper
 once at the device-to-device copy bandwidth measured in the same run.
 
 Useful FLOPs follow DESIGN.md: ``6*T*k*D*F`` forward, 3x for forward+backward. Times are
-medians of CUDA-event-timed repetitions after warm-up; inputs are random (never zeros).
+medians of CUDA-event-timed repetitions run back to back after warm-up (the host is not
+synchronised between repetitions, as in a training loop); inputs are random (never zeros).
 Writes ``layer_<gpu>_<date>.json`` with the exact command, versions and machine.
 """
 
@@ -64,15 +65,15 @@ def time_ms(fn, budget_s: float = 0.6, max_reps: int = 50, warmup: int = 3) -> f
     torch.cuda.synchronize()
     one = time.perf_counter() - t0
     reps = int(max(3, min(max_reps, budget_s / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # Back-to-back repetitions, one synchronisation at the end (as in training, where the host
+    # runs ahead of the GPU): each event pair times one repetition on the stream.
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def dense_peak_tflops() -> float:

@@ -56,14 +56,15 @@ def route_by_expert(indices_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     int64), ``inv_TK [T, K]`` (sorted row of each slot or ``-1``, int64), ``offs_E [E]``
     (int32 end of each expert's rows). Experts appear in ascending order, stably."""
     flat = indices_TK.reshape(-1)
+    empty = flat < 0
     # int32 keys: half the radix-sort passes of int64.
-    key = torch.where(flat < 0, num_experts, flat).to(torch.int32)
+    key = torch.where(empty, num_experts, flat).to(torch.int32)
     sorted_key, order_N = torch.sort(key, stable=True)
     experts = torch.arange(num_experts, device=flat.device, dtype=sorted_key.dtype)
     offs_E = torch.searchsorted(sorted_key, experts, right=True, out_int32=True)
     inv = torch.empty_like(order_N)
     inv[order_N] = torch.arange(order_N.numel(), device=flat.device)
-    inv_TK = torch.where(flat < 0, -1, inv).view(indices_TK.shape)
+    inv_TK = torch.where(empty, -1, inv).view(indices_TK.shape)
     return order_N, inv_TK, offs_E
 
 
