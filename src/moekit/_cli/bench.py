@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
         "routers", help="train every router on a skewed synthetic task; print balance figures",
         description="Train a small MoE layer with every router / balance objective on tokens from "
         "Zipf-skewed clusters and report loss, MaxVio, CV, experts per token, FLOPs saved, step time.")
-    r.add_argument("--steps", type=int, default=120, help="optimizer steps per arm (default 120)")
+    r.add_argument("--steps", type=int, default=100, help="optimizer steps per arm (default 100)")
     r.add_argument("--tokens", type=int, default=256, help="tokens per step (default 256)")
     r.add_argument("--experts", type=int, default=8, help="number of experts E (default 8)")
     r.add_argument("--top-k", type=int, default=2, help="experts per token k (default 2)")
@@ -50,19 +50,20 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = SurveyConfig(dim=args.dim, ffn_dim=args.dim, num_experts=args.experts, top_k=args.top_k,
                        tokens=args.tokens, steps=args.steps, seed=args.seed)
-    console = Console(width=max(Console().width, 112))
+    console = Console(width=max(Console().width, 132))
     rows = []
     for name, router, balance, extra in track(DEFAULT_ARMS, description="routers", console=console):
         if router == "moge" and args.top_k % extra.get("num_groups", 1):
             continue
         rows.append({"arm": name, **survey_router(cfg, router, balance, extra)})
-    table = Table(title=f"Routers on Zipf-skewed clusters (E={cfg.num_experts}, k={cfg.top_k}, "
-                        f"{cfg.steps} steps x {cfg.tokens} tokens)")
-    for col in ("arm", "train loss", "MaxVio", "CV", "experts/token", "FLOPs saved", "ms/step"):
+    table = Table(title=f"Routers on Zipf-skewed clusters (E={cfg.num_experts}, k={cfg.top_k}, {cfg.steps} "
+                        f"steps x {cfg.micro_batches} single-cluster micro-batches, {cfg.tokens} tokens/step)")
+    for col in ("arm", "train loss", "MaxVio", "CV", "top-1 share", "NMI", "experts/token", "FLOPs saved", "ms/step"):
         table.add_column(col, justify="left" if col == "arm" else "right")
     for r in rows:
         table.add_row(r["arm"], f"{r['train_loss']:.4f}", f"{r['max_vio']:.3f}", f"{r['cv']:.3f}",
-                      f"{r['experts_per_token']:.2f}", f"{100 * r['flops_saved']:.0f}%", f"{r['step_ms']:.1f}")
+                      f"{r['top1_share']:.3f}", f"{r['nmi']:.3f}", f"{r['experts_per_token']:.2f}",
+                      f"{100 * r['flops_saved']:.0f}%", f"{r['step_ms']:.1f}")
     console.print(table)
     if args.output:
         atomic_write_json(args.output, {"config": cfg.__dict__, "results": rows,
