@@ -22,7 +22,9 @@ Routing is synthetic so that its skew is controlled: ``balanced`` gives every ex
 of the same distribution, scored and timed on the measured one. The plan is applied to a
 running layer with :func:`moekit.parallel.apply_plan` (bytes moved are reported).
 
-Figures: median step time over ranks' CUDA-event timings (the slowest rank sets the pace),
+Figures: median step time over ranks' CUDA-event timings (the slowest rank sets the pace;
+``fwd_ms`` the same for a forward alone under ``no_grad``, as a server runs it; with replicas
+the step includes their gradient all-reduce, also timed alone as ``replica_grad_sync_ms``),
 tokens/s per GPU, useful TFLOP/s per GPU (``18*T*k*D*F`` for forward+backward, DESIGN.md)
 and the fraction of the dense bf16 peak; ``a2a_ms``: the four all-to-alls of a step (dispatch
 and combine, forward and backward) timed alone with the same split sizes. Goals: EP=2 weak
@@ -125,12 +127,12 @@ def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
     order = dispatch_order(idx, module.tables, module.num_ranks, module.rank)
     if module.dedup:  # one row per (token, destination rank)
         disp = token_dispatch(order, x.shape[0], module.num_ranks)
-        counts, rows = disp.send_counts_P2[:, :1], disp.token_ids_U
+        counts, rows = disp.send_counts_P2[:, :1], disp.token_ids_N
     else:  # one row per assignment
         counts, rows = order.send_counts_PS.sum(1, keepdim=True), order.token_ids_N
     recv = exchange_counts(counts.contiguous(), module.group)
     send_splits, recv_splits = torch.cat([counts.t(), recv.t()]).tolist()
-    x_send = x.detach()[rows]
+    x_send = x.detach()[rows[:sum(send_splits)]]
 
     def four():
         for _ in range(2):  # forward and backward each run a dispatch and a combine all-to-all
@@ -186,6 +188,11 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
     step_ms = _timed(_step_fn(module, x, idx, w, dy, ep > 1), device, iters, warmup)
     row["rank_step_ms"] = step_ms
     row["step_ms"] = _max_over(step_ms, device)
+    with torch.no_grad():  # inference: forward only
+        row["fwd_ms"] = _max_over(_timed(lambda: module(x, idx, w), device, iters, warmup), device)
+    row["fwd_tokens_per_s_per_gpu"] = num_tokens / (row["fwd_ms"] / 1e3)
+    if ep > 1 and bool((module.logcnt > 1).any()):  # training with replicas: their gradient all-reduce
+        row["replica_grad_sync_ms"] = _max_over(_timed(module.reduce_replica_grads, device, iters, warmup), device)
     if ep > 1:
         a2a_ms, remote_bytes = _a2a_ms(module, idx, x, device, iters, warmup)
         row["a2a_ms"] = _max_over(a2a_ms, device)
@@ -259,10 +266,11 @@ def worker(rank: int, args) -> None:
 
 def _fmt(row: dict) -> str:
     label = f"{row['routing']}{'+plan' if row['plan'] else ''}{' no-dedup' if row['dedup'] is False else ''}"
-    extra = f" a2a {row['a2a_ms']:7.2f} ms" if "a2a_ms" in row else " " * 15
+    extra = f" a2a {row['a2a_ms']:6.2f} ms" if "a2a_ms" in row else " " * 14
     bal = f" bal {row['balancedness']:.3f}" if "balancedness" in row else ""
     return (f"{row['shape']:>18} EP={row['ep']} {label:<18} step {row['step_ms']:8.2f} ms{extra} "
-            f"{row['tokens_per_s_per_gpu'] / 1e3:9.1f} ktok/s/GPU {row['tflops_per_gpu']:7.1f} TFLOP/s{bal}")
+            f"{row['tokens_per_s_per_gpu'] / 1e3:8.1f} ktok/s/GPU {row['tflops_per_gpu']:6.1f} TFLOP/s "
+            f"| fwd {row['fwd_ms']:7.2f} ms{bal}")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -281,10 +289,13 @@ def summarize(rows: list[dict]) -> list[dict]:
             if simple:
                 s["weak_scaling_efficiency_balanced_no_dedup"] = (simple["tokens_per_s_per_gpu"]
                                                                   / base["tokens_per_s_per_gpu"])
+            s["weak_scaling_efficiency_balanced_fwd_only"] = r["fwd_tokens_per_s_per_gpu"] / base["fwd_tokens_per_s_per_gpu"]
         if skew:
             s["zipf_no_plan_over_balanced"] = skew["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
+            s["zipf_no_plan_over_balanced_fwd_only"] = skew["fwd_tokens_per_s_per_gpu"] / r["fwd_tokens_per_s_per_gpu"]
         if planned:
             s["zipf_plan_over_balanced"] = planned["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
+            s["zipf_plan_over_balanced_fwd_only"] = planned["fwd_tokens_per_s_per_gpu"] / r["fwd_tokens_per_s_per_gpu"]
         s["goal_weak_scaling_ge_0.85"] = s.get("weak_scaling_efficiency_balanced", 0) >= 0.85
         s["goal_plan_recovery_ge_0.90"] = s.get("zipf_plan_over_balanced", 0) >= 0.90
         out.append(s)

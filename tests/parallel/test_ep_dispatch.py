@@ -61,13 +61,17 @@ def test_dispatch_order_covers_every_assignment_once_and_splits_replicas_evenly(
     t = slot_tables(p2l, num_experts, num_ranks)
     order = dispatch_order(idx, t, num_ranks, rank)
     valid = torch.nonzero(idx.reshape(-1) >= 0)[:, 0]
-    # each valid assignment exactly once, token ids consistent with flat ids
-    assert torch.equal(torch.sort(order.flat_ids_N).values, valid)
+    n = int(order.send_counts_PS.sum())
+    assert n == valid.numel() and order.flat_ids_N.numel() == num_tokens * top_k
+    # each valid assignment exactly once (first n entries), unused slots last with slot id R
+    assert torch.equal(torch.sort(order.flat_ids_N[:n]).values, valid)
+    assert bool((order.slot_ids_N[n:] == p2l.shape[0]).all())
     assert torch.equal(order.token_ids_N, order.flat_ids_N // top_k)
     # slots in send order, each computing the assignment's expert
     slots = torch.repeat_interleave(torch.arange(p2l.shape[0]), order.send_counts_PS.reshape(-1))
+    assert torch.equal(slots, order.slot_ids_N[:n])
     assert order.send_counts_PS.shape == (num_ranks, p2l.shape[0] // num_ranks)
-    assert torch.equal(p2l[slots], idx.reshape(-1)[order.flat_ids_N])
+    assert torch.equal(p2l[slots], idx.reshape(-1)[order.flat_ids_N[:n]])
     # replicas of one expert share its assignments to within one
     per_slot = order.send_counts_PS.reshape(-1)
     for e in range(num_experts):
@@ -107,7 +111,7 @@ def test_one_rank_pipeline_equals_reference_outputs_and_grads(dtype, tol, top_k)
 
     t = slot_tables(p2l, num_experts, 1)
     order = dispatch_order(idx, t, 1, 0)
-    x_N = x[order.token_ids_N]
+    x_N = x[order.token_ids_N[: int(order.send_counts_PS.sum())]]
     slot_N = received_slots(order.send_counts_PS)
     y_N = torch.cat([expert_mlp(x_N[slot_N == s], w_in[p2l[s]], w_out[p2l[s]], "swiglu")
                      for s in range(p2l.shape[0])])
@@ -167,6 +171,7 @@ def test_one_rank_dedup_pipeline_equals_reference_outputs_and_grads(top_k):
     x = torch.randn(num_tokens, dim, dtype=torch.float64, requires_grad=True)
     idx = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
     idx[1, 0] = -1
+    idx[4, :] = -1  # a token with no expert at all
     w = torch.rand(num_tokens, top_k, dtype=torch.float64, requires_grad=True)
     w_in = torch.randn(num_experts, 2 * ffn, dim, dtype=torch.float64).requires_grad_()
     w_out = torch.randn(num_experts, dim, ffn, dtype=torch.float64).requires_grad_()
@@ -174,12 +179,13 @@ def test_one_rank_dedup_pipeline_equals_reference_outputs_and_grads(top_k):
 
     order = dispatch_order(idx, slot_tables(p2l, num_experts, 1), 1, 0)
     disp = token_dispatch(order, num_tokens, 1)
-    assert disp.token_ids_U.tolist() == sorted(set(order.token_ids_N.tolist()))  # one row per token
-    num_rows = int(disp.send_counts_P2[:, 0].sum())
-    ind_UK, w_UK = received_routing(disp.send_counts_P2, disp.row_A, disp.slot_A,
-                                    w.reshape(-1)[disp.flat_ids_A], top_k, num_rows)
-    y_U = experts_reference(x[disp.token_ids_U], ind_UK, w_UK, w_in[p2l], w_out[p2l], "swiglu")
-    y = torch.zeros(num_tokens, dim, dtype=torch.float64).index_add(0, disp.token_ids_U, y_U)
+    num_rows, num_assign = disp.send_counts_P2.sum(0).tolist()
+    tokens_U = disp.token_ids_N[:num_rows]
+    assert tokens_U.tolist() == sorted(set(order.token_ids_N[:num_assign].tolist()))  # one row per token
+    ind_UK, w_UK = received_routing(disp.send_counts_P2, disp.row_N[:num_assign], disp.slot_N[:num_assign],
+                                    w.reshape(-1)[disp.flat_ids_N[:num_assign]], top_k, num_rows)
+    y_U = experts_reference(x[tokens_U], ind_UK, w_UK, w_in[p2l], w_out[p2l], "swiglu")
+    y = torch.zeros(num_tokens, dim, dtype=torch.float64).index_add(0, tokens_U, y_U)
     grads = torch.autograd.grad((y * g).sum(), (x, w, w_in, w_out))
 
     y_ref = experts_reference(x, idx, w, w_in, w_out, "swiglu")

@@ -74,8 +74,18 @@ def slot_tables(phy2log_R, num_experts: int, num_ranks: int, device=None) -> Slo
     return SlotTables(p2l.to(device), log2phy.to(device), logcnt.to(device))
 
 
+def _count(ids_N: torch.Tensor, size: int) -> torch.Tensor:
+    """``[size]`` int64 occurrences of each id in ``[0, size)``. Unlike ``torch.bincount`` it
+    does not read the maximum back to the host, so it never waits for the GPU."""
+    return torch.zeros(size, dtype=torch.int64, device=ids_N.device).scatter_add_(0, ids_N, torch.ones_like(ids_N))
+
+
 class DispatchOrder(NamedTuple):
-    """This rank's valid assignments in send order (by physical slot, so by destination rank).
+    """This rank's assignments in send order (by physical slot, so by destination rank).
+
+    All fields have the fixed length ``N = T * K``: the ``n`` valid assignments (``n`` =
+    ``send_counts_PS.sum()``) come first, the unused ``-1`` slots last (slot id ``R``), so the
+    dispatch needs no device-to-host sync before the counts are exchanged.
 
     token_ids_N: token of each assignment. flat_ids_N: index into the flattened ``[T * K]``
     routing (to pick its combine weight). slot_ids_N: physical slot of each assignment
@@ -96,19 +106,20 @@ def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int,
     land on different replicas: deterministic, and balanced to within one assignment per rank.
     """
     num_tokens, top_k = indices_TK.shape
+    num_experts, num_slots = tables.logcnt_E.shape[0], tables.num_slots
     flat = indices_TK.reshape(-1)
-    flat_ids = torch.nonzero(flat >= 0, as_tuple=True)[0]
-    experts = flat[flat_ids]
+    experts = torch.where(flat >= 0, flat, num_experts)  # unused slots sort last
     by_expert = torch.argsort(experts, stable=True)
-    flat_ids, experts = flat_ids[by_expert], experts[by_expert]
-    counts_E = torch.bincount(experts, minlength=tables.logcnt_E.shape[0])
+    experts = experts[by_expert]
+    counts_E = _count(experts, num_experts + 1)
     start_E = torch.cumsum(counts_E, 0) - counts_E
     position = torch.arange(experts.shape[0], device=experts.device) - start_E[experts]
-    replica = (position + rank) % tables.logcnt_E[experts]
-    slots = tables.log2phy_EM[experts, replica]
+    real = experts.clamp(max=num_experts - 1)
+    replica = (position + rank) % tables.logcnt_E[real]
+    slots = torch.where(experts < num_experts, tables.log2phy_EM[real, replica], num_slots)
     by_slot = torch.argsort(slots, stable=True)
-    flat_ids, slots = flat_ids[by_slot], slots[by_slot]
-    send_counts = torch.bincount(slots, minlength=tables.num_slots).view(num_ranks, -1)
+    flat_ids, slots = by_expert[by_slot], slots[by_slot]
+    send_counts = _count(slots, num_slots + 1)[:num_slots].view(num_ranks, -1)
     return DispatchOrder(flat_ids // top_k, flat_ids, slots, send_counts)
 
 
@@ -122,50 +133,63 @@ def received_slots(recv_counts_PS: torch.Tensor, total: int | None = None) -> to
 
 
 def combine(y_ND: torch.Tensor, order: DispatchOrder, weights_TK: torch.Tensor) -> torch.Tensor:
-    """``y[t] = sum_n [token_n = t] * w_n * y_n``: ``[T, D]`` in ``y_ND.dtype``, summed in at
-    least fp32 (bf16 outputs lose no precision in the combine). Differentiable in ``y_ND`` and
-    the weights."""
+    """``y[t] = sum_n [token_n = t] * w_n * y_n`` over the first ``n = len(y_ND)`` (valid)
+    assignments of ``order``: ``[T, D]`` in ``y_ND.dtype``, summed in at least fp32 (bf16
+    outputs lose no precision in the combine). Differentiable in ``y_ND`` and the weights."""
+    num = y_ND.shape[0]
     acc = torch.promote_types(y_ND.dtype, torch.float32)
-    w_N = weights_TK.reshape(-1)[order.flat_ids_N].to(acc)
+    w_N = weights_TK.reshape(-1)[order.flat_ids_N[:num]].to(acc)
     out_TD = torch.zeros(weights_TK.shape[0], y_ND.shape[1], dtype=acc, device=y_ND.device)
-    return out_TD.index_add(0, order.token_ids_N, y_ND.to(acc) * w_N[:, None]).to(y_ND.dtype)
+    return out_TD.index_add(0, order.token_ids_N[:num], y_ND.to(acc) * w_N[:, None]).to(y_ND.dtype)
 
 
 class TokenDispatch(NamedTuple):
     """Deduplicated dispatch: each token travels once to each rank holding any of its slots
-    (``U`` rows instead of ``N`` assignments; the receiver weights and sums its slots' outputs
-    per row, so the combine also returns ``U`` rows). ``A = N`` assignments, in send order.
+    (``U`` rows instead of ``n`` assignments; the receiver weights and sums its slots' outputs
+    per row, so the combine also returns ``U`` rows).
 
-    token_ids_U: token of each sent row, sorted by (destination rank, token).
-    row_A: row of each assignment, counted from the start of its destination's rows.
-    slot_A: the assignment's slot, local to its destination rank.
-    flat_ids_A: index into the flattened ``[T * K]`` routing (its weight).
+    Fixed length ``N = T * K`` like :class:`DispatchOrder`: the first ``U`` entries of
+    ``token_ids_N`` and the first ``n`` entries of the per-assignment fields are valid (both
+    counts are in ``send_counts_P2``), so no device-to-host sync is needed to build it.
+
+    token_ids_N: token of each sent row, sorted by (destination rank, token).
+    row_N: row of each assignment, counted from the start of its destination's rows.
+    slot_N: the assignment's slot, local to its destination rank.
+    flat_ids_N: index into the flattened ``[T * K]`` routing (its weight).
     send_counts_P2: int64 ``[P, 2]``, rows and assignments sent to each rank.
     """
 
-    token_ids_U: torch.Tensor
-    row_A: torch.Tensor
-    slot_A: torch.Tensor
-    flat_ids_A: torch.Tensor
+    token_ids_N: torch.Tensor
+    row_N: torch.Tensor
+    slot_N: torch.Tensor
+    flat_ids_N: torch.Tensor
     send_counts_P2: torch.Tensor
 
 
 def token_dispatch(order: DispatchOrder, num_tokens: int, num_ranks: int) -> TokenDispatch:
     """Group the assignments of ``order`` into one row per (destination rank, token)."""
     slots_per_rank = order.send_counts_PS.shape[1]
-    dst_N = order.slot_ids_N // slots_per_rank
-    key_N = dst_N * max(num_tokens, 1) + order.token_ids_N
+    stride = max(num_tokens, 1)
+    dst_N = order.slot_ids_N // slots_per_rank  # == num_ranks for unused slots (slot id R)
+    key_N = dst_N * stride + order.token_ids_N
     by_key = torch.argsort(key_N, stable=True)  # by destination, then token: rows in token order
-    key_A, dst_A = key_N[by_key], dst_N[by_key]
-    rows_U, row_A = torch.unique_consecutive(key_A, return_inverse=True)
-    rows_P = torch.bincount(rows_U // max(num_tokens, 1), minlength=num_ranks)
+    key_N, dst_N = key_N[by_key], dst_N[by_key]
+    first_N = torch.ones_like(key_N, dtype=torch.bool)
+    first_N[1:] = key_N[1:] != key_N[:-1]
+    first_N &= dst_N < num_ranks
+    row_N = torch.cumsum(first_N, 0) - 1  # global row of each (valid) assignment
+    rows_P = _count(torch.where(first_N, dst_N, num_ranks), num_ranks + 1)[:num_ranks]
+    assign_P = _count(dst_N, num_ranks + 1)[:num_ranks]
+    # compact the row keys without a sync: non-first entries all write to a spare last cell
+    num = key_N.shape[0]
+    token_ids = torch.zeros(num + 1, dtype=torch.int64, device=key_N.device)
+    token_ids.scatter_(0, torch.where(first_N, row_N, num), key_N % stride)
     row_start_P = torch.cumsum(rows_P, 0) - rows_P
-    assign_P = torch.bincount(dst_A, minlength=num_ranks)
     return TokenDispatch(
-        token_ids_U=rows_U % max(num_tokens, 1),
-        row_A=row_A - row_start_P[dst_A],
-        slot_A=order.slot_ids_N[by_key] % slots_per_rank,
-        flat_ids_A=order.flat_ids_N[by_key],
+        token_ids_N=token_ids[:num],
+        row_N=row_N - row_start_P[dst_N.clamp(max=num_ranks - 1)],
+        slot_N=order.slot_ids_N[by_key] % slots_per_rank,
+        flat_ids_N=order.flat_ids_N[by_key],
         send_counts_P2=torch.stack([rows_P, assign_P], 1),
     )
 
@@ -174,15 +198,16 @@ def received_routing(recv_counts_P2: torch.Tensor, row_A: torch.Tensor, slot_A: 
                      weights_A: torch.Tensor, top_k: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing of the ``num_rows`` received rows over this rank's slots:
     ``indices_UK`` (local slot, ``-1`` padded) and ``weights_UK`` (differentiable in
-    ``weights_A``), ready for an expert backend. Inputs as received: source-rank major, each
-    source's assignments in row order (``row_A`` counted from that source's first row)."""
+    ``weights_A``), ready for an expert backend. Inputs as received (``A`` assignments):
+    source-rank major, each source's assignments in row order (``row_A`` counted from that
+    source's first row)."""
     num_ranks = recv_counts_P2.shape[0]
     num_assign = row_A.shape[0]
     src_A = torch.repeat_interleave(torch.arange(num_ranks, device=row_A.device), recv_counts_P2[:, 1],
                                     output_size=num_assign)
     row_start_P = torch.cumsum(recv_counts_P2[:, 0], 0) - recv_counts_P2[:, 0]
     row_A = row_A + row_start_P[src_A]
-    per_row_U = torch.bincount(row_A, minlength=num_rows)
+    per_row_U = _count(row_A, num_rows)
     col_A = torch.arange(num_assign, device=row_A.device) - (torch.cumsum(per_row_U, 0) - per_row_U)[row_A]
     indices_UK = torch.full((num_rows, top_k), -1, dtype=torch.int64, device=row_A.device)
     indices_UK[row_A, col_A] = slot_A

@@ -134,7 +134,8 @@ class ExpertParallelExperts(nn.Module):
         recv_counts_PS = exchange_counts(order.send_counts_PS, self.group)
         # one host sync for both split lists (dropless EP needs the sizes on the host)
         send_splits, recv_splits = torch.stack([order.send_counts_PS.sum(1), recv_counts_PS.sum(1)]).tolist()
-        x_recv = all_to_all(self._sendable(x_TD[order.token_ids_N]), recv_splits, send_splits, self.group)
+        x_send = x_TD[order.token_ids_N[:sum(send_splits)]]
+        x_recv = all_to_all(self._sendable(x_send), recv_splits, send_splits, self.group)
         slot_Q = received_slots(recv_counts_PS, sum(recv_splits))
         ones_Q1 = torch.ones(slot_Q.shape[0], 1, dtype=x_TD.dtype, device=x_TD.device)
         y_recv = self._compute_local(x_recv, slot_Q[:, None], ones_Q1)
@@ -147,17 +148,20 @@ class ExpertParallelExperts(nn.Module):
         # one host sync for the four split lists: rows and assignments, sent and received
         send_rows, send_assign, recv_rows, recv_assign = torch.cat(
             [disp.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
-        meta_A2 = all_to_all_plain(torch.stack([disp.row_A, disp.slot_A], 1), recv_assign, send_assign, self.group)
-        w_recv_A = all_to_all(self._sendable(weights_TK.reshape(-1)[disp.flat_ids_A]), recv_assign, send_assign,
-                              self.group)
-        x_recv = all_to_all(self._sendable(x_TD[disp.token_ids_U]), recv_rows, send_rows, self.group)
+        num_rows, num_assign = sum(send_rows), sum(send_assign)
+        meta_A2 = all_to_all_plain(torch.stack([disp.row_N[:num_assign], disp.slot_N[:num_assign]], 1),
+                                   recv_assign, send_assign, self.group)
+        w_send_A = weights_TK.reshape(-1)[disp.flat_ids_N[:num_assign]]
+        w_recv_A = all_to_all(self._sendable(w_send_A), recv_assign, send_assign, self.group)
+        token_ids_U = disp.token_ids_N[:num_rows]
+        x_recv = all_to_all(self._sendable(x_TD[token_ids_U]), recv_rows, send_rows, self.group)
         indices_UK, weights_UK = received_routing(recv_counts_P2, meta_A2[:, 0], meta_A2[:, 1], w_recv_A,
                                                   weights_TK.shape[1], sum(recv_rows))
         y_recv = self._compute_local(x_recv, indices_UK, weights_UK)
         y_back = all_to_all(y_recv, send_rows, recv_rows, self.group)
         acc = torch.promote_types(y_back.dtype, torch.float32)  # partial sums of <= P ranks, in fp32
         out_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
-        return out_TD.index_add(0, disp.token_ids_U, y_back.to(acc)).to(x_TD.dtype)
+        return out_TD.index_add(0, token_ids_U, y_back.to(acc)).to(x_TD.dtype)
 
     def _sendable(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank must run the all-to-alls' backwards in the same order, also a rank whose
