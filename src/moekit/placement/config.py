@@ -102,6 +102,9 @@ class ReplanConfig:
     group_move_discount: with groups kept on nodes, moving a group costs ``move_price`` times its
         ``R / G`` slots times this discount: a group move rebalances whole nodes, which a
         per-GPU price undervalues (0.1 was the best trade-off on the benchmark's traces).
+    bottleneck_margin: with groups kept on nodes, swaps on a node pay off only above
+        ``(1 - margin)`` times the heaviest node's mean GPU load (lighter nodes cannot set the
+        layer's maximum; the margin keeps headroom for the next window's noise).
     """
 
     move_price: float = 0.003
@@ -109,9 +112,11 @@ class ReplanConfig:
     count_hysteresis: float = 0.3
     anchor_slack: float = 1.0
     group_move_discount: float = 0.1
+    bottleneck_margin: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("move_price", "count_hysteresis", "anchor_slack", "group_move_discount"):
+        for name in ("move_price", "count_hysteresis", "anchor_slack", "group_move_discount",
+                     "bottleneck_margin"):
             val = getattr(self, name)
             if not isinstance(val, (int, float)) or not np.isfinite(val) or val < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {val!r}")

@@ -72,7 +72,8 @@ def arrange(pack_BN: np.ndarray, rank_BN: np.ndarray, num_packs: int) -> np.ndar
 def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray | None = None,
                 num_keys: int = 0, *, home_BPK: np.ndarray | None = None, move_price: float = 0.0,
                 max_moves_B: np.ndarray | None = None, floor_B: np.ndarray | None = None,
-                max_iters: int | None = None, search_width: int = 4) -> np.ndarray:
+                max_iters: int | None = None, search_width: int = 4,
+                stop_tolerance: float = 1e-4) -> np.ndarray:
     """Pairwise-swap local search that lowers the heaviest pack of every row.
 
     Each step, in every row still improving, tries every exchange of an item of the heaviest
@@ -84,7 +85,8 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
     previous plan). A swap's score is ``gain / mean_load - move_price * d_moves`` where
     ``d_moves`` is the change in the number of (pack, key) pairs not at home, and rows stop
     taking swaps that would push their moves above ``max_moves_B``. Load below ``floor_B`` is
-    worth nothing (a node that is not the layer's bottleneck need not move anything).
+    worth nothing (a node that is not the layer's bottleneck need not move anything). A row
+    stops once its heaviest pack is within ``stop_tolerance`` of its mean (nothing left to win).
 
     Returns the improved ``item_BPS`` (a new array; the input is left untouched).
     """
@@ -119,6 +121,13 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
         load_AP = load_BP[a]
         g_A = load_AP.argmax(axis=1)
         load_g_A = load_AP[ra, g_A]
+        keep = load_g_A > mean_B[a] * (1 + stop_tolerance)
+        if not keep.all():
+            a, load_AP, g_A, load_g_A = a[keep], load_AP[keep], g_A[keep], load_g_A[keep]
+            n_a = a.size
+            if n_a == 0:
+                break
+            ra = np.arange(n_a)
         q_AQ = np.argpartition(load_AP, num_q - 1, axis=1)[:, :num_q] if num_q < num_packs else \
             np.broadcast_to(pack_ids, (n_a, num_packs))
         ai = ra[:, None]
@@ -141,7 +150,7 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
         if home_BPK is None:
             new_hi[invalid] = np.inf
             best = new_hi.reshape(n_a, -1).argmin(axis=1)
-            ok = new_hi.reshape(n_a, -1)[ra, best] < load_g_A * (1 - 1e-9)
+            ok = np.isfinite(new_hi.reshape(n_a, -1)[ra, best])
         else:
             if floor_B is not None:
                 new_hi = np.maximum(new_hi, floor_B[a].astype(np.float32)[:, None, None, None])
@@ -164,6 +173,16 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
         if not ok.any():
             break
         qi_A, sg_A, sq_A = np.unravel_index(best, (num_q, cap, cap))
+        # re-check the chosen swap in float64: a float32 rounding must not let a row cycle, and
+        # a swap must win at least 1e-5 of the mean load to be worth an iteration
+        q_sel = q_AQ[ra, qi_A]
+        d64 = w_BPS[a, g_A, sg_A] - w_BPS[a, q_sel, sq_A]
+        hi64 = np.maximum(load_g_A - d64, load_AP[ra, q_sel] + d64)
+        if floor_B is not None and home_BPK is not None:
+            hi64 = np.maximum(hi64, floor_B[a])
+        ok &= (d64 > 0) & (load_g_A - hi64 > 1e-5 * mean_B[a])
+        if not ok.any():
+            break
         b, sg, sq, g = a[ok], sg_A[ok], sq_A[ok], g_A[ok]
         q = q_AQ[ra[ok], qi_A[ok]]
         if away_B is not None:

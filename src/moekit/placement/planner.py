@@ -164,7 +164,7 @@ def _replan_rows(w_BX: np.ndarray, num_slots: int, num_packs: int, prev_BPS: np.
     max_moves = None
     if replan.max_move_fraction is not None:
         max_moves = np.full(cand_rows.size, int(replan.max_move_fraction * num_slots))
-    floor = None if floor_B is None else floor_B[cand_rows]
+    floor = None if floor_B is None else floor_B[cand_rows] * (1.0 - replan.bottleneck_margin)
     # under a hard budget every replica that still has a place stays (only count changes move)
     slack = np.inf if max_moves is not None else replan.anchor_slack
     keys = _improve(w, _anchored_layout(w, cnt, prev, slack), home_BPK,
@@ -273,8 +273,9 @@ def moekit_placement(load_LE: np.ndarray, config: PlacementConfig, previous_LR: 
         local = pos_prev - (np.arange(N) * exp_per_node)[None, :, None]
         local = np.where((local >= 0) & (local < exp_per_node), local, -1)
         prev_BPS = local.reshape(num_layers * N, gpus_per_node, -1)
-    # a node below the layer's bottleneck need not move anything to get better: its GPUs only
-    # have to stay under the heaviest node's mean GPU load (a lower bound of the layer's max)
+    # a node below the layer's bottleneck need not move anything to get better: when replanning,
+    # its GPUs only have to stay under the heaviest node's mean GPU load (a lower bound of the
+    # layer's max) less a margin that keeps some headroom for the next window's noise
     node_load_LN = node_w_BX.sum(axis=1).reshape(num_layers, N)
     floor_B = np.repeat(node_load_LN.max(axis=1) / gpus_per_node, N)
     key_BR = _place_rows(node_w_BX, slots_per_node, gpus_per_node, prev_BPS, replan, floor_B)
