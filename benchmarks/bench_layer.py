@@ -273,7 +273,7 @@ def machine_info() -> dict:
     props = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.strip()
+                                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
     except Exception:
         driver = "unknown"
     return dict(gpu=props.name, sm_count=props.multi_processor_count, gpu_memory_gib=props.total_memory / 2 ** 30,

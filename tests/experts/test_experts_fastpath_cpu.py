@@ -81,10 +81,16 @@ def test_falls_back_for_fp64_and_unaligned_widths():
             torch.testing.assert_close(a, b)
 
 
-def test_rejects_unknown_activation():
-    args = _inputs(3, 8, 8, 2, 1, "swiglu", dtype=torch.float32)
+def test_rejects_bad_operands():
+    x, idx, w, w_in, w_out = _inputs(3, 8, 8, 2, 1, "swiglu", dtype=torch.float32)
     with pytest.raises(ValueError, match="activation"):
-        experts_grouped_mm(*args, "relu")
+        experts_grouped_mm(x, idx, w, w_in, w_out, "relu")
+    with pytest.raises(ValueError, match="indices_TK"):
+        experts_grouped_mm(x, idx[:2], w[:2], w_in, w_out, "swiglu")
+    with pytest.raises(ValueError, match="weights_TK"):
+        experts_grouped_mm(x, idx, w[:, :0], w_in, w_out, "swiglu")
+    with pytest.raises(ValueError, match="w_in_EHD"):
+        experts_grouped_mm(x, idx, w, w_in, w_out, "gelu")  # gelu wants H = F rows
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

@@ -192,6 +192,26 @@ def grouped_mm_supported(x_TD: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: 
     return all(d * size % 16 == 0 for d in dims) and x_TD.shape[0] > 0
 
 
+def _check_operands(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation) -> None:
+    """ValueError naming the first operand whose shape or kind breaks the contract."""
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
+    if x_TD.ndim != 2 or w_in_EHD.ndim != 3 or w_out_EDF.ndim != 3:
+        raise ValueError(f"x_TD, w_in_EHD, w_out_EDF: expected 2, 3 and 3 dimensions, got shapes "
+                         f"{tuple(x_TD.shape)}, {tuple(w_in_EHD.shape)}, {tuple(w_out_EDF.shape)}")
+    T, D = x_TD.shape
+    E, _, F = w_out_EDF.shape
+    H = 2 * F if activation == "swiglu" else F
+    if indices_TK.ndim != 2 or indices_TK.shape[0] != T or indices_TK.is_floating_point():
+        raise ValueError(f"indices_TK: expected an integer tensor of shape [{T}, K], got "
+                         f"{indices_TK.dtype} {tuple(indices_TK.shape)}")
+    if tuple(weights_TK.shape) != tuple(indices_TK.shape):
+        raise ValueError(f"weights_TK: expected shape {tuple(indices_TK.shape)}, got {tuple(weights_TK.shape)}")
+    if tuple(w_in_EHD.shape) != (E, H, D) or w_out_EDF.shape[1] != D:
+        raise ValueError(f"w_in_EHD / w_out_EDF: expected [{E}, {H}, {D}] and [{E}, {D}, {F}] for "
+                         f"{activation}, got {tuple(w_in_EHD.shape)} and {tuple(w_out_EDF.shape)}")
+
+
 def experts_grouped_mm(
     x_TD: torch.Tensor,
     indices_TK: torch.Tensor,
@@ -205,8 +225,7 @@ def experts_grouped_mm(
     Falls back to :func:`moekit.experts.sorted.experts_sorted` for operands the grouped GEMM
     does not take (fp64, unaligned widths, no tokens).
     """
-    if activation not in ("swiglu", "gelu"):
-        raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
+    _check_operands(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation)
     if torch.is_autocast_enabled(x_TD.device.type):
         dtype = torch.get_autocast_dtype(x_TD.device.type)
         x_TD, w_in_EHD, w_out_EDF = x_TD.to(dtype), w_in_EHD.to(dtype), w_out_EDF.to(dtype)
@@ -219,6 +238,6 @@ def experts_grouped_mm(
                                w_in_EHD.contiguous(), w_out_EDF.contiguous(), activation)
     order_N, inv_TK, offs_E = route_by_expert(indices_TK, w_in_EHD.shape[0])
     # Contiguous operands: the kernels index rows with one stride and slots as t*K + j.
-    y_TD, _, _ = _experts_fwd(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD, w_out_EDF,
-                           order_N, inv_TK, offs_E, activation)
+    y_TD, _, _ = _experts_fwd(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD.contiguous(),
+                              w_out_EDF.contiguous(), order_N, inv_TK, offs_E, activation)
     return y_TD
