@@ -62,9 +62,15 @@ PEAK_BF16_TFLOPS = 989.4  # H100/H200 SXM dense bf16
 
 
 def balanced_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator) -> torch.Tensor:
-    """``[T, k]`` distinct experts per token, every expert exactly ``T*k/E`` times (when it divides)."""
+    """``[T, k]`` distinct experts per token, every expert exactly ``T*k/E`` times (when it divides).
+
+    Token ``t`` takes the window ``(t*k + j) mod E`` of a fixed random permutation of the
+    experts, so a token's experts are spread over the EP ranks as with learned routing (with
+    consecutive expert ids they would mostly share one rank, which flatters deduplication).
+    """
     slots = torch.arange(num_tokens * top_k) % num_experts  # t*k + j mod E: distinct within a row
-    idx = slots.view(num_tokens, top_k)
+    perm = torch.randperm(num_experts, generator=torch.Generator().manual_seed(3))
+    idx = perm[slots].view(num_tokens, top_k)
     return idx[torch.randperm(num_tokens, generator=gen)]
 
 
@@ -145,8 +151,27 @@ def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
     return ms, 4 * remote_rows * x.shape[1] * x.element_size()
 
 
+def _profile(step, device, path: str | None) -> None:
+    """Profile a few steps (every rank runs them: they are collective); rank 0 writes the
+    operator table sorted by device time to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if path:
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=60))
+
+
 def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup, rank, world,
-             dedup: bool = True) -> dict:
+             dedup: bool = True, profile_path: str | None = None) -> dict:
     from moekit.experts import ExpertsConfig, GroupedExperts
     from moekit.metrics import balancedness
     from moekit.parallel import ExpertParallelExperts, apply_plan
@@ -185,6 +210,8 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
             row.update(apply_plan_s=_max_over(time.perf_counter() - t0, device, group), moves=report.moves,
                        bytes_moved=report.bytes_total, slots=int(skew_p2l.shape[0]))
         row["balancedness"] = balancedness(counts.cpu()[None], module.phy2log.cpu()[None], ep)
+    if profile_path is not None:
+        _profile(_step_fn(module, x, idx, w, dy, ep > 1), device, profile_path)
     step_ms = _timed(_step_fn(module, x, idx, w, dy, ep > 1), device, iters, warmup)
     row["rank_step_ms"] = step_ms
     row["step_ms"] = _max_over(step_ms, device)
@@ -251,8 +278,11 @@ def worker(rank: int, args) -> None:
                 uniform, skew, planned_bal = make_plans(shape, ep, max(1, shape[4] // (4 * ep)), args.world)
                 cases += [("zipf", (uniform, skew), True), ("balanced", None, False)]
             for routing, plan_rows, dedup in cases:
+                prof = None
+                if args.profile and routing == "balanced" and dedup:  # EP=1 vs EP=P, same routing
+                    prof = os.path.join(args.out, f"ep_profile_{shape[0]}_ep{ep}.txt") if rank == 0 else ""
                 row = run_case(shape, ep, routing, plan_rows, groups, device, dtype, args.iters, args.warmup,
-                               rank, args.world, dedup)
+                               rank, args.world, dedup, prof)
                 if plan_rows is not None:
                     row["plan_balancedness_on_planning_sample"] = planned_bal
                 rows.append(row)
@@ -340,6 +370,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write torch.profiler operator tables (balanced routing) to --out")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     args.eps = [int(e) for e in args.eps.split(",")]
