@@ -262,8 +262,12 @@ def _plot(results: dict, path: str) -> None:
     except ImportError:
         return
     keys = list(results["configs"])
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.0), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    ncols = min(4, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
         runs = results["configs"][key]["runs"]
         for label, s in runs.items():
             if "price" in label or label.startswith("oracle"):
@@ -278,7 +282,10 @@ def _plot(results: dict, path: str) -> None:
         ax.set_xlabel("slots receiving a copied expert per replan (%)")
         ax.set_ylabel("next-window balancedness")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=7.5)
+    fig.suptitle("next-window balancedness vs experts copied per replan (synthetic drifting traces)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

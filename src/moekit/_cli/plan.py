@@ -8,9 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 
 __all__ = ["add_parser", "run"]
 
@@ -46,39 +43,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _read_load(path: str):
-    import numpy as np
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"load: no such file {path!r}")
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load {path!r}: not valid JSON ({exc})") from exc
-    if isinstance(data, dict):
-        if "load" not in data:
-            raise ValueError(f"load {path!r}: expected a list or an object with key 'load'")
-        data = data["load"]
-    try:
-        return np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"load {path!r}: expected numbers [layers][experts] ({exc})") from exc
-
-
-def _write_json(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".moekit-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -86,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from moekit.placement import PlacementConfig, Plan, ReplanConfig, plan, predict_load, rolling_evaluation
+    from moekit.placement.files import read_load, write_json
     from moekit.trace import load_trace
 
     console = Console()
@@ -115,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             f"{s['replans']} replans of {window} steps"
         )
         if args.output:
-            _write_json(args.output, {"algorithm": args.algorithm, "window": window,
+            write_json(args.output, {"algorithm": args.algorithm, "window": window,
                                       "config": config.to_dict(), **result.to_dict()})
         return 0
     if not args.output:
@@ -125,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         window = args.window or counts.shape[0]
         load = predict_load(counts, method=args.predictor, window=window, halflife=args.halflife)
     else:
-        load = _read_load(args.load)
+        load = read_load(args.load)
     previous = Plan.load(args.previous) if args.previous else None
     start = time.perf_counter()
     result = plan(load, config, previous, algorithm=args.algorithm, replan=replan)

@@ -6,9 +6,7 @@ most replicas one expert can have; ``log2phy``'s last dimension, as in EPLB).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +16,7 @@ from moekit.metrics import balancedness as _balancedness
 from moekit.metrics import gpu_loads
 from moekit.metrics import moves as _moves
 from moekit.placement.config import PlacementConfig, check_load
+from moekit.placement.files import read_json, write_json
 
 __all__ = ["Plan", "build_log2phy", "nodes_per_group", "check_phy2log"]
 
@@ -176,30 +175,13 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON, atomically (temporary file, then ``os.replace``)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.to_dict(), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
         """Read a plan written by :meth:`save`; ``ValueError`` if the file is not a valid plan."""
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"plan: no such file {path!r}")
-        try:
-            with open(path) as fh:
-                data = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"plan {path!r}: not valid JSON ({exc})") from exc
+        data = read_json(path, "plan")
         try:
             return cls.from_dict(data)
         except ValueError as exc:
-            raise ValueError(f"plan {path!r}: {exc}") from exc
+            raise ValueError(f"plan {os.fspath(path)!r}: {exc}") from exc
