@@ -361,8 +361,53 @@ def _write(rows, args, device) -> None:
     print(f"wrote {path}")
 
 
+def plot(json_path: str) -> str:
+    """Bar chart of tokens/s per GPU (forward+backward and forward only) relative to EP=1 with
+    balanced routing, for every shape and case of a result file (dashed: the 0.85 weak-scaling
+    goal); writes ``<json_path minus .json>.png`` and returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(json_path) as f:
+        result = json.load(f)
+    rows = result["rows"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.2 * len(shapes), 4.2), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        mine = [r for r in rows if r["shape"] == shape]
+        labels = [f"EP={r['ep']}\n{r['routing']}{'+plan' if r['plan'] else ''}"
+                  f"{chr(10) + 'no-dedup' if r['dedup'] is False else ''}" for r in mine]
+        base = next(r for r in mine if r["ep"] == 1 and r["routing"] == "balanced")
+        pos = np.arange(len(mine))
+        ax.bar(pos - 0.2, [r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] for r in mine], 0.4,
+               label="forward+backward")
+        ax.bar(pos + 0.2, [r["fwd_tokens_per_s_per_gpu"] / base["fwd_tokens_per_s_per_gpu"] for r in mine], 0.4,
+               label="forward only")
+        ax.axhline(0.85, color="k", ls="--", lw=0.8)
+        ax.set_xticks(pos, labels, fontsize=7)
+        ax.set_ylim(0, 1.1)
+        ax.set_title(f"{shape} (T={mine[0]['T_per_gpu']}/GPU, D={mine[0]['D']}, F={mine[0]['F']}, "
+                     f"E={mine[0]['E']}, k={mine[0]['k']})\nEP=1 balanced: "
+                     f"{base['tokens_per_s_per_gpu'] / 1e3:.0f}k tok/s/GPU fwd+bwd", fontsize=8)
+        ax.set_ylabel("tokens/s per GPU, relative to EP=1 balanced")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"moekit expert parallelism, {result['machine']['device']} x{result['machine']['world']}, "
+                 f"{result['date_utc'][:10]}", fontsize=10)
+    fig.tight_layout()
+    out = json_path[:-5] + ".png" if json_path.endswith(".json") else json_path + ".png"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result file")
     p.add_argument("--world", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
     p.add_argument("--eps", default="1,2,4,8", help="EP sizes to run (those dividing --world)")
     p.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
@@ -374,6 +419,9 @@ def main(argv=None) -> int:
                    help="also write torch.profiler operator tables (balanced routing) to --out")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot(args.plot)}")
+        return 0
     args.eps = [int(e) for e in args.eps.split(",")]
     args.shapes = [s for s in args.shapes.split(",") if s]
     if args.world is None:
