@@ -113,13 +113,14 @@ def gather_gate_up(x_TD: torch.Tensor, order_N: torch.Tensor, offs_E: torch.Tens
     h_NH = torch.empty(N, H, dtype=x_TD.dtype, device=x_TD.device)
     a_NF = torch.empty(N, F, dtype=x_TD.dtype, device=x_TD.device)
     xs = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device) if store_x else h_NH  # h: unused placeholder
-    if _TUNED is not None:
+    if _TUNED is not None and N * H * D >= 2 ** 32:  # autotune only where it pays (prefill sizes)
         grid = lambda m: ((triton.cdiv(N, m["BLOCK_M"]) + E) * triton.cdiv(F, m["BLOCK_N"]),)  # noqa: E731
         _TUNED[grid](x_TD, order_N, offs_E, w_in_EHD, h_NH, a_NF, xs, K=K, D=D, F=F, E=E, SWIGLU=swiglu,
                      STORE_X=store_x)
-    else:
-        bm, bn, bk = 16, 16, 16
+    else:  # small problems (and Triton's interpreter): one fixed tile shape
+        bm, bn, bk, warps = (16, 16, 16, 1) if _TUNED is None else (64, 64, 64, 4)
         grid = ((triton.cdiv(N, bm) + E) * triton.cdiv(F, bn),)
         _gather_gate_up_kernel[grid](x_TD, order_N, offs_E, w_in_EHD, h_NH, a_NF, xs, K=K, D=D, F=F, E=E,
-                                     SWIGLU=swiglu, STORE_X=store_x, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                                     SWIGLU=swiglu, STORE_X=store_x, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                     num_warps=warps)
     return h_NH, a_NF, (xs if store_x else None)
