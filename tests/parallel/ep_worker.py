@@ -20,7 +20,15 @@ import torch.distributed as dist
 
 import moekit
 from moekit.metrics import moves as count_moves
-from moekit.parallel import ExpertParallelMoE, apply_plan, parallelize, reduce_gradients
+from moekit.parallel import (
+    ExpertParallelMoE,
+    apply_plan,
+    broadcast_dense_parameters,
+    dense_parameters,
+    parallelize,
+    reduce_gradients,
+    resolve_group,
+)
 
 # this process's rank and the world size: set by run() before any check runs
 RANK = int(os.environ.get("RANK", 0))
@@ -65,7 +73,8 @@ def _check_grads(ref, ep, ep_modules, tol, ep_rank_size=None):
 
 
 def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8, top_k=2, balance="global",
-                      shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0, dedup=True):
+                      shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0, dedup=True,
+                      mesh_dim=None):
     """EP forward + backward == single-process MoE on the concatenated batch."""
     cfg_ref = moekit.MoEConfig(dim=16, ffn_dim=16, num_experts=num_experts, top_k=top_k, num_shared_experts=shared,
                                balance="micro" if balance == "global" else balance, balance_coeff=0.1)
@@ -76,13 +85,13 @@ def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8,
     ep.load_state_dict(ref.state_dict())
     if mask_last_rank:
         # the last EP rank's experts are never chosen: that rank receives zero tokens
-        ep_size = dist.get_world_size(group)
+        ep_size = dist.get_world_size(resolve_group(group, mesh_dim))
         per = (len(phy2log) if phy2log is not None else num_experts) // ep_size
         p2l = phy2log if phy2log is not None else torch.arange(num_experts)
         for m in (ref, ep):
             m.aux_free.bias[p2l[-per:]] = -1e4
     modules = parallelize(ep, group, None if phy2log is None else phy2log[None], expert_dp_group=expert_dp_group,
-                          dedup=dedup)
+                          dedup=dedup, mesh_dim=mesh_dim)
 
     x, g, mine = _batch(sizes, cfg_ref.dim, device, dtype, seed + 1)
     x_ref = x.clone().requires_grad_()
@@ -156,7 +165,13 @@ def check_fresh_layer(device, dtype, dedup=True):
     """ExpertParallelMoE built from a config: replicas start equal, gather_logical is consistent."""
     cfg = moekit.MoEConfig(dim=8, ffn_dim=8, num_experts=4, top_k=2)
     p2l = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2]) if WORLD == 4 else None  # 2 slots per rank, replicas
+    torch.manual_seed(100 + RANK)  # dense parameters differ per rank until broadcast
     layer = ExpertParallelMoE(cfg, phy2log=p2l, seed=7, dedup=dedup).to(device, dtype)
+    broadcast_dense_parameters(layer)
+    for p in dense_parameters(layer):
+        parts = [torch.empty_like(p) for _ in range(WORLD)]
+        dist.all_gather(parts, p.detach().contiguous())
+        assert all(torch.equal(q, parts[0]) for q in parts), "dense parameters differ after broadcast"
     w_in, w_out = layer.experts.gather_logical()
     e = layer.experts.local_experts.to(device)
     _close(layer.experts.local.w_in, w_in[e], "fresh w_in", 0)
@@ -222,8 +237,9 @@ def _run_scenario(scenario, device, f64, tol64, tol32, dedup):
         mesh = init_device_mesh(device.type, (2, WORLD // 2), mesh_dim_names=("dp", "ep"))
         gen = torch.Generator().manual_seed(2)
         p2l = torch.cat([torch.arange(8), torch.tensor([0, 5])])[torch.randperm(10, generator=gen)]
-        check_equivalence(device, f64, tol64, sizes=[4, 6, 0, 5][:WORLD], balance="none",
-                          group=mesh.get_group("ep"), expert_dp_group=mesh.get_group("dp"), phy2log=p2l, **kw)
+        assert resolve_group(mesh, "ep") is mesh.get_group("ep")
+        check_equivalence(device, f64, tol64, sizes=[4, 6, 0, 5][:WORLD], balance="none", group=mesh,
+                          mesh_dim="ep", expert_dp_group=mesh.get_group("dp"), phy2log=p2l, **kw)
     else:
         raise ValueError(f"unknown scenario {scenario!r}")
 
