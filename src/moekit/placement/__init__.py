@@ -11,7 +11,7 @@
 from moekit.placement.config import PlacementConfig, ReplanConfig
 from moekit.placement.evaluate import rolling_evaluation
 from moekit.placement.exact import solve_exact
-from moekit.placement.plan import Plan, nodes_per_group
+from moekit.placement.result import Plan, nodes_per_group
 from moekit.placement.planner import plan, rebalance_experts
 from moekit.placement.predict import predict_load
 

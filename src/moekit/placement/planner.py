@@ -25,7 +25,7 @@ import torch
 from moekit.placement.config import PlacementConfig, ReplanConfig, check_load
 from moekit.placement.eplb import eplb_placement
 from moekit.placement.packing import arrange, lpt_pack, swap_search
-from moekit.placement.plan import Plan, build_log2phy, check_phy2log
+from moekit.placement.result import Plan, build_log2phy, check_phy2log
 from moekit.placement.retarget import retarget_search
 from moekit.placement.replication import expand_replicas, greedy_counts, sticky_counts
 
