@@ -242,13 +242,17 @@ def _goals(results: dict) -> dict:
         lines.append(f"{key}: moekit - eplb = {d:+.4f} (eplb {e['balancedness']:.4f}); with previous: "
                      f"{ratio:.0%} of eplb's moves, balancedness {100 * change:+.2f}% vs moekit fresh, "
                      f"{mp['balancedness'] - e['balancedness']:+.4f} vs eplb")
-    speed = {name: EPLB_REFERENCE_MS / tm["moekit"]["wall_ms_median"] for name, tm in results["timing"].items()
-             if name.startswith("V3")}
+    # one thread: on a machine shared with other jobs the process CPU time is the figure that
+    # matches "one CPU core"; wall time is reported beside it
+    speed = {name: (EPLB_REFERENCE_MS / tm["moekit"]["wall_ms_median"], EPLB_REFERENCE_MS / tm["moekit"]["cpu_ms_median"])
+             for name, tm in results["timing"].items() if name.startswith("V3")}
     ok["balancedness_at_least_eplb"] = bool(bal_ok)
     ok["plus_0.01_where_eplb_below_0.95"] = bool(plus_ok)
-    ok["5x_faster_than_reference_250ms"] = bool(all(v >= 5 for v in speed.values()))
+    ok["5x_faster_than_reference_250ms_wall"] = bool(all(w >= 5 for w, _ in speed.values()))
+    ok["5x_faster_than_reference_250ms_cpu"] = bool(all(c >= 5 for _, c in speed.values()))
     ok["previous_20pct_moves_1pct_balance"] = bool(move_ok)
-    lines.append(f"speed vs published 250 ms: {', '.join(f'{k}: {v:.1f}x' for k, v in speed.items())}")
+    lines.append("speed vs published 250 ms (wall / CPU time): "
+                 + ", ".join(f"{k}: {w:.1f}x / {c:.1f}x" for k, (w, c) in speed.items()))
     lines += [f"goal {k}: {'MET' if v else 'NOT MET'}" for k, v in ok.items()]
     return {"met": ok, "lines": lines}
 
