@@ -206,15 +206,30 @@ class OffloadEngine:
         if predictor is not None:
             self._prefetch(layer + 1, pred_E, protected)
 
-        # compute, ascending expert order (transformers' eager loop order)
         order = torch.argsort(flat, stable=True)
         starts = [0] * (num_experts + 1)
         for e in range(num_experts):
             starts[e + 1] = starts[e] + counts_E[e]
         k = indices_TK.shape[1]
+
+        def rows_of(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = order[starts[e]:starts[e + 1]]
+            return rows // k, rows % k  # token and top-k position of each assignment to e
+
+        # CPU experts now, while the copy engine works: the compute stream holds nothing yet
+        # that waits on a copy, so moving their rows to the host does not wait for the copies
+        from_cpu = {}
+        for e in on_cpu:
+            tok, _ = rows_of(e)
+            from_cpu[e] = self._expert(x_TD[tok].to("cpu"), self.host_w_in[layer][e],
+                                       self.host_w_out[layer][e]).to(self.device, non_blocking=True)
+
+        # compute, ascending expert order (transformers' eager loop order)
         out_TD = torch.zeros_like(x_TD)
         for e in needed:
-            if e in on_cpu:
+            if e in from_cpu:
+                tok, pos = rows_of(e)
+                out_TD[tok] += (from_cpu[e] * weights_TK[tok, pos, None]).to(out_TD.dtype)
                 continue
             if e not in slot_of:  # more experts than free slots: stream through the slots
                 # a slot of an expert this layer has computed already, else one borrowed from
@@ -233,18 +248,11 @@ class OffloadEngine:
             slot = slot_of[e]
             if self.cuda:
                 self._wait_ready(slot)
-            rows = order[starts[e]:starts[e + 1]]
-            tok, pos = rows // k, rows % k
+            tok, pos = rows_of(e)
             y = self._expert(x_TD[tok], self.slot_in[slot], self.slot_out[slot]) * weights_TK[tok, pos, None]
             out_TD[tok] += y.to(out_TD.dtype)  # rows are distinct: same sums as index_add_, far cheaper on CPU
             self._mark_read(slot)
             protected.discard((layer, e))
-        for e in on_cpu:
-            rows = order[starts[e]:starts[e + 1]]
-            tok, pos = rows // k, rows % k
-            y = self._expert(x_TD[tok].to("cpu"), self.host_w_in[layer][e], self.host_w_out[layer][e])
-            y = y.to(self.device) * weights_TK[tok, pos, None]
-            out_TD[tok] += y.to(out_TD.dtype)  # rows are distinct: same sums as index_add_, far cheaper on CPU
         return out_TD
 
     def _expert(self, x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor) -> torch.Tensor:
