@@ -287,10 +287,10 @@ def _plot(results: dict, path: str) -> None:
         ax.set_ylabel("next-window balancedness")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=7.5)
+    fig.legend(handles, labels, loc="lower center", ncol=8, fontsize=7.5)
     fig.suptitle("next-window balancedness vs experts copied per replan (synthetic drifting traces)")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.subplots_adjust(bottom=0.14)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
