@@ -10,8 +10,6 @@ uniform and Zipf(1.2) routing, forward and forward+backward, it times:
   ``[E, 2F, D]`` / ``[E, D, F]`` layout moekit shares) with ``_experts_implementation`` set to
   ``eager`` (a Python loop over experts) and ``grouped_mm`` (sort + ``grouped_mm`` + un-sort);
 - ``moekit``: :func:`moekit.experts.grouped.experts_grouped_mm` (the layer's CUDA default);
-- ``moekit_fused``: the same with ``fuse_gather=True`` (experimental Triton gather + gate+up
-  GEMM + activation kernel in place of ``index_select`` + ``torch._grouped_mm`` + activation);
 - ``bmm_bound``: the same FLOPs as a balanced ``torch.bmm`` over ``[E, T*k/E, D]`` with no
   routing at all (every expert gets the same number of tokens, nothing is gathered).
 
@@ -155,9 +153,7 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log):
     x_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
     dy_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16)
     counts = torch.bincount(idx.reshape(-1), minlength=E)
-    impls = {"moekit": (lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], dy),
-             "moekit_fused": (lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu", fuse_gather=True),
-                              [x, w, w_in, w_out], dy)}
+    impls = {"moekit": (lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], dy)}
     for impl in ("grouped_mm", "eager"):
         try:
             mod = hf_experts(impl, D, F, E, K, w_in, w_out)

@@ -23,9 +23,6 @@ BACKENDS: dict[str, str] = {
     # (torch.compile-able). Runs on CPU too (torch's grouped-GEMM CPU kernel), but ``auto``
     # picks it on CUDA only: on CPU the per-expert loop of "sorted" is as fast and simpler.
     "grouped_mm": "moekit.experts.grouped:experts_grouped_mm",
-    # The same with the token gather, gate+up GEMM and activation fused in one Triton kernel
-    # (experimental; see docs/results/expert-compute.md for how it measures).
-    "grouped_mm_fused": "moekit.experts.grouped:experts_grouped_mm_fused",
 }
 
 

@@ -36,8 +36,7 @@ import torch
 from moekit.experts import steps
 from moekit.experts.sorted import experts_sorted
 
-__all__ = ["DECODE_MAX_SLOTS", "experts_grouped_mm", "experts_grouped_mm_fused", "grouped_mm_supported",
-           "route_by_expert"]
+__all__ = ["DECODE_MAX_SLOTS", "experts_grouped_mm", "grouped_mm_supported", "route_by_expert"]
 
 # Up to this many token-expert slots (T*K) an inference call takes the per-slot decode kernels:
 # sorting costs several launches. Measured on an H100 (benchmarks/bench_layer.py, CUDA graphs):
@@ -90,32 +89,21 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("moekit::experts_grouped_fwd", mutates_args=())
 def _experts_fwd(x_TD: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor,
                  order_N: torch.Tensor, inv_TK: torch.Tensor, offs_E: torch.Tensor,
-                 activation: str, fuse_gather: bool, save_x: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``y_TD [T, D]`` and, for the backward, ``h_NH [N, H]`` and ``x_ND [N, D]``
-    (``[0, D]`` when the fused gather runs without ``save_x``)."""
+                 activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``y_TD [T, D]`` and, for the backward, ``h_NH [N, H]`` and ``x_ND [N, D]``."""
     K = inv_TK.shape[1]
-    if fuse_gather and steps.use_triton(x_TD):
-        from moekit.experts.triton_gather_gemm import gather_gate_up
-
-        h_NH, a_NF, x_ND = gather_gate_up(x_TD, order_N, offs_E, w_in_EHD, K, activation, save_x)
-        if x_ND is None:
-            x_ND = x_TD.new_empty(0, x_TD.shape[1])
-    else:
-        x_ND = x_TD.index_select(0, order_N // K)
-        h_NH = _gmm(x_ND, w_in_EHD.transpose(-2, -1), offs_E)
-        a_NF = steps.act_forward(h_NH, offs_E, activation)
+    x_ND = x_TD.index_select(0, order_N // K)
+    h_NH = _gmm(x_ND, w_in_EHD.transpose(-2, -1), offs_E)
+    a_NF = steps.act_forward(h_NH, offs_E, activation)
     y_ND = _gmm(a_NF, w_out_EDF.transpose(-2, -1), offs_E)
     y_TD = steps.gather_sum(y_ND, inv_TK, weights_TK, x_TD.dtype)
     return y_TD, h_NH, x_ND
 
 
 @_experts_fwd.register_fake
-def _(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation, fuse_gather, save_x):
+def _(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation):
     N = order_N.shape[0]
-    # Matches the implementation on CUDA; on CPU the fused gather never runs.
-    n_saved = N if (save_x or not fuse_gather or x_TD.device.type != "cuda") else 0
-    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(N, w_in_EHD.shape[1]), x_TD.new_empty(n_saved, x_TD.shape[1])
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(N, w_in_EHD.shape[1]), x_TD.new_empty(N, x_TD.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +138,7 @@ def _(dy_TD, x_ND, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_N
 
 
 def _setup_context(ctx, inputs, output):
-    x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation, _fuse, _save = inputs
+    x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation = inputs
     ctx.activation = activation
     # h_NH and x_ND are outputs only so that they can be saved: never materialise zero
     # gradients for them (two [N, H] / [N, D] fills per step otherwise).
@@ -160,11 +148,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy_TD, _dh_unused, _dx_unused):
     if dy_TD is None:
-        return None, None, None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     x_ND, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH = ctx.saved_tensors
     dx, dw, dw_in, dw_out = _experts_bwd(dy_TD.contiguous(), x_ND, weights_TK, w_in_EHD, w_out_EDF,
                                          order_N, inv_TK, offs_E, h_NH, ctx.activation)
-    return dx, dw, dw_in, dw_out, None, None, None, None, None, None
+    return dx, dw, dw_in, dw_out, None, None, None, None
 
 
 _experts_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -231,14 +219,11 @@ def experts_grouped_mm(
     w_in_EHD: torch.Tensor,
     w_out_EDF: torch.Tensor,
     activation: str,
-    fuse_gather: bool = False,
 ) -> torch.Tensor:
     """Same contract as :func:`moekit.experts.reference.experts_reference`; ``[T, D]`` out.
 
     Falls back to :func:`moekit.experts.sorted.experts_sorted` for operands the grouped GEMM
-    does not take (fp64, unaligned widths, no tokens). ``fuse_gather``: compute the gate+up
-    GEMM with the experimental Triton kernel that gathers the token rows itself
-    (:mod:`moekit.experts.triton_gather_gemm`) instead of ``index_select`` + ``torch._grouped_mm``.
+    does not take (fp64, unaligned widths, no tokens).
     """
     _check_operands(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation)
     if torch.is_autocast_enabled(x_TD.device.type):
@@ -254,11 +239,5 @@ def experts_grouped_mm(
     order_N, inv_TK, offs_E = route_by_expert(indices_TK, w_in_EHD.shape[0])
     # Contiguous operands: the kernels index rows with one stride and slots as t*K + j.
     y_TD, _, _ = _experts_fwd(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD.contiguous(),
-                              w_out_EDF.contiguous(), order_N, inv_TK, offs_E, activation, fuse_gather, needs_grad)
+                              w_out_EDF.contiguous(), order_N, inv_TK, offs_E, activation)
     return y_TD
-
-
-def experts_grouped_mm_fused(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
-    """:func:`experts_grouped_mm` with the fused gather + gate+up + activation Triton kernel
-    (the ``grouped_mm_fused`` backend)."""
-    return experts_grouped_mm(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation, fuse_gather=True)
