@@ -144,3 +144,24 @@ def test_rebalance_keeps_device_and_accepts_1d_rows():
     phy2log, log2phy, logcnt = rebalance_experts(w, 20, 4, 2, 4)
     assert phy2log.shape == (3, 20) and log2phy.shape == (3, 16, 5) and logcnt.shape == (3, 16)
     assert phy2log.device == w.device
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**31))
+def test_round_robin_fallback_is_always_valid(rows, packs, slots, seed):
+    """The layout used where LPT gets stuck: exact counts, never two replicas in one pack."""
+    from moekit.placement.planner import _round_robin
+
+    rng = np.random.default_rng(seed)
+    experts = max(slots, rng.integers(slots, packs * slots + 1))
+    cnt = np.ones((rows, experts), dtype=np.int64)
+    for b in range(rows):            # random extra replicas, at most one per pack each
+        for _ in range(packs * slots - experts):
+            free = np.flatnonzero(cnt[b] < packs)
+            cnt[b, rng.choice(free)] += 1
+    keys = _round_robin(cnt, rng.random((rows, experts)), packs)
+    assert keys.shape == (rows, packs, slots)
+    for b in range(rows):
+        assert np.array_equal(np.bincount(keys[b].ravel(), minlength=experts), cnt[b])
+        for p in range(packs):
+            assert len(set(keys[b, p].tolist())) == slots

@@ -4,14 +4,17 @@
 ``[L, E]``:
 
 1. replica counts minimise the largest per-replica load (exact greedy, capped at one replica
-   per GPU of the node);
-2. replicas are packed heaviest first into the lightest GPU without that expert, then a
-   pairwise-swap local search lowers the heaviest GPU until no swap helps; no GPU ever holds
-   two replicas of one expert;
-3. given the previous plan, counts change only when it pays (hysteresis), replicas stay where
-   they are, new ones fill the freed slots, and swaps pay a price per moved expert (and/or a
-   move budget);
-4. groups stay on nodes when the configuration asks for it (EPLB's hierarchical policy).
+   per GPU of the node); lower caps on the hottest expert are tried where they can pack better;
+2. replicas are packed heaviest first into the lightest GPU without that expert (round robin,
+   always valid, where that gets stuck), then a pairwise-swap local search lowers the heaviest
+   GPU and a count search hands one of its slots to another expert when that lowers it; no GPU
+   ever holds two replicas of one expert;
+3. given the previous plan, the previous counts and counts moved where they pay (hysteresis)
+   are both packed with every replica anchored to its GPU, swaps pay a price per copied expert
+   (and/or a budget), and each row keeps the cheaper candidate;
+4. groups stay on nodes when the configuration asks for it (EPLB's hierarchical policy); the
+   groups are packed onto nodes by LPT plus swaps, and when replanning a group changes node
+   only if that pays for copying its replicas.
 
 Shapes: ``L`` layers, ``E`` experts, ``R`` slots, ``G`` groups, ``N`` nodes, ``P`` GPUs; rows
 ``B`` are layers (global policy) or (layer, node) pairs (hierarchical policy).
