@@ -132,15 +132,17 @@ class MoE(nn.Module):
     ``x`` is ``[..., dim]``; for ``balance="seq"`` the second-to-last dimension is the
     sequence (``[B, S, dim]``; a 2-D input is one sequence). dp_group: the data-parallel
     process group the global-batch counts and loss-free counts are summed over (default: the
-    WORLD group when ``torch.distributed`` is initialised).
+    WORLD group when ``torch.distributed`` is initialised). experts: a routed-experts module
+    with the forward contract of :class:`moekit.experts.GroupedExperts` to use instead of a new
+    one (e.g. expert-parallel experts that hold only this rank's slots).
     """
 
-    def __init__(self, cfg: MoEConfig, dp_group=None):
+    def __init__(self, cfg: MoEConfig, dp_group=None, experts: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(cfg)
-        self.experts = GroupedExperts(ExpertsConfig(cfg.dim, cfg.ffn_dim, cfg.num_experts,
-                                                    cfg.activation, cfg.backend))
+        self.experts = experts if experts is not None else GroupedExperts(
+            ExpertsConfig(cfg.dim, cfg.ffn_dim, cfg.num_experts, cfg.activation, cfg.backend))
         self.shared = (SharedExperts(cfg.dim, cfg.num_shared_experts * cfg.ffn_dim, cfg.activation)
                        if cfg.num_shared_experts > 0 else None)
         num_slots = cfg.num_experts + (cfg.num_null_experts if cfg.router == "null_experts" else 0)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from moekit import routing as R
-from moekit.experts import ExpertsConfig, SharedExperts
-from moekit.layer import MoE, MoEConfig, build_router
+from moekit.experts import ExpertsConfig
+from moekit.layer import MoE, MoEConfig
 from moekit.parallel.comm import resolve_group
 from moekit.parallel.experts import ExpertParallelExperts
 
@@ -43,17 +42,10 @@ class ExpertParallelMoE(MoE):
 
     def __init__(self, cfg: MoEConfig, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
                  dp_group=None, expert_dp_group=None, seed: int = 0, dedup: bool = True):
-        nn.Module.__init__(self)  # not MoE.__init__: it would allocate all E experts here
-        self.cfg = cfg
-        self.router = build_router(cfg)
-        self.experts = ExpertParallelExperts(_experts_config(cfg), resolve_group(group, mesh_dim), phy2log,
-                                             expert_dp_group, dedup)
-        self.experts.init_logical(seed)
-        self.shared = (SharedExperts(cfg.dim, cfg.num_shared_experts * cfg.ffn_dim, cfg.activation)
-                       if cfg.num_shared_experts > 0 else None)
-        num_slots = cfg.num_experts + (cfg.num_null_experts if cfg.router == "null_experts" else 0)
-        self.global_balance = R.GlobalBalance(num_slots, cfg.top_k, dp_group) if cfg.balance == "global" else None
-        self.aux_free = R.AuxFreeBias(cfg.num_experts, cfg.bias_update_rate, dp_group) if cfg.balance == "aux_free" else None
+        experts = ExpertParallelExperts(_experts_config(cfg), resolve_group(group, mesh_dim), phy2log,
+                                        expert_dp_group, dedup)
+        experts.init_logical(seed)
+        super().__init__(cfg, dp_group=dp_group, experts=experts)  # allocates only the local slots
 
 
 def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
