@@ -69,7 +69,7 @@ def plot_run(result: dict, out_dir: str | Path) -> list[Path]:
     num_layers = shares.shape[0]
     fig, axes = plt.subplots(1, num_layers, figsize=(2.6 * num_layers + 1, 0.5 * len(domains) + 1.6),
                              squeeze=False)
-    vmax = max(0.5, float(shares.max()))
+    vmax = max(0.25, float(shares.max()))
     for layer, ax in enumerate(axes[0]):
         im = ax.imshow(shares[layer], vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set_title(f"layer {layer}", fontsize=9)
