@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     console = Console(width=150)
     configs = dict(list(CONFIGS.items())[:1]) if args.quick else CONFIGS
     traces = ("zipf",) if args.quick else ("zipf", "lognormal")
-    results: dict = {"configs": {}, "timing": {}, "ilp": []}
+    results: dict = {"configs": {}, "timing": {}, "ilp": [], "eplb_duplicates": {}}
     with Progress(console=console, transient=True) as progress:
         total = sum(len(_runs(n)) for n in configs) * len(traces)
         task = progress.add_task("rolling evaluations", total=total)
@@ -158,6 +158,11 @@ def main(argv=None) -> int:
             tr = synthetic_trace(args.window * 2, spec["layers"], spec["experts"], 8, args.tokens, seed=0)
             load = predict_load(tr.counts[:args.window], method="last", window=args.window)
             prev = plan(predict_load(tr.counts[args.window:], method="last", window=args.window), config)
+            eplb_p2l = plan(load, config, algorithm="eplb").phy2log.numpy().reshape(spec["layers"], config.num_gpus, -1)
+            srt = np.sort(eplb_p2l, axis=2)
+            dup = (srt[:, :, 1:] == srt[:, :, :-1]).any(axis=2)
+            results["eplb_duplicates"][name] = {"gpu_layer_pairs_with_two_replicas_of_one_expert": float(dup.mean()),
+                                                "layers_affected": float(dup.any(axis=1).mean())}
             results["timing"][name] = {
                 "eplb": _time_plan(load, config, "eplb", args.repeats),
                 "moekit": _time_plan(load, config, "moekit", args.repeats),
@@ -167,6 +172,10 @@ def main(argv=None) -> int:
     results["ilp"] = _ilp_gaps(console, cases, args.ilp_time_limit)
 
     _print_tables(console, results)
+    for name, d in results["eplb_duplicates"].items():
+        console.print(f"{name}: EPLB puts two replicas of one expert on one GPU in "
+                      f"{100 * d['gpu_layer_pairs_with_two_replicas_of_one_expert']:.2f}% of (layer, GPU) pairs, "
+                      f"{100 * d['layers_affected']:.0f}% of layers (moekit: never)")
     results["goals"] = _goals(results)
     for line in results["goals"]["lines"]:
         console.print(line)

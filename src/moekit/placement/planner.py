@@ -30,7 +30,7 @@ from moekit.placement.eplb import eplb_placement
 from moekit.placement.packing import arrange, lpt_pack, swap_search
 from moekit.placement.result import Plan, build_log2phy, check_phy2log
 from moekit.placement.retarget import retarget_search
-from moekit.placement.replication import expand_replicas, greedy_counts, sticky_counts
+from moekit.placement.replication import expand_replicas, greedy_counts, row_counts, sticky_counts
 
 __all__ = ["plan", "rebalance_experts", "moekit_placement"]
 
@@ -83,8 +83,7 @@ def _anchored_layout(w_BX: np.ndarray, cnt_BX: np.ndarray, prev_BPS: np.ndarray,
     prev_BR = np.where(prev_BPS >= 0, prev_BPS, num_exp).reshape(num_rows, -1)
     order = np.argsort(prev_BR, axis=1, kind="stable")
     sorted_keys = np.take_along_axis(prev_BR, order, axis=1)
-    old_cnt = np.zeros((num_rows, num_exp + 1), dtype=np.int64)
-    np.add.at(old_cnt, (np.arange(num_rows)[:, None], prev_BR), 1)
+    old_cnt = row_counts(prev_BR, num_exp + 1)
     start = np.cumsum(old_cnt, axis=1) - old_cnt
     pos = np.take_along_axis(start, key_BR, axis=1) + rank_BR
     has_home = rank_BR < np.take_along_axis(old_cnt, key_BR, axis=1)
@@ -112,7 +111,7 @@ def _place_rows(w_BX: np.ndarray, num_slots: int, num_packs: int, prev_BPS: np.n
         # replicas, plans within 0.1% of the mean) that is rarely any row.
         top_B = _counts(keys, num_exp).max(axis=1)
         mean_B = w_BX.sum(axis=1) / num_packs
-        for drop in (1, 2):
+        for drop in (1,):
             cap_B = top_B - drop
             ok = (cap_B >= 1) & (cap_B * num_exp >= num_slots)
             if floor_B is not None:
@@ -147,8 +146,7 @@ def _replan_rows(w_BX: np.ndarray, num_slots: int, num_packs: int, prev_BPS: np.
     num_rows, num_exp = w_BX.shape
     rows = np.arange(num_rows)
     prev_valid = np.where(prev_BPS >= 0, prev_BPS, num_exp).reshape(num_rows, -1)
-    old_cnt = np.zeros((num_rows, num_exp + 1), dtype=np.int64)
-    np.add.at(old_cnt, (rows[:, None], prev_valid), 1)
+    old_cnt = row_counts(prev_valid, num_exp + 1)
     old_cnt = np.maximum(old_cnt[:, :num_exp], 1)
     # rows whose experts changed (a new group on the node) may not sum to num_slots
     keep_BX = np.where((old_cnt.sum(axis=1) == num_slots)[:, None], np.minimum(old_cnt, num_packs), 0)
@@ -206,9 +204,7 @@ def _max_load(w_BX: np.ndarray, key_BR: np.ndarray, num_packs: int) -> np.ndarra
 
 
 def _counts(key_BR: np.ndarray, num_exp: int) -> np.ndarray:
-    cnt_BX = np.zeros((key_BR.shape[0], num_exp), dtype=np.int64)
-    np.add.at(cnt_BX, (np.arange(key_BR.shape[0])[:, None], key_BR), 1)
-    return cnt_BX
+    return row_counts(key_BR, num_exp)
 
 
 def _improve(w_BX: np.ndarray, key_BPS: np.ndarray, home_BPK: np.ndarray | None,

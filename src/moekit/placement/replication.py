@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["greedy_counts", "sticky_counts", "expand_replicas"]
+__all__ = ["greedy_counts", "sticky_counts", "expand_replicas", "row_counts"]
 
 
 def greedy_counts(weight_BX: np.ndarray, num_slots: int, max_count=None) -> np.ndarray:
@@ -79,3 +79,11 @@ def expand_replicas(cnt_BX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     start_BX = np.cumsum(cnt_BX, axis=1) - cnt_BX
     rank_BR = np.arange(num_slots)[None, :] - np.take_along_axis(start_BX, key_BR, axis=1)
     return key_BR, rank_BR
+
+
+def row_counts(key_BN: np.ndarray, num_keys: int) -> np.ndarray:
+    """How often each key ``0..num_keys-1`` occurs in every row of ``key_BN`` (int64 ``[B, K]``;
+    any trailing axes of ``key_BN`` are flattened into the row)."""
+    num_rows = key_BN.shape[0]
+    flat = key_BN.reshape(num_rows, -1) + (np.arange(num_rows) * num_keys)[:, None]
+    return np.bincount(flat.ravel(), minlength=num_rows * num_keys).reshape(num_rows, num_keys)

@@ -17,6 +17,7 @@ from moekit.metrics import gpu_loads
 from moekit.metrics import moves as _moves
 from moekit.placement.config import PlacementConfig, check_load
 from moekit.placement.files import read_json, write_json
+from moekit.placement.replication import row_counts
 
 __all__ = ["Plan", "build_log2phy", "nodes_per_group", "check_phy2log"]
 
@@ -35,8 +36,7 @@ def check_phy2log(phy2log, num_experts: int, config: PlacementConfig, name: str 
     arr = arr.astype(np.int64)
     if arr.min() < 0 or arr.max() >= num_experts:
         raise ValueError(f"{name}: expected expert ids in [0, {num_experts}), got {arr.min()}..{arr.max()}")
-    cnt = np.zeros((arr.shape[0], num_experts), dtype=np.int64)
-    np.add.at(cnt, (np.arange(arr.shape[0])[:, None], arr), 1)
+    cnt = row_counts(arr, num_experts)
     if np.any(cnt == 0):
         raise ValueError(f"{name}: expected every logical expert to have at least one replica")
     return arr
@@ -49,8 +49,7 @@ def build_log2phy(phy2log_LR: np.ndarray, num_experts: int,
     ``rank_LR`` replicas are numbered in slot order."""
     num_layers, num_slots = phy2log_LR.shape
     rows = np.arange(num_layers)[:, None]
-    logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
-    np.add.at(logcnt, (rows, phy2log_LR), 1)
+    logcnt = row_counts(phy2log_LR, num_experts)
     if rank_LR is None:
         order = np.argsort(phy2log_LR, axis=1, kind="stable")
         sorted_keys = np.take_along_axis(phy2log_LR, order, axis=1)

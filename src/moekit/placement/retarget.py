@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moekit.placement.replication import row_counts
+
 __all__ = ["retarget_search"]
 
 
@@ -37,8 +39,7 @@ def retarget_search(key_BPS: np.ndarray, w_BX: np.ndarray, max_count,
     if num_packs < 2:
         return key_BPS
     rows_all = np.arange(num_rows)
-    cnt_BX = np.zeros((num_rows, num_exp), dtype=np.int64)
-    np.add.at(cnt_BX, (rows_all[:, None, None], key_BPS), 1)
+    cnt_BX = row_counts(key_BPS, num_exp)
     has_BPX = np.zeros((num_rows, num_packs, num_exp), dtype=bool)
     has_BPX[rows_all[:, None, None], np.arange(num_packs)[None, :, None], key_BPS] = True
     load_BP = _loads(key_BPS, w_BX, cnt_BX)
