@@ -165,6 +165,9 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                 name = "moekit all experts resident"
             try:
                 handle.reconfigure(cache_experts=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 ids = prompts(batch, args.prompt_len, cpu_model.config.vocab_size)
                 decode(model, ids, args.warmup_tokens, args.device)  # fills the cache: steady state
                 handle.reset_stats()
@@ -187,14 +190,14 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                                  fraction_of_copy_bound=res["decode_tokens_per_s"] / bound if dec_bytes else None,
                                  cpu_computed=s["cpu_computed"], demand_copies=s["demand_copies"],
                                  prefetch_copies=s["prefetch_copies"], misses=s["activations"] - s["hits"],
-                                 activations=s["activations"], tokens=res["tokens"]))
+                                 activations=s["activations"], tokens=res["tokens"],
+                                 gpu_budget_bytes=handle.dense_bytes + slots * expert_bytes + args.reserve_bytes,
+                                 peak_allocated_bytes=(torch.cuda.max_memory_allocated()
+                                                       if args.device == "cuda" else None)))
             except Exception as exc:  # keep the other figures of a one-shot device run
                 runs.append(dict(name=name, batch=batch, slots=slots, error=repr(exc)))
             print_run(runs[-1])
     mem = {}
-    if args.device == "cuda":
-        mem = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-               "budget_bytes_half": handle.dense_bytes + half * expert_bytes + args.reserve_bytes}
     costs = handle.engine.costs
     mem["cost_model"] = dict(h2d_bytes_per_s=costs.h2d_bytes_per_s, expert_bytes=costs.expert_bytes,
                              cpu_s_fixed=costs.cpu_s_fixed, cpu_s_per_token=costs.cpu_s_per_token)
@@ -297,6 +300,51 @@ def summarize_goals(runs: list) -> dict:
     return out
 
 
+def plot(doc: dict, path: str) -> None:
+    """Bar chart of decode tokens/s per run and batch (log scale), with the copy bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in doc["runs"] if "error" not in r]
+
+    def label(r):
+        text = r["name"].replace("all on GPU (transformers ", "all-GPU HF ").replace(")", "")
+        return text + (f" [{r['slots']} slots]" if r.get("slots") and "resident" not in r["name"] else "")
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 7), sharey=True)
+    for ax, batch in zip(axes, (1, 8)):
+        rs = [r for r in runs if r["batch"] == batch]
+        colors = ["tab:gray" if r["name"].startswith("all on GPU") or "resident" in r["name"] else
+                  "tab:red" if r["name"].startswith("transformers") else
+                  "tab:green" if r.get("cpu_compute") else "tab:blue" for r in rs]
+        ax.barh(range(len(rs)), [r["decode_tokens_per_s"] for r in rs], color=colors)
+        for i, r in enumerate(rs):
+            text, right = f"{r['decode_tokens_per_s']:.1f}", r["decode_tokens_per_s"]
+            if "decode_hit_rate" in r and "resident" not in r["name"]:
+                text += f"  hit {r['decode_hit_rate']:.2f}  PCIe {r['decode_pcie_utilization']:.2f}"
+                if not r.get("cpu_compute"):
+                    ax.plot([r["copy_bound_tokens_per_s"]], [i], marker="|", color="black", markersize=14)
+                    right = max(right, r["copy_bound_tokens_per_s"])
+            ax.text(right * 1.12, i, text, va="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlim(0.5, 5000)
+        ax.set_yticks(range(len(rs)))
+        ax.set_yticklabels([label(r) for r in rs], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("decode tokens/s (log)")
+        ax.set_title(f"batch {batch}")
+    model = doc["model"]
+    fig.suptitle(f"{model['preset']} config, {model['layers']} layers, random bf16 weights, {doc['machine']['device']} "
+                 f"(pinned H2D {doc['bandwidth']['pinned_h2d_bytes_per_s'] / 1e9:.1f} GB/s)\n"
+                 "blue: moekit cache, green: + CPU compute, red: transformers/accelerate offload, gray: all on GPU; "
+                 "| = PCIe copy bound at the measured hit rate", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def print_run(run: dict) -> None:
     if "error" in run:
         print(f"{run['name']:<34} batch {run.get('batch', '-')}: ERROR {run['error']}", flush=True)
@@ -320,7 +368,12 @@ def main(argv=None) -> int:
     p.add_argument("--hf-new-tokens", type=int, default=4)
     p.add_argument("--reserve-bytes", type=int, default=2 * 2**30, help="budget share for activations / KV cache")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/offload_<gpu>_<date>.json)")
+    p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an existing result file")
     args = p.parse_args(argv)
+    if args.plot:
+        with open(args.plot) as fh:
+            plot(json.load(fh), os.path.splitext(args.plot)[0] + ".png")
+        return 0
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
 
@@ -393,6 +446,10 @@ def main(argv=None) -> int:
     with os.fdopen(fd, "w") as fh:
         json.dump(doc, fh, indent=2, default=float)
     os.replace(tmp, out)
+    try:
+        plot(doc, os.path.splitext(out)[0] + ".png")
+    except ImportError:  # matplotlib is optional (the "plot" extra)
+        pass
     print(f"wrote {out}")
     return 0
 
