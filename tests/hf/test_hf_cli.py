@@ -48,7 +48,7 @@ def test_trace_cli_writes_a_trace(model_dir, tmp_path, capsys):
 def test_generate_cli_prints_figures_and_writes_json(model_dir, tmp_path, capsys):
     out = tmp_path / "gen.json"
     rc = main(["generate", "--model", str(model_dir), "--prompt", "the expert router", "--prompt", "load balance",
-               "--cache-experts", "4", "--prefetch", "next_layer", "--policy", "lfu", "--max-new-tokens", "4",
+               "--offload", "4", "--prefetch", "next_layer", "--policy", "lfu", "--max-new-tokens", "4",
                "--dtype", "float32", "--device", "cpu", "--json", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0 and "hit_rate" in printed and "pcie_utilization" in printed
@@ -62,6 +62,9 @@ def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("the a")
     assert main(["trace", "--model", str(tmp_path), "--text", str(tmp_path / "t.txt"), "-o", "x.npz"]) == 2
     assert "expected a local model folder" in capsys.readouterr().err
-    assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--cache-experts", "2",
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--offload", "2",
                  "--policy", "fifo", "--device", "cpu", "--dtype", "float32"]) == 2
     assert "policy" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--offload", "lots",
+                 "--device", "cpu", "--dtype", "float32"]) == 2
+    assert "moekit generate: error: gpu_memory" in capsys.readouterr().err

@@ -15,11 +15,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="local model folder (config.json, weights, tokenizer)")
     p.add_argument("--prompt", required=True, action="append",
                    help="prompt text (repeat for a batch)")
-    p.add_argument("--offload", default="cache", choices=("cache",),
-                   help="offloading mode: 'cache' = GPU expert cache over pinned CPU experts")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--cache-experts", type=int, help="number of GPU expert slots")
-    size.add_argument("--gpu-memory", help="GPU budget for dense weights + expert slots, e.g. 20GB")
+    p.add_argument("--offload", required=True, metavar="BUDGET",
+                   help="GPU budget for the dense weights + expert slots (e.g. 20GB, 7.5GiB), or a bare "
+                        "integer: that many GPU expert slots")
     p.add_argument("--policy", default="lru", help="cache policy: lru | lfu (default lru)")
     p.add_argument("--prefetch", default="none", help="none | next_layer (default none)")
     p.add_argument("--cpu-compute", action="store_true",
@@ -43,8 +41,10 @@ def run(args) -> int:
     from moekit.offload import offload
     from moekit.offload.session import generate_and_measure
 
+    budget = args.offload.strip()
+    slots, memory = (int(budget), None) if budget.isdigit() else (None, budget)
     model, tokenizer = load_causal_lm(args.model, args.dtype)
-    handle = offload(model, cache_experts=args.cache_experts, gpu_memory=args.gpu_memory, policy=args.policy,
+    handle = offload(model, cache_experts=slots, gpu_memory=memory, policy=args.policy,
                      prefetch=args.prefetch, cpu_compute=args.cpu_compute, device=args.device)
     result = generate_and_measure(model, tokenizer, args.prompt, handle, args.max_new_tokens)
     console = Console()
