@@ -58,3 +58,24 @@ def test_two_rank_ddp_against_one_process_on_concatenated_data(ddp_results, bala
         # Control: per-rank (micro-batch) balancing is NOT the concatenated-batch loss, so the
         # equality above is a real property of global balancing, not of the test setup.
         assert abs(dp["aux_mean"].item() - res["aux"].item()) > 1e-6
+
+
+def test_trainer_under_ddp_equals_one_process_with_the_same_micro_batches(ddp_results):
+    # With micro-batch balancing every micro-batch's loss is independent of how micro-batches
+    # are grouped, so 2 ranks x 2 accumulated micro-batches must train exactly like 1 process
+    # x 4 (the loader gives rank r, micro m the single-process slot m * 2 + r). This checks
+    # the trainer's DDP path: no_sync accumulation, gradient averaging, all-reduced figures.
+    import dataclasses
+
+    from moekit.train import load_corpus, train
+
+    dp = ddp_results["train"]
+    p = preset("tiny")
+    cfg = dataclasses.replace(p.train, steps=2, grad_accum=4)
+    single = train(with_balance(p.lm, "micro"), p.loader, cfg, load_corpus(max_train_bytes=50_000),
+                   progress=False)
+    for a, b in zip(dp["history"], single["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["aux"] == pytest.approx(b["aux"], rel=1e-5)
+        assert a["max_vio_batch"] == pytest.approx(b["max_vio_batch"], rel=1e-9)
+    assert dp["final"]["val_loss_mean"] == pytest.approx(single["final"]["val_loss_mean"], rel=1e-4)
