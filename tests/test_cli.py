@@ -41,3 +41,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "moekit bench: error: --top-k: expected at most --experts=8, got 9"
     assert not out.exists()
+
+
+def test_subpackages_load_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, moekit; assert 'moekit.hf' not in sys.modules; "
+            "moekit.hf.patch; moekit.offload.offload; moekit.placement.rebalance_experts; "
+            "moekit.placement.plan; moekit.trace.save_trace; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
