@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
         description="Train the small MoE LM once per balance objective (same initial weights, "
         "same data order per seed) and write compare.md, compare.json and compare.png: "
         "held-out loss per domain, global MaxVio, top-1/top-k expert share, NMI, step time. "
-        "--preset cpu-compare (default) takes ~2 min per arm on 2 CPU cores; --preset gpu ~5 "
+        "--preset cpu-compare (default) takes ~2-3 min per arm on 2 idle CPU cores; --preset gpu ~4.5 "
         "min per arm on one H100.")
     add_common_arguments(p, "cpu-compare")
     p.add_argument("--balance", default="none,micro,seq,global,aux_free",

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
         "train", help="train a small MoE LM on the embedded 4-domain corpus",
         description="Train a small decoder-only MoE language model (byte-level; code, KJV Bible, "
         "Python docs, arithmetic) and report held-out loss per domain, expert load balance "
-        "(MaxVio) and domain specialization. With no flags: ~5 minutes on a 2-core CPU. Writes "
+        "(MaxVio) and domain specialization. With no flags: ~3 minutes on an idle 2-core CPU. Writes "
         "runs/<name>/metrics.json, loss.png, expert_load.png and a resumable checkpoint. "
         "Runs data parallel under torchrun (gloo on CPU, NCCL on GPU).")
     add_common_arguments(p, "cpu")

@@ -1,6 +1,12 @@
-"""Named sizes of model, data and schedule: ``cpu`` (the ``moekit train`` default, about 5
-minutes on a 2-core CPU), ``cpu-compare`` (per arm of ``moekit compare`` on CPU), ``gpu``
-(about 5 minutes per arm on one H100) and ``tiny`` (tests, seconds)."""
+"""Named sizes of model, data and schedule.
+
+- ``cpu``: the ``moekit train`` default. One 2k-token micro-batch took ~0.2 s forward +
+  backward on an idle moment of the 2-core CPU, so 150 steps x 4 micro-batches is ~2-3 min
+  plus evaluation; under heavy load from other processes it takes several times longer.
+- ``cpu-compare``: one arm of ``moekit compare`` on CPU (half the tokens per step).
+- ``gpu``: ~4.5 min per arm on one H100 (162 ms per 64k-token step measured).
+- ``tiny``: tests (seconds).
+"""
 
 from __future__ import annotations
 
@@ -38,9 +44,9 @@ def _presets() -> dict[str, Preset]:
         "cpu": Preset(
             _lm(dim=128, layers=4, heads=4, experts=8, top_k=2, ffn=256),
             LoaderConfig(seq_len=128, micro_batch_size=16, mode="single"),
-            TrainConfig(steps=200, grad_accum=4, lr=3e-3, warmup_steps=20, eval_every=100,
+            TrainConfig(steps=150, grad_accum=4, lr=3e-3, warmup_steps=15, eval_every=75,
                         eval_seqs_per_domain=64, device="auto"),
-            "4 layers, d=128, 8 experts top-2; 200 steps x 8k tokens (~3-4 min, 2 idle CPU cores)"),
+            "4 layers, d=128, 8 experts top-2; 150 steps x 8k tokens (~3 min, 2 idle CPU cores)"),
         "cpu-compare": Preset(
             _lm(dim=128, layers=4, heads=4, experts=8, top_k=2, ffn=256),
             LoaderConfig(seq_len=128, micro_batch_size=8, mode="single"),
