@@ -180,10 +180,13 @@ def moves(old_phy2log_LR, new_phy2log_LR, num_gpus: int) -> int:
     num_layers, num_slots = old.shape
     if num_gpus <= 0 or num_slots % num_gpus:
         raise ValueError(f"num_gpus: expected a divisor of R={num_slots}, got {num_gpus}")
-    per_gpu = num_slots // num_gpus
-    total = 0
-    for l_idx in range(num_layers):
-        for g in range(num_gpus):
-            sl = slice(g * per_gpu, (g + 1) * per_gpu)
-            total += len(set(new[l_idx, sl].tolist()) - set(old[l_idx, sl].tolist()))
-    return total
+    num_experts = int(max(old.max(), new.max())) + 1
+    gpu_of_slot = np.arange(num_slots) // (num_slots // num_gpus)
+    rows = np.arange(num_layers)[:, None]
+
+    def holds(p2l: np.ndarray) -> np.ndarray:  # [L, P, E] bool: GPU p holds expert e
+        out = np.zeros((num_layers, num_gpus, num_experts), dtype=bool)
+        out[rows, gpu_of_slot[None, :], p2l] = True
+        return out
+
+    return int((holds(new) & ~holds(old)).sum())
