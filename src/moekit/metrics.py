@@ -22,6 +22,7 @@ __all__ = [
     "gpu_loads",
     "balancedness",
     "moves",
+    "nodes_per_group",
 ]
 
 
@@ -190,3 +191,21 @@ def moves(old_phy2log_LR, new_phy2log_LR, num_gpus: int) -> int:
         return out
 
     return int((holds(new) & ~holds(old)).sum())
+
+
+def nodes_per_group(phy2log_LR, num_experts: int, num_groups: int, num_nodes: int) -> float:
+    """Mean over layers and groups of the number of nodes holding a replica of the group.
+
+    Experts ``e`` with equal ``e // (E / G)`` form a group. 1.0 means group-limited routing to
+    ``topk_group`` groups reaches at most ``topk_group`` nodes.
+    """
+    p2l = np.asarray(phy2log_LR.cpu() if hasattr(phy2log_LR, "cpu") else phy2log_LR)
+    num_layers, num_slots = p2l.shape
+    if num_groups < 1 or num_experts % num_groups:
+        # without a valid grouping every expert is its own group
+        num_groups = num_experts
+    group_LR = p2l // (num_experts // num_groups)
+    node_R = np.arange(num_slots) // (num_slots // num_nodes)
+    seen = np.zeros((num_layers, num_groups, num_nodes), dtype=bool)
+    seen[np.arange(num_layers)[:, None], group_LR, node_R[None, :]] = True
+    return float(seen.sum(axis=2).mean())

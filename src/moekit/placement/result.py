@@ -15,11 +15,13 @@ import torch
 from moekit.metrics import balancedness as _balancedness
 from moekit.metrics import gpu_loads
 from moekit.metrics import moves as _moves
+from moekit.metrics import nodes_per_group
 from moekit.placement.config import PlacementConfig, check_load
 from moekit.placement.files import read_json, write_json
 from moekit.placement.replication import row_counts
 
 __all__ = ["Plan", "build_log2phy", "nodes_per_group", "check_phy2log"]
+
 
 _FORMAT = "moekit-placement-plan"
 
@@ -60,24 +62,6 @@ def build_log2phy(phy2log_LR: np.ndarray, num_experts: int,
     log2phy = np.full((num_layers, num_experts, num_slots - num_experts + 1), -1, dtype=np.int64)
     log2phy[rows, phy2log_LR, rank_LR] = np.arange(num_slots)[None, :]
     return log2phy, logcnt
-
-
-def nodes_per_group(phy2log_LR, num_experts: int, num_groups: int, num_nodes: int) -> float:
-    """Mean over layers and groups of the number of nodes holding a replica of the group.
-
-    Experts ``e`` with equal ``e // (E / G)`` form a group. 1.0 means group-limited routing to
-    ``topk_group`` groups reaches at most ``topk_group`` nodes.
-    """
-    p2l = np.asarray(phy2log_LR.cpu() if hasattr(phy2log_LR, "cpu") else phy2log_LR)
-    num_layers, num_slots = p2l.shape
-    if num_groups < 1 or num_experts % num_groups:
-        # without a valid grouping every expert is its own group
-        num_groups = num_experts
-    group_LR = p2l // (num_experts // num_groups)
-    node_R = np.arange(num_slots) // (num_slots // num_nodes)
-    seen = np.zeros((num_layers, num_groups, num_nodes), dtype=bool)
-    seen[np.arange(num_layers)[:, None], group_LR, node_R[None, :]] = True
-    return float(seen.sum(axis=2).mean())
 
 
 @dataclass
