@@ -18,13 +18,13 @@ from moekit.train.plots import plot_compare, plot_run
 from moekit.train.presets import BALANCE_ARMS, Preset, with_balance
 from moekit.train.trainer import train
 
-__all__ = ["compare", "summary_row", "markdown_table"]
+__all__ = ["compare", "summary_row", "markdown_table", "TABLE_COLUMNS"]
 
-_COLUMNS = [("balance", "arm", "{}"), ("seed", "seed", "{}"), ("val_loss_mean", "val loss", "{:.4f}"),
-            ("max_vio_global", "MaxVio (global)", "{:.3f}"),
-            ("max_vio_batch", "MaxVio (train batch)", "{:.3f}"),
-            ("top1_share", "top1 share", "{:.3f}"), ("topk_share", "topk share", "{:.3f}"),
-            ("nmi", "NMI", "{:.3f}"), ("step_time_ms", "step ms", "{:.1f}")]
+TABLE_COLUMNS = [  # (row key, header, format)
+    ("balance", "arm", "{}"), ("seed", "seed", "{}"), ("val_loss_mean", "val loss", "{:.4f}"),
+    ("max_vio_global", "MaxVio (global)", "{:.3f}"), ("max_vio_batch", "MaxVio (train batch)", "{:.3f}"),
+    ("top1_share", "top1 share", "{:.3f}"), ("topk_share", "topk share", "{:.3f}"),
+    ("nmi", "NMI", "{:.3f}"), ("step_time_ms", "step ms", "{:.1f}")]
 
 
 def summary_row(result: dict, seed: int) -> dict:
@@ -48,11 +48,11 @@ def summary_row(result: dict, seed: int) -> dict:
 
 def markdown_table(rows: list[dict], domains: list[str]) -> str:
     """Rows per run, then a mean row per arm when an arm has several seeds."""
-    head = [c[1] for c in _COLUMNS] + [f"val {d}" for d in domains]
+    head = [c[1] for c in TABLE_COLUMNS] + [f"val {d}" for d in domains]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(row: dict) -> str:
-        cells = [fmt_.format(row[key]) for key, _, fmt_ in _COLUMNS]
+        cells = [fmt_.format(row[key]) for key, _, fmt_ in TABLE_COLUMNS]
         cells += [f"{row['val_loss'][d]:.4f}" for d in domains]
         return "| " + " | ".join(cells) + " |"
 
@@ -61,7 +61,7 @@ def markdown_table(rows: list[dict], domains: list[str]) -> str:
     for arm in dict.fromkeys(r["balance"] for r in rows):
         group = [r for r in rows if r["balance"] == arm]
         if len(group) > 1:
-            mean = {k: float(np.mean([r[k] for r in group])) for k, _, _ in _COLUMNS[2:]}
+            mean = {k: float(np.mean([r[k] for r in group])) for k, _, _ in TABLE_COLUMNS[2:]}
             mean.update(balance=f"**{arm} (mean)**", seed=f"{len(group)} seeds",
                         val_loss={d: float(np.mean([r["val_loss"][d] for r in group])) for d in domains})
             lines.append(fmt(mean))

@@ -32,11 +32,9 @@ def compare_summary_table(doc: dict):
     """A ``rich.table.Table`` with one row per (arm, seed)."""
     from rich.table import Table
 
+    from moekit.train.compare import TABLE_COLUMNS as cols
+
     table = Table(title=f"balance comparison on {doc['device']}")
-    cols = [("balance", "arm", "{}"), ("seed", "seed", "{}"), ("val_loss_mean", "val loss", "{:.4f}"),
-            ("max_vio_global", "MaxVio glob", "{:.3f}"), ("max_vio_batch", "MaxVio batch", "{:.3f}"),
-            ("top1_share", "top1", "{:.3f}"), ("topk_share", "topk", "{:.3f}"), ("nmi", "NMI", "{:.3f}"),
-            ("step_time_ms", "step ms", "{:.1f}")]
     for _, label, _ in cols:
         table.add_column(label, justify="right")
     for row in doc["rows"]:
