@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.routing.topk import TopKRouter, TopKRouterConfig, router_logits
+from moekit.routing.topk import TopKRouter, TopKRouterConfig, check_top_k, linear_gate, router_logits
 from moekit.routing.types import Routing, RouterOutput, assignment_matrix, check_router_input, count_assignments
 
 __all__ = [
@@ -56,8 +56,7 @@ class NullExpertsRouterConfig:
     def __post_init__(self):
         if self.num_null_experts < 1:
             raise ValueError(f"num_null_experts: expected >= 1 for null_experts, got {self.num_null_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts={self.num_experts}, got {self.top_k}")
+        check_top_k(self.top_k, self.num_experts)
 
 
 class NullExpertsRouter(nn.Module):
@@ -70,8 +69,7 @@ class NullExpertsRouter(nn.Module):
     def __init__(self, cfg: NullExpertsRouterConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.dim, cfg.num_experts + cfg.num_null_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=cfg.dim ** -0.5)
+        self.gate = linear_gate(cfg.dim, cfg.num_experts + cfg.num_null_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
@@ -110,8 +108,7 @@ class TopPRouterConfig:
     def __post_init__(self):
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
-        if not 1 <= self.max_k <= self.num_experts:
-            raise ValueError(f"top_k: expected 1 <= top_k (max_k) <= num_experts={self.num_experts}, got {self.max_k}")
+        check_top_k(self.max_k, self.num_experts)
 
 
 class TopPRouter(nn.Module):
@@ -120,8 +117,7 @@ class TopPRouter(nn.Module):
     def __init__(self, cfg: TopPRouterConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=cfg.dim ** -0.5)
+        self.gate = linear_gate(cfg.dim, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None) -> RouterOutput:
         cfg = self.cfg

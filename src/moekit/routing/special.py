@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.routing.topk import router_logits
+from moekit.routing.topk import check_top_k, linear_gate, router_logits
 from moekit.routing.types import Routing, RouterOutput, assignment_matrix, check_router_input, count_assignments
 
 __all__ = [
@@ -43,8 +43,7 @@ class DenseToSparseRouterConfig:
     threshold: float = 1e-3
 
     def __post_init__(self):
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts={self.num_experts}, got {self.top_k}")
+        check_top_k(self.top_k, self.num_experts)
         if not (self.tau_start > 0 and self.tau_end > 0):
             raise ValueError(f"tau_start/tau_end: expected > 0, got {self.tau_start}/{self.tau_end}")
         if self.anneal_steps < 0:
@@ -58,8 +57,7 @@ class DenseToSparseRouter(nn.Module):
     def __init__(self, cfg: DenseToSparseRouterConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=cfg.dim ** -0.5)
+        self.gate = linear_gate(cfg.dim, cfg.num_experts)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def temperature(self) -> float:
@@ -114,8 +112,7 @@ class ExpertChoiceRouterConfig:
     capacity_factor: float = 1.0
 
     def __post_init__(self):
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts={self.num_experts}, got {self.top_k}")
+        check_top_k(self.top_k, self.num_experts)
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor: expected > 0, got {self.capacity_factor}")
 
@@ -127,8 +124,7 @@ class ExpertChoiceRouter(nn.Module):
     def __init__(self, cfg: ExpertChoiceRouterConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=cfg.dim ** -0.5)
+        self.gate = linear_gate(cfg.dim, cfg.num_experts)
 
     def capacity(self, num_tokens: int) -> int:
         cfg = self.cfg

@@ -30,9 +30,29 @@ __all__ = [
     "MoGERouterConfig",
     "MoGERouter",
     "router_logits",
+    "linear_gate",
+    "check_top_k",
+    "check_groups",
 ]
 
 _SCORES = ("softmax", "sigmoid")
+
+
+def linear_gate(dim: int, num_outputs: int) -> nn.Linear:
+    """A bias-free ``dim -> num_outputs`` router projection, initialised with std ``dim**-0.5``."""
+    gate = nn.Linear(dim, num_outputs, bias=False)
+    nn.init.normal_(gate.weight, std=dim ** -0.5)
+    return gate
+
+
+def check_top_k(top_k: int, num_experts: int, name: str = "top_k") -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"{name}: expected 1 <= {name} <= num_experts={num_experts}, got {top_k}")
+
+
+def check_groups(num_groups: int, num_experts: int) -> None:
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"num_groups: expected a divisor of num_experts={num_experts}, got {num_groups}")
 
 
 def router_logits(gate: nn.Linear, x_TD: torch.Tensor) -> torch.Tensor:
@@ -61,8 +81,7 @@ class TopKRouterConfig:
             raise ValueError(f"score: expected one of {_SCORES}, got {self.score!r}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts: expected >= 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts={self.num_experts}, got {self.top_k}")
+        check_top_k(self.top_k, self.num_experts)
 
 
 class TopKRouter(nn.Module):
@@ -71,8 +90,7 @@ class TopKRouter(nn.Module):
     def __init__(self, cfg: TopKRouterConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=cfg.dim ** -0.5)
+        self.gate = linear_gate(cfg.dim, cfg.num_experts)
 
     def select(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """``[T, k]`` chosen expert ids from selection scores ``[T, E]``."""
@@ -111,8 +129,7 @@ class GroupLimitedRouterConfig(TopKRouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_groups < 1 or self.num_experts % self.num_groups:
-            raise ValueError(f"num_groups: expected a divisor of num_experts={self.num_experts}, got {self.num_groups}")
+        check_groups(self.num_groups, self.num_experts)
         if not 1 <= self.topk_group <= self.num_groups:
             raise ValueError(f"topk_group: expected 1 <= topk_group <= num_groups={self.num_groups}, got {self.topk_group}")
         per_group = self.num_experts // self.num_groups
@@ -143,8 +160,7 @@ class MoGERouterConfig(TopKRouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_groups < 1 or self.num_experts % self.num_groups:
-            raise ValueError(f"num_groups: expected a divisor of num_experts={self.num_experts}, got {self.num_groups}")
+        check_groups(self.num_groups, self.num_experts)
         if self.top_k % self.num_groups:
             raise ValueError(f"top_k: expected a multiple of num_groups={self.num_groups} for moge, got {self.top_k}")
 
