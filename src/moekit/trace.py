@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from moekit._io import atomic_path
 
 __all__ = ["RoutingTrace", "save_trace", "load_trace", "synthetic_trace"]
 
@@ -100,16 +102,8 @@ def save_trace(path: str | os.PathLike, trace: RoutingTrace) -> None:
     }
     if trace.domains is not None:
         arrays["domains"] = trace.domains
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".npz.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def load_trace(path: str | os.PathLike) -> RoutingTrace:

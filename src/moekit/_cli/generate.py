@@ -30,9 +30,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
-    import os
-    import tempfile
 
     from rich.console import Console
     from rich.table import Table
@@ -60,9 +57,7 @@ def run(args) -> int:
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        fd, tmp = tempfile.mkstemp(prefix=".generate-", suffix=".json.tmp", dir=directory)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, args.json)
+        from moekit._io import atomic_write_json
+
+        atomic_write_json(args.json, result)
     return 0

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+
 
 import numpy as np
+
+from moekit._io import atomic_write_json
 
 __all__ = ["write_json", "read_json", "read_load"]
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temporary file, then ``os.replace``)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".moekit-", suffix=".json.tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, obj)
 
 
 def read_json(path: str | os.PathLike, what: str):
