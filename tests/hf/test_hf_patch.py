@@ -1,6 +1,5 @@
 """moekit.hf.patch: every supported family keeps its logits and gradients, sharing storage."""
 
-import copy
 import sys
 from pathlib import Path
 

@@ -82,7 +82,6 @@ def _anchored_layout(w_BX: np.ndarray, cnt_BX: np.ndarray, prev_BPS: np.ndarray,
     # the j-th previous occurrence of every expert: sort previous slots by (expert, pack)
     prev_BR = np.where(prev_BPS >= 0, prev_BPS, num_exp).reshape(num_rows, -1)
     order = np.argsort(prev_BR, axis=1, kind="stable")
-    sorted_keys = np.take_along_axis(prev_BR, order, axis=1)
     old_cnt = row_counts(prev_BR, num_exp + 1)
     start = np.cumsum(old_cnt, axis=1) - old_cnt
     pos = np.take_along_axis(start, key_BR, axis=1) + rank_BR
