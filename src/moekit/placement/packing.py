@@ -73,7 +73,8 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
                 num_keys: int = 0, *, home_BPK: np.ndarray | None = None, move_price: float = 0.0,
                 max_moves_B: np.ndarray | None = None, floor_B: np.ndarray | None = None,
                 max_iters: int | None = None, search_width: int = 4,
-                stop_tolerance: float = 1e-4) -> np.ndarray:
+                stop_tolerance: float = 1e-4, var_BN: np.ndarray | None = None,
+                risk: float = 0.0) -> np.ndarray:
     """Pairwise-swap local search that lowers the heaviest pack of every row.
 
     Each step, in every row still improving, tries every exchange of an item of the heaviest
@@ -88,6 +89,12 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
     worth nothing (a node that is not the layer's bottleneck need not move anything). A row
     stops once its heaviest pack is within ``stop_tolerance`` of its mean (nothing left to win).
 
+    Risk-aware mode (``risk > 0`` and ``var_BN``, the variance of every item's load): a pack's
+    score is ``load + risk * sqrt(sum of its items' variances)`` (a high quantile of its load
+    when the items' errors are independent), and the search lowers the highest *score* instead
+    of the highest load: it spreads volatile items over packs and leaves headroom where they
+    sit. ``risk = 0`` is the plain load.
+
     Returns the improved ``item_BPS`` (a new array; the input is left untouched).
     """
     item_BPS = item_BPS.copy()
@@ -99,6 +106,10 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
     k_BPS = keys_BN[rows_all[:, None, None], item_BPS] if keys_BN is not None else None
     load_BP = w_BPS.sum(axis=2)
     mean_B = np.maximum(load_BP.mean(axis=1), 1e-300)
+    risky = risk > 0 and var_BN is not None
+    if risky:
+        v_BPS = var_BN[rows_all[:, None, None], item_BPS].astype(np.float64)
+        var_BP = v_BPS.sum(axis=2)
     has_BPK = None
     if k_BPS is not None:
         has_BPK = np.zeros((num_rows, num_packs, num_keys), dtype=bool)
@@ -119,16 +130,20 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
         n_a = a.size
         ra = np.arange(n_a)
         load_AP = load_BP[a]
-        g_A = load_AP.argmax(axis=1)
+        # score_AP: what the search minimises the maximum of (the load, or its risk quantile)
+        score_AP = load_AP + risk * np.sqrt(var_BP[a]) if risky else load_AP
+        g_A = score_AP.argmax(axis=1)
         load_g_A = load_AP[ra, g_A]
-        keep = load_g_A > mean_B[a] * (1 + stop_tolerance)
+        score_g_A = score_AP[ra, g_A]
+        keep = score_g_A > mean_B[a] * (1 + stop_tolerance)
         if not keep.all():
-            a, load_AP, g_A, load_g_A = a[keep], load_AP[keep], g_A[keep], load_g_A[keep]
+            a, load_AP, score_AP, g_A = a[keep], load_AP[keep], score_AP[keep], g_A[keep]
+            load_g_A, score_g_A = load_g_A[keep], score_g_A[keep]
             n_a = a.size
             if n_a == 0:
                 break
             ra = np.arange(n_a)
-        q_AQ = np.argpartition(load_AP, num_q - 1, axis=1)[:, :num_q] if num_q < num_packs else \
+        q_AQ = np.argpartition(score_AP, num_q - 1, axis=1)[:, :num_q] if num_q < num_packs else \
             np.broadcast_to(pack_ids, (n_a, num_packs))
         ai = ra[:, None]
         # candidates are ranked in float32 (half the memory traffic); the acceptance test and
@@ -136,9 +151,20 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
         wg_AS = w_BPS[a, g_A].astype(np.float32)                   # items of the heaviest pack
         w_AQS = w_BPS[a[:, None], q_AQ].astype(np.float32)
         d = wg_AS[:, None, :, None] - w_AQS[:, :, None, :]         # [A, q, slot on g, slot on q]
-        new_hi = np.maximum(load_g_A.astype(np.float32)[:, None, None, None] - d,
-                            load_AP[ai, q_AQ].astype(np.float32)[:, :, None, None] + d)
-        invalid = d <= 0
+        if risky:
+            dv = (v_BPS[a, g_A].astype(np.float32)[:, None, :, None]
+                  - v_BPS[a[:, None], q_AQ].astype(np.float32)[:, :, None, :])
+            vg = var_BP[a, g_A].astype(np.float32)[:, None, None, None]
+            vq = var_BP[a[:, None], q_AQ].astype(np.float32)[:, :, None, None]
+            new_hi = np.maximum(load_g_A.astype(np.float32)[:, None, None, None] - d
+                                + risk * np.sqrt(np.maximum(vg - dv, 0)),
+                                load_AP[ai, q_AQ].astype(np.float32)[:, :, None, None] + d
+                                + risk * np.sqrt(np.maximum(vq + dv, 0)))
+            invalid = new_hi >= score_g_A.astype(np.float32)[:, None, None, None]
+        else:
+            new_hi = np.maximum(load_g_A.astype(np.float32)[:, None, None, None] - d,
+                                load_AP[ai, q_AQ].astype(np.float32)[:, :, None, None] + d)
+            invalid = d <= 0
         invalid |= (q_AQ == g_A[:, None])[:, :, None, None]
         if has_BPK is not None:
             kg_AS = k_BPS[a, g_A]
@@ -154,7 +180,7 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
         else:
             if floor_B is not None:
                 new_hi = np.maximum(new_hi, floor_B[a].astype(np.float32)[:, None, None, None])
-            gain = load_g_A.astype(np.float32)[:, None, None, None] - new_hi
+            gain = score_g_A.astype(np.float32)[:, None, None, None] - new_hi
             b3, q3, g3 = a[:, None, None], q_AQ[:, :, None], g_A[:, None, None]
             # d_moves = new (pack, key) pairs away from home minus the ones given up
             d_moves = ((~home_BPK[b3, q3, kg_AS[:, None, :]])[:, :, :, None].astype(np.int64)
@@ -165,7 +191,7 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
             score = gain * inv_mean[:, None, None, None] - move_price * d_moves
             if max_moves_B is not None:
                 invalid |= (away_B[a][:, None, None, None] + d_moves) > max_moves_B[a][:, None, None, None]
-            invalid |= gain <= 1e-9 * load_g_A.astype(np.float32)[:, None, None, None]
+            invalid |= gain <= 1e-9 * score_g_A.astype(np.float32)[:, None, None, None]
             score[invalid] = -np.inf
             flat = score.reshape(n_a, -1)
             best = flat.argmax(axis=1)
@@ -177,10 +203,17 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
         # a swap must win at least 1e-5 of the mean load to be worth an iteration
         q_sel = q_AQ[ra, qi_A]
         d64 = w_BPS[a, g_A, sg_A] - w_BPS[a, q_sel, sq_A]
-        hi64 = np.maximum(load_g_A - d64, load_AP[ra, q_sel] + d64)
+        if risky:
+            dv64 = v_BPS[a, g_A, sg_A] - v_BPS[a, q_sel, sq_A]
+            hi64 = np.maximum(load_g_A - d64 + risk * np.sqrt(np.maximum(var_BP[a, g_A] - dv64, 0)),
+                              load_AP[ra, q_sel] + d64
+                              + risk * np.sqrt(np.maximum(var_BP[a, q_sel] + dv64, 0)))
+        else:
+            hi64 = np.maximum(load_g_A - d64, load_AP[ra, q_sel] + d64)
+            ok &= d64 > 0
         if floor_B is not None and home_BPK is not None:
             hi64 = np.maximum(hi64, floor_B[a])
-        ok &= (d64 > 0) & (load_g_A - hi64 > 1e-5 * mean_B[a])
+        ok &= score_g_A - hi64 > 1e-5 * mean_B[a]
         if not ok.any():
             break
         b, sg, sq, g = a[ok], sg_A[ok], sq_A[ok], g_A[ok]
@@ -198,6 +231,11 @@ def swap_search(item_BPS: np.ndarray, weight_BN: np.ndarray, keys_BN: np.ndarray
         w_BPS[b, g, sg], w_BPS[b, q, sq] = wq, wg
         load_BP[b, g] += wq - wg
         load_BP[b, q] += wg - wq
+        if risky:
+            vg_, vq_ = v_BPS[b, g, sg], v_BPS[b, q, sq]
+            v_BPS[b, g, sg], v_BPS[b, q, sq] = vq_, vg_
+            var_BP[b, g] += vq_ - vg_
+            var_BP[b, q] += vg_ - vq_
         ig, iq = item_BPS[b, g, sg], item_BPS[b, q, sq]
         item_BPS[b, g, sg], item_BPS[b, q, sq] = iq, ig
         active = b
