@@ -88,7 +88,8 @@ def _anchored_layout(w_BX: np.ndarray, cnt_BX: np.ndarray, prev_BPS: np.ndarray,
     has_home = rank_BR < np.take_along_axis(old_cnt, key_BR, axis=1)
     home_slot = np.take_along_axis(order, np.minimum(pos, order.shape[1] - 1), axis=1)
     home_BR = np.where(has_home, home_slot // cap, -1)
-    limit_B = rw_BR.sum(axis=1) / num_packs * (1.0 + slack)
+    # slack = inf (a hard move budget): every replica that fits stays, also in all-zero rows
+    limit_B = np.full(num_rows, np.inf) if np.isinf(slack) else rw_BR.sum(axis=1) / num_packs * (1.0 + slack)
     pack, rank = lpt_pack(rw_BR, num_packs, key_BR, num_exp, home_BR, limit_B)
     key_BPS = np.take_along_axis(key_BR[:, None, :], arrange(pack, rank, num_packs), axis=2)
     bad = _has_duplicates(key_BPS)
