@@ -202,16 +202,9 @@ def ideas_main(args, console: Console) -> int:
                 base = res["eplb (last window)"]
                 console.print(f"{name} | {kind} | seed {seed}: eplb {base:.4f}; "
                               + ", ".join(f"{k}: {v - base:+.4f}" for k, v in res.items() if not k.startswith("eplb")))
-    results.update({"command": " ".join([sys.executable, *sys.argv]),
-                    "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": _machine(), "versions": _versions(),
-                    "settings": {"steps": args.steps, "window": args.window, "tokens_per_step": args.tokens,
-                                 "seeds": seeds, "rel_sigma": IDEA_REL_SIGMA, "halflives": IDEA_HALFLIVES}})
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"placement_ideas_cpu_{datetime.date.today().isoformat()}.json")
-    _write_json(results, out)
-    _plot_ideas(results, out.replace(".json", ".png"))
-    console.print(f"wrote {out}")
+    settings = {"steps": args.steps, "window": args.window, "tokens_per_step": args.tokens,
+                "seeds": seeds, "rel_sigma": IDEA_REL_SIGMA, "halflives": IDEA_HALFLIVES}
+    _save(results, settings, args.out, "placement_ideas_cpu", _plot_ideas, console)
     return 0
 
 
@@ -251,11 +244,19 @@ def _plot_ideas(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _write_json(results: dict, out: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), suffix=".tmp")
+def _save(results: dict, settings: dict, out: str | None, stem: str, plot, console: Console) -> None:
+    """Add the command, date, machine and versions; write the JSON atomically and its PNG."""
+    results.update({"command": " ".join([sys.executable, *sys.argv]),
+                    "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": _machine(), "versions": _versions(), "settings": settings})
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                              f"{stem}_{datetime.date.today().isoformat()}.json")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(results, fh, indent=1)
     os.replace(tmp, out)
+    plot(results, out.replace(".json", ".png"))
+    console.print(f"wrote {out}")
 
 
 def main(argv=None) -> int:
@@ -323,19 +324,10 @@ def main(argv=None) -> int:
     results["goals"] = _goals(results)
     for line in results["goals"]["lines"]:
         console.print(line)
-    results.update({
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(), "versions": _versions(),
-        "settings": {"steps": args.steps, "window": args.window, "tokens_per_step": args.tokens,
-                     "top_k": 8, "ema_halflife_steps": 5.0, "repeats": args.repeats,
-                     "eplb_reference_ms_published": EPLB_REFERENCE_MS},
-    })
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"placement_cpu_{datetime.date.today().isoformat()}.json")
-    _write_json(results, out)
-    _plot(results, out.replace(".json", ".png"))
-    console.print(f"wrote {out}")
+    settings = {"steps": args.steps, "window": args.window, "tokens_per_step": args.tokens,
+                "top_k": 8, "ema_halflife_steps": 5.0, "repeats": args.repeats,
+                "eplb_reference_ms_published": EPLB_REFERENCE_MS}
+    _save(results, settings, args.out, "placement_cpu", _plot, console)
     return 0
 
 
