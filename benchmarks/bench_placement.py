@@ -131,8 +131,10 @@ IDEA_REL_SIGMA = 0.19   # log-error std of the EMA's next-window prediction, mea
 
 
 def _log_ema(counts_TLE: np.ndarray, window: int, halflife: float = 5.0, clip: float = 1.5) -> np.ndarray:
-    """EMA of log counts with each step's residual clipped at ``clip`` (a burst, x4 = +1.39, barely
-    moves it), scaled to ``window`` steps of the last step's total."""
+    """EMA of log counts with each step's residual clipped at ``clip`` (5 sd of the trace's step
+    noise; a x4 burst step, +1.39 plus noise, is cut only in part), scaled to ``window`` steps of
+    the last step's total. In the log domain a burst step weighs like any other step, where the
+    count EMA lets it add up to 3x its weight."""
     y = np.log(counts_TLE + 0.5)
     k = 1 - 0.5 ** (1 / halflife)
     m = np.median(y[:3], axis=0)
