@@ -60,7 +60,7 @@ class LoopSettings:
     (``R = E + world * redundant_per_rank``). skew / drift / step_noise / burst_prob: see
     :func:`moekit.trace.synthetic_trace` (drift: std of the log-popularity random walk per step)."""
 
-    steps: int = 120
+    steps: int = 240
     replan_every: int = 10
     tokens: int = 512
     dim: int = 128
@@ -173,8 +173,8 @@ def run_loop(s: LoopSettings, group=None, device: torch.device = torch.device("c
     initial = plan(pop_SLE[0] * s.tokens * world * s.top_k, config).phy2log
     models, optims = {}, {}
     for arm in ARMS:
-        with torch.device(device):
-            models[arm] = ExpertStack(s, group, initial).to(dtype)
+        # built on the CPU: init_logical draws from CPU generators (replicas start equal)
+        models[arm] = ExpertStack(s, group, initial).to(device, dtype)
         optims[arm] = torch.optim.Adam(models[arm].parameters(), lr=s.lr)
     local_counts_SLE = torch.zeros(s.steps, s.layers, s.num_experts, dtype=torch.int64)
     step_ms = torch.zeros(len(ARMS), s.steps, dtype=torch.float64)
@@ -183,10 +183,10 @@ def run_loop(s: LoopSettings, group=None, device: torch.device = torch.device("c
     replans = {arm: [] for arm in ARMS}
     for step in range(s.steps):
         if step > 0 and step % s.replan_every == 0:
-            window = local_counts_SLE[step - s.replan_every:step].sum(0)
+            window = local_counts_SLE[step - s.replan_every:step].sum(0).to(device)  # NCCL: device tensors
             dist.all_reduce(window, group=group)
-            for a, arm in enumerate(ARMS[1:], start=1):
-                replans[arm].append(_replan_and_apply(arm, window.double().numpy(), config, models[arm],
+            for arm in ARMS[1:]:
+                replans[arm].append(_replan_and_apply(arm, window.cpu().double().numpy(), config, models[arm],
                                                       optims[arm], step, group, device))
                 placements[arm].append(replans[arm][-1]["phy2log"])
         gen = torch.Generator().manual_seed((s.seed * 1_000_003 + step) * 4099 + rank)
@@ -213,9 +213,10 @@ def run_loop(s: LoopSettings, group=None, device: torch.device = torch.device("c
             plan_index[a, step] = len(placements[arm]) - 1
         if progress is not None:
             progress(step + 1)
+    step_ms, counts_SLE = step_ms.to(device), local_counts_SLE.to(device)
     dist.all_reduce(step_ms, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(local_counts_SLE, group=group)
-    counts = local_counts_SLE.double().numpy()
+    dist.all_reduce(counts_SLE, group=group)
+    step_ms, counts = step_ms.cpu(), counts_SLE.cpu().double().numpy()
     steps = {}
     for a, arm in enumerate(ARMS):
         bal = [balancedness(counts[t], placements[arm][plan_index[a, t]], world) for t in range(s.steps)]
@@ -336,7 +337,9 @@ def plot(result: dict, path: str) -> None:
         ms = np.array(st["step_ms"])
         roll = np.array([np.median(ms[max(0, t - 4):t + 1]) for t in range(len(ms))])
         axes[0].plot(steps, s["tokens"] / roll * 1e3 / 1e3, color=color, label=arm)
-        axes[1].plot(steps, st["balancedness"], color=color, label=arm)
+        bal = np.array(st["balancedness"])
+        axes[1].plot(steps, bal, color=color, lw=0.6, alpha=0.35)
+        axes[1].plot(steps, [bal[max(0, t - 9):t + 1].mean() for t in range(len(bal))], color=color, label=arm)
         cum = np.zeros(len(steps))
         for r in rp:
             cum[r["step"]:] += r["bytes_total"]
@@ -346,7 +349,7 @@ def plot(result: dict, path: str) -> None:
             ax.axvline(t, color="k", ls=":", lw=0.5)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("k tokens/s per rank\n(rolling median, 5 steps)")
-    axes[1].set_ylabel("balancedness\n(mean/max rank load)")
+    axes[1].set_ylabel("balancedness (mean/max rank load)\nper step, and mean of 10 steps")
     axes[2].set_ylabel("cumulative MB moved\n(weights + Adam state)")
     axes[2].set_xlabel("training step")
     axes[0].legend(fontsize=8)
@@ -361,10 +364,10 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_result(result: dict, out_dir: str) -> str:
+def write_result(result: dict, out_dir: str, suffix: str = "") -> str:
     tag = "cpu" if result["machine"]["backend"] == "gloo" else \
         result["machine"]["device"].lower().replace("nvidia ", "").split()[0]
-    base = os.path.join(out_dir, f"ep_rebalance_{tag}_{datetime.date.today().isoformat()}")
+    base = os.path.join(out_dir, f"ep_rebalance_{tag}_{datetime.date.today().isoformat()}{suffix and '_' + suffix}")
     _atomic_write(base + ".json", lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
     plot(result, base + ".png")
     return base
@@ -407,7 +410,7 @@ def worker(rank: int, args, s: LoopSettings) -> None:
         )
         result["summary"] = summarize(result, s)
         print_table(result["summary"], s)
-        print(f"wrote {write_result(result, args.out)}.json/.png")
+        print(f"wrote {write_result(result, args.out, args.suffix)}.json/.png")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -421,6 +424,7 @@ def main(argv=None) -> int:
         flag = "--" + {"num_experts": "experts"}.get(f.name, f.name).replace("_", "-")
         p.add_argument(flag, dest=f.name, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--suffix", default="", help="appended to the result file names (e.g. w4)")
     p.add_argument("--plot", metavar="JSON", help="only redraw the PNG of an existing result file")
     args = p.parse_args(argv)
     if args.plot:
