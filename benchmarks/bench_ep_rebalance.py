@@ -376,6 +376,15 @@ def write_result(result: dict, out_dir: str, suffix: str = "") -> str:
 # ------------------------------------------------------------------------------ driver
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
+
+
 def worker(rank: int, args, s: LoopSettings) -> None:
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -395,7 +404,7 @@ def worker(rank: int, args, s: LoopSettings) -> None:
     else:
         result = run_loop(s, None, device, dtype)
     if rank == 0:
-        dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+        dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         result.update(
             benchmark="bench_ep_rebalance",
             command=" ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -405,7 +414,8 @@ def worker(rank: int, args, s: LoopSettings) -> None:
                       "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                       "python": platform.python_version()},
             machine={"device": dev_name, "world": args.world, "backend": backend, "host": platform.node(),
-                     "cpus": os.cpu_count(), "threads_per_rank": torch.get_num_threads()},
+                     "cpu_model": _cpu_model(), "cpus": os.cpu_count(), "threads_per_rank": torch.get_num_threads(),
+                     "load_average_at_end": os.getloadavg()},
             settings=dataclasses.asdict(s) | {"dtype": str(dtype).replace("torch.", "")},
         )
         result["summary"] = summarize(result, s)
