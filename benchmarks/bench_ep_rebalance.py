@@ -58,7 +58,8 @@ GOAL_BYTES_RATIO = 0.20  # issue 7: movement-aware replans move <= 20% of the by
 class LoopSettings:
     """Sizes of one run. tokens: per rank and step. redundant_per_rank: extra slots per rank
     (``R = E + world * redundant_per_rank``). skew / drift / step_noise / burst_prob: see
-    :func:`moekit.trace.synthetic_trace` (drift: std of the log-popularity random walk per step)."""
+    :func:`moekit.trace.synthetic_trace` (drift: std of the log-popularity random walk per step).
+    move_price: see :class:`moekit.placement.ReplanConfig`."""
 
     steps: int = 240
     replan_every: int = 10
@@ -75,6 +76,7 @@ class LoopSettings:
     burst_prob: float = 0.02
     lr: float = 1e-3
     seed: int = 0
+    move_price: float = 0.003  # the movement-aware arm's ReplanConfig.move_price (0.003 is its default)
 
     def __post_init__(self) -> None:
         for name in ("steps", "replan_every", "tokens", "dim", "ffn", "num_experts", "top_k", "layers"):
@@ -132,13 +134,13 @@ class ExpertStack(nn.Module):
         return torch.stack([layer.phy2log.cpu() for layer in self.layers]).numpy()
 
 
-def replan(arm: str, load_LE: np.ndarray, config, current_LR: np.ndarray) -> np.ndarray:
+def replan(arm: str, load_LE: np.ndarray, config, current_LR: np.ndarray, move_price: float) -> np.ndarray:
     """The arm's next ``phy2log [L, R]`` for the window load ``load_LE``."""
-    from moekit.placement import plan
+    from moekit.placement import ReplanConfig, plan
     if arm == "eplb":
         return plan(load_LE, config, algorithm="eplb").phy2log.numpy()
     if arm == "moekit":
-        return plan(load_LE, config, previous=current_LR).phy2log.numpy()
+        return plan(load_LE, config, previous=current_LR, replan=ReplanConfig(move_price=move_price)).phy2log.numpy()
     raise ValueError(f"arm: expected 'eplb' or 'moekit', got {arm!r}")
 
 
@@ -150,7 +152,7 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------ the loop
 
 
-def run_loop(s: LoopSettings, group=None, device: torch.device = torch.device("cpu"),
+def run_loop(s: LoopSettings, group=None, device: torch.device | None = None,
              dtype: torch.dtype = torch.float32, progress=None) -> dict:
     """Train the three arms for ``s.steps`` steps on this rank (collective over ``group``).
 
@@ -163,6 +165,7 @@ def run_loop(s: LoopSettings, group=None, device: torch.device = torch.device("c
     from moekit.parallel import reduce_gradients
     from moekit.placement import PlacementConfig, plan
 
+    device = device if device is not None else torch.device("cpu")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if s.num_experts % world or s.num_experts // world + s.redundant_per_rank > s.num_experts:
         raise ValueError(f"num_experts / redundant_per_rank: expected num_experts={s.num_experts} a multiple of "
@@ -186,8 +189,8 @@ def run_loop(s: LoopSettings, group=None, device: torch.device = torch.device("c
             window = local_counts_SLE[step - s.replan_every:step].sum(0).to(device)  # NCCL: device tensors
             dist.all_reduce(window, group=group)
             for arm in ARMS[1:]:
-                replans[arm].append(_replan_and_apply(arm, window.cpu().double().numpy(), config, models[arm],
-                                                      optims[arm], step, group, device))
+                replans[arm].append(_replan_and_apply(arm, window.cpu().double().numpy(), config, s.move_price,
+                                                      models[arm], optims[arm], step, group, device))
                 placements[arm].append(replans[arm][-1]["phy2log"])
         gen = torch.Generator().manual_seed((s.seed * 1_000_003 + step) * 4099 + rank)
         idx_LTK = sample_routing(pop_SLE[step], s.tokens, s.top_k, gen)
@@ -231,12 +234,12 @@ def run_loop(s: LoopSettings, group=None, device: torch.device = torch.device("c
             "global_counts": counts.astype(np.int64).tolist()}
 
 
-def _replan_and_apply(arm, load_LE, config, model, optim, step, group, device) -> dict:
+def _replan_and_apply(arm, load_LE, config, move_price, model, optim, step, group, device) -> dict:
     """Plan on rank 0 (broadcast, so every rank installs the same plan), apply it, time both."""
     from moekit.parallel import apply_plan
     current = model.phy2log()
     t0 = time.perf_counter()
-    new_LR = torch.from_numpy(replan(arm, load_LE, config, current)) if dist.get_rank(group) == 0 \
+    new_LR = torch.from_numpy(replan(arm, load_LE, config, current, move_price)) if dist.get_rank(group) == 0 \
         else torch.empty(current.shape, dtype=torch.int64)
     plan_s = time.perf_counter() - t0
     new_LR = new_LR.to(device)
@@ -291,7 +294,8 @@ def summarize(result: dict, s: LoopSettings) -> dict:
 def print_table(summary: dict, s: LoopSettings) -> None:
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=f"rebalancing in the loop: {s.steps} steps, replan every {s.replan_every}")
+    table = Table(title=f"rebalancing in the loop: {s.steps} steps, replan every {s.replan_every}, "
+                        f"movement-aware move_price {s.move_price}")
     for col in ("arm", "median step ms", "k tok/s/rank", "incl. replans", "balancedness",
                 "bal. after 1st replan", "replans", "moves", "MB moved", "plan s", "apply s"):
         table.add_column(col, justify="right")
@@ -357,7 +361,8 @@ def plot(result: dict, path: str) -> None:
     summ = result["summary"]
     fig.suptitle(f"moekit EP rebalancing in the loop, {m['device']} x{m['world']} ({m['backend']}); "
                  f"E={s['num_experts']} k={s['top_k']} R={result['num_replicas']} D={s['dim']} F={s['ffn']} "
-                 f"L={s['layers']}\nmovement-aware / full-replan bytes = {summ['moekit_over_eplb_bytes']:.3f}",
+                 f"L={s['layers']} move_price={s.get('move_price', 0.003)}\n"
+                 f"movement-aware / full-replan bytes = {summ['moekit_over_eplb_bytes']:.3f}",
                  fontsize=9)
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
@@ -368,7 +373,11 @@ def write_result(result: dict, out_dir: str, suffix: str = "") -> str:
     tag = "cpu" if result["machine"]["backend"] == "gloo" else \
         result["machine"]["device"].lower().replace("nvidia ", "").split()[0]
     base = os.path.join(out_dir, f"ep_rebalance_{tag}_{datetime.date.today().isoformat()}{suffix and '_' + suffix}")
-    _atomic_write(base + ".json", lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+
+    _atomic_write(base + ".json", write_json)
     plot(result, base + ".png")
     return base
 
