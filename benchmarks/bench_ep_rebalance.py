@@ -439,9 +439,15 @@ def main(argv=None) -> int:
     defaults = LoopSettings()
     p.add_argument("--world", type=int, default=None, help="processes = EP size (default: GPUs, or 2 on CPU)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    helps = {"steps": "training steps per arm", "replan_every": "N: replan every N steps from the last N steps' counts",
+             "tokens": "tokens per rank and step", "redundant_per_rank": "extra slots per rank (R = E + world * this)",
+             "skew": "synthetic_trace skew", "drift": "std of the log-popularity random walk per step",
+             "move_price": "ReplanConfig.move_price of the movement-aware arm"}
     for f in dataclasses.fields(LoopSettings):
         flag = "--" + {"num_experts": "experts"}.get(f.name, f.name).replace("_", "-")
-        p.add_argument(flag, dest=f.name, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+        default = getattr(defaults, f.name)
+        p.add_argument(flag, dest=f.name, type=type(default), default=default,
+                       help=f"{helps.get(f.name, f.name.replace('_', ' '))} (default {default})")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--suffix", default="", help="appended to the result file names (e.g. w4)")
     p.add_argument("--plot", metavar="JSON", help="only redraw the PNG of an existing result file")
