@@ -159,7 +159,10 @@ def run_loop(s: LoopSettings, group=None, device: torch.device | None = None,
     Returns (on every rank) a dict with ``steps`` (per arm: ``step_ms`` [steps], slowest rank;
     ``balancedness`` [steps]; ``plan_index`` [steps], which replan was in service), ``replans``
     (per arm: a list of dicts: step, moves, bytes_total, weight_bytes, state_bytes, plan_s, apply_s,
-    phy2log) and ``expert_bytes`` (bytes of one expert's weights).
+    phy2log ``[L, R]``), ``expert_bytes`` (bytes of one expert's weights), ``global_counts``
+    ``[steps, L, E]`` (routed counts summed over ranks), ``initial_phy2log`` ``[L, R]`` and
+    ``logical_weight_abs_sum`` (per arm, per layer and weight: sum of |w| of the logical experts
+    at the end; equal across arms, since placement does not change training). device: default CPU.
     """
     from moekit.metrics import balancedness
     from moekit.parallel import reduce_gradients
