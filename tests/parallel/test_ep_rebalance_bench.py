@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -33,6 +34,7 @@ def _bench():
 
 
 def _rank(rank: int, world: int, port: int, settings, out: str) -> None:
+    torch.set_num_threads(1)  # one core per rank: 2 ranks x 2 threads on 2 cores spin against each other
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         result = _bench().run_loop(settings)
