@@ -108,8 +108,10 @@ class ExpertParallelExperts(nn.Module):
         w_in, w_out = self.local.w_in, self.local.w_out
         for s, e in enumerate(self.local_experts.tolist()):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + e)
-            w_in[s].copy_(torch.randn(w_in.shape[1:], generator=gen) * self.cfg.dim ** -0.5)
-            w_out[s].copy_(torch.randn(w_out.shape[1:], generator=gen) * self.cfg.ffn_dim ** -0.5)
+            # Drawn on the CPU (explicitly, so a surrounding ``torch.device`` context cannot move
+            # the draw) for the same numbers on every device, then copied into the slot.
+            w_in[s].copy_(torch.randn(w_in.shape[1:], generator=gen, device="cpu") * self.cfg.dim ** -0.5)
+            w_out[s].copy_(torch.randn(w_out.shape[1:], generator=gen, device="cpu") * self.cfg.ffn_dim ** -0.5)
 
     @torch.no_grad()
     def gather_logical(self) -> tuple[torch.Tensor, torch.Tensor]:
