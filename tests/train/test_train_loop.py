@@ -4,7 +4,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from moekit.train import load_corpus, lr_at, preset, train, with_balance
 from moekit.train.trainer import TrainConfig

@@ -16,28 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["CHECKPOINT_TENSORS", "CHECKPOINT_META", "save_checkpoint", "load_checkpoint",
-           "atomic_write_text"]
+from moekit._io import atomic_path, atomic_write_text
+
+__all__ = ["CHECKPOINT_TENSORS", "CHECKPOINT_META", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
 _FORMAT = "moekit.train.checkpoint/1"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
@@ -65,14 +54,9 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: torc
             if not torch.is_tensor(value):
                 value = torch.tensor(value)
             tensors[f"optim.{idx}.{key}"] = value.detach().to("cpu").contiguous()
-    tensor_path = run_dir / CHECKPOINT_TENSORS
-    tmp = run_dir / f".{CHECKPOINT_TENSORS}.tmp{os.getpid()}"
-    try:
+    with atomic_path(run_dir / CHECKPOINT_TENSORS) as tmp:
         save_file(tensors, str(tmp))
         digest = _sha256(tmp)
-        os.replace(tmp, tensor_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     doc = {"format": _FORMAT, "tensors": CHECKPOINT_TENSORS, "sha256": digest,
            "param_groups": opt_state["param_groups"], **meta}
     meta_path = run_dir / CHECKPOINT_META

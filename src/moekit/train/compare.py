@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.train.checkpoint import atomic_write_text
+from moekit._io import atomic_write_text
 from moekit.train.corpus import Corpus
 from moekit.train.plots import plot_compare, plot_run
 from moekit.train.presets import BALANCE_ARMS, Preset, with_balance

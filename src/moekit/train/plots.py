@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from moekit._io import atomic_path
 
 __all__ = ["plot_run", "plot_compare"]
 
@@ -20,12 +21,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _shares(counts_LDE) -> np.ndarray:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import moekit
 from moekit import metrics
-from moekit.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from moekit._io import atomic_write_text
+from moekit.train.checkpoint import load_checkpoint, save_checkpoint
 from moekit.train.corpus import Corpus
 from moekit.train.evaluate import evaluate
 from moekit.train.loader import LoaderConfig, MicroBatch, micro_batch
