@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.routing.topk import TopKRouter, TopKRouterConfig, check_top_k, linear_gate, router_logits
+from moekit.routing.topk import TopKRouter, TopKRouterConfig, check_top_k, linear_gate, router_logits, unbiased_softmax_logits
 from moekit.routing.types import Routing, RouterOutput, assignment_matrix, check_router_input, count_assignments
 
 __all__ = [
@@ -121,11 +121,7 @@ class TopPRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
-        check_router_input(x_TD, cfg.dim)
-        if selection_bias_E is not None:
-            raise ValueError("balance: 'aux_free' is not supported with router='top_p'")
-        logits_TE = router_logits(self.gate, x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
+        logits_TE, probs_TE = unbiased_softmax_logits(self.gate, x_TD, cfg.dim, selection_bias_E, "top_p")
         sorted_TK, order_TK = probs_TE.detach().sort(dim=-1, descending=True)
         sorted_TK, order_TK = sorted_TK[:, : cfg.max_k], order_TK[:, : cfg.max_k]
         # Keep slot j while the mass of the slots before it is still short of p: the

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.routing.topk import check_top_k, linear_gate, router_logits
-from moekit.routing.types import Routing, RouterOutput, assignment_matrix, check_router_input, count_assignments
+from moekit.routing.topk import check_top_k, linear_gate, unbiased_softmax_logits
+from moekit.routing.types import Routing, RouterOutput, assignment_matrix, count_assignments
 
 __all__ = [
     "DenseToSparseRouterConfig",
@@ -76,11 +76,7 @@ class DenseToSparseRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
-        check_router_input(x_TD, cfg.dim)
-        if selection_bias_E is not None:
-            raise ValueError("balance: 'aux_free' is not supported with router='dense_to_sparse'")
-        logits_TE = router_logits(self.gate, x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
+        logits_TE, probs_TE = unbiased_softmax_logits(self.gate, x_TD, cfg.dim, selection_bias_E, "dense_to_sparse")
         if self.is_sparse:
             indices_TK = torch.topk(probs_TE.detach(), cfg.top_k, dim=-1, sorted=True).indices
             weights_TK = probs_TE.gather(1, indices_TK)
@@ -132,11 +128,7 @@ class ExpertChoiceRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
-        check_router_input(x_TD, cfg.dim)
-        if selection_bias_E is not None:
-            raise ValueError("balance: 'aux_free' is not supported with router='expert_choice'")
-        logits_TE = router_logits(self.gate, x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
+        logits_TE, probs_TE = unbiased_softmax_logits(self.gate, x_TD, cfg.dim, selection_bias_E, "expert_choice")
         num_tokens = x_TD.shape[0]
         chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
         cap = self.capacity(num_tokens)

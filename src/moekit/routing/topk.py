@@ -33,6 +33,7 @@ __all__ = [
     "linear_gate",
     "check_top_k",
     "check_groups",
+    "unbiased_softmax_logits",
 ]
 
 _SCORES = ("softmax", "sigmoid")
@@ -60,6 +61,17 @@ def router_logits(gate: nn.Linear, x_TD: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
         bias = None if gate.bias is None else gate.bias.float()
         return F.linear(x_TD.float(), gate.weight.float(), bias)
+
+
+def unbiased_softmax_logits(gate: nn.Linear, x_TD: torch.Tensor, dim: int,
+                            selection_bias_E: torch.Tensor | None, router: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared prologue of routers without a selection bias: check ``x_TD``, refuse a
+    loss-free bias, and return fp32 ``(logits_TE, softmax probs_TE)``."""
+    check_router_input(x_TD, dim)
+    if selection_bias_E is not None:
+        raise ValueError(f"balance: 'aux_free' is not supported with router={router!r}")
+    logits_TE = router_logits(gate, x_TD)
+    return logits_TE, logits_TE.softmax(dim=-1)
 
 
 @dataclass
