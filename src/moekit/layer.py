@@ -12,7 +12,7 @@ from moekit import routing as R
 from moekit.experts import ACTIVATIONS, ExpertsConfig, GroupedExperts, SharedExperts
 from moekit.routing import Routing
 
-__all__ = ["MoEConfig", "MoE", "MoEOutput", "build_router", "optimizer_step_done", "ROUTERS", "BALANCES"]
+__all__ = ["MoEConfig", "MoE", "MoEOutput", "build_router", "router_config", "optimizer_step_done", "ROUTERS", "BALANCES"]
 
 ROUTERS = ("topk", "group_limited", "moge", "null_experts", "top_p", "beam", "dense_to_sparse", "expert_choice")
 BALANCES = ("none", "micro", "seq", "global", "aux_free")
@@ -85,36 +85,51 @@ class MoEConfig:
         for name in ("balance_coeff", "z_loss_coeff", "bias_update_rate", "num_shared_experts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        build_router(self)  # validates the router-specific fields (groups, top_p, ...)
+        router_config(self)  # validates the router-specific fields (groups, top_p, ...)
 
 
-def build_router(cfg: MoEConfig) -> nn.Module:
-    """The router module named by ``cfg.router``, with its own config dataclass."""
+def router_config(cfg: MoEConfig):
+    """The config dataclass of the router named by ``cfg.router`` (validated on construction)."""
     base = dict(dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k)
     topk = dict(base, score=cfg.score, norm_topk_prob=cfg.norm_topk_prob,
                 routed_scaling_factor=cfg.routed_scaling_factor)
     if cfg.router == "topk":
-        return R.TopKRouter(R.TopKRouterConfig(**topk))
+        return R.TopKRouterConfig(**topk)
     if cfg.router == "group_limited":
-        return R.GroupLimitedRouter(R.GroupLimitedRouterConfig(**topk, num_groups=cfg.num_groups,
-                                                               topk_group=cfg.topk_group))
+        return R.GroupLimitedRouterConfig(**topk, num_groups=cfg.num_groups, topk_group=cfg.topk_group)
     if cfg.router == "moge":
-        return R.MoGERouter(R.MoGERouterConfig(**topk, num_groups=cfg.num_groups))
+        return R.MoGERouterConfig(**topk, num_groups=cfg.num_groups)
     if cfg.router == "beam":
-        return R.BeamRouter(R.BeamRouterConfig(**topk, mask_reg_coeff=cfg.beam_mask_coeff))
+        return R.BeamRouterConfig(**topk, mask_reg_coeff=cfg.beam_mask_coeff)
     if cfg.router == "null_experts":
-        return R.NullExpertsRouter(R.NullExpertsRouterConfig(**base, num_null_experts=cfg.num_null_experts,
-                                                             norm_topk_prob=cfg.norm_topk_prob))
+        return R.NullExpertsRouterConfig(**base, num_null_experts=cfg.num_null_experts,
+                                         norm_topk_prob=cfg.norm_topk_prob)
     if cfg.router == "top_p":
-        return R.TopPRouter(R.TopPRouterConfig(dim=cfg.dim, num_experts=cfg.num_experts, max_k=cfg.top_k,
-                                               top_p=cfg.top_p, entropy_coeff=cfg.top_p_entropy_coeff))
+        return R.TopPRouterConfig(dim=cfg.dim, num_experts=cfg.num_experts, max_k=cfg.top_k,
+                                  top_p=cfg.top_p, entropy_coeff=cfg.top_p_entropy_coeff)
     if cfg.router == "dense_to_sparse":
-        return R.DenseToSparseRouter(R.DenseToSparseRouterConfig(
-            **base, tau_start=cfg.d2s_tau_start, tau_end=cfg.d2s_tau_end,
-            anneal_steps=cfg.d2s_anneal_steps, threshold=cfg.d2s_threshold))
+        return R.DenseToSparseRouterConfig(**base, tau_start=cfg.d2s_tau_start, tau_end=cfg.d2s_tau_end,
+                                           anneal_steps=cfg.d2s_anneal_steps, threshold=cfg.d2s_threshold)
     if cfg.router == "expert_choice":
-        return R.ExpertChoiceRouter(R.ExpertChoiceRouterConfig(**base, capacity_factor=cfg.capacity_factor or 1.0))
+        return R.ExpertChoiceRouterConfig(**base, capacity_factor=cfg.capacity_factor or 1.0)
     raise ValueError(f"router: expected one of {ROUTERS}, got {cfg.router!r}")
+
+
+_ROUTER_MODULES = {
+    "topk": R.TopKRouter,
+    "group_limited": R.GroupLimitedRouter,
+    "moge": R.MoGERouter,
+    "beam": R.BeamRouter,
+    "null_experts": R.NullExpertsRouter,
+    "top_p": R.TopPRouter,
+    "dense_to_sparse": R.DenseToSparseRouter,
+    "expert_choice": R.ExpertChoiceRouter,
+}
+
+
+def build_router(cfg: MoEConfig) -> nn.Module:
+    """The router module named by ``cfg.router``, with its own config dataclass."""
+    return _ROUTER_MODULES[cfg.router](router_config(cfg))
 
 
 class MoEOutput(NamedTuple):
