@@ -74,11 +74,12 @@ def _check_grads(ref, ep, ep_modules, tol, ep_rank_size=None):
 
 def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8, top_k=2, balance="global",
                       shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0, dedup=True,
-                      mesh_dim=None):
-    """EP forward + backward == single-process MoE on the concatenated batch."""
+                      mesh_dim=None, backend="auto"):
+    """EP forward + backward == single-process MoE on the concatenated batch. backend: the
+    EP layer's local expert backend (the reference keeps the default)."""
     cfg_ref = moekit.MoEConfig(dim=16, ffn_dim=16, num_experts=num_experts, top_k=top_k, num_shared_experts=shared,
                                balance="micro" if balance == "global" else balance, balance_coeff=0.1)
-    cfg_ep = dataclasses.replace(cfg_ref, balance=balance)
+    cfg_ep = dataclasses.replace(cfg_ref, balance=balance, backend=backend)
     ref = _reference(cfg_ref, device, dtype, seed)
     torch.manual_seed(seed)
     ep = moekit.MoE(cfg_ep).to(device, dtype)
@@ -225,6 +226,16 @@ def _run_scenario(scenario, device, f64, tol64, tol32, dedup):
         check_equivalence(device, f64, tol64, sizes=[9] * WORLD, phy2log=p2l, shared=1, **kw)
         check_equivalence(device, f64, tol64, sizes=[6, 0, 2, 5][:WORLD], phy2log=p2l, balance="aux_free",
                           mask_last_rank=True, **kw)
+    elif scenario == "grouped":
+        # the grouped-GEMM ops on the received rows (compact hand-off: valid rows only), with
+        # replicas (local and cross-rank) and a rank without tokens; CPU kernels under gloo
+        gen = torch.Generator().manual_seed(13)
+        p2l = torch.cat([torch.arange(8), torch.tensor([0, 0, 3, 1, 2, 0, 5, 7][:2 * WORLD])])
+        p2l = p2l[torch.randperm(p2l.shape[0], generator=gen)]
+        check_equivalence(device, torch.float32, tol32, sizes=[7, 0, 5, 9][:WORLD], phy2log=p2l, top_k=3,
+                          balance="none", backend="grouped_mm", **kw)
+        check_equivalence(device, torch.float32, tol32, sizes=[6] * WORLD, top_k=8, balance="none",
+                          backend="grouped_mm", **kw)
     elif scenario == "bf16":
         check_equivalence(device, torch.bfloat16, 5e-2, sizes=[64] * WORLD, num_experts=8, shared=1, **kw)
     elif scenario == "apply_plan":

@@ -12,14 +12,16 @@ from moekit.experts import experts_reference
 from moekit.experts.reference import expert_mlp
 from moekit.metrics import moves
 from moekit.parallel import (
+    assignment_slots,
+    collect,
     combine,
     dispatch_order,
     plan_transfers,
     received_routing,
     received_slots,
     resolve_group,
+    row_dispatch,
     slot_tables,
-    token_dispatch,
 )
 
 
@@ -161,10 +163,55 @@ def test_bad_input_names_the_argument():
             resolve_group()
 
 
+@given(placements(), st.integers(0, 12), st.integers(1, 3), st.integers(0, 3), st.data())
+@settings(max_examples=80, deadline=None)
+def test_row_dispatch_sends_each_token_once_per_destination(case, num_tokens, top_k, rank, data):
+    p2l, num_experts, num_ranks = case
+    top_k = min(top_k, num_experts)
+    rank = rank % num_ranks
+    idx = torch.tensor(data.draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_tokens * top_k,
+                                          max_size=num_tokens * top_k)), dtype=torch.long).view(num_tokens, top_k)
+    t = slot_tables(p2l, num_experts, num_ranks)
+    per = p2l.shape[0] // num_ranks
+    slot_TK = assignment_slots(idx, t, rank)
+    # the same slots as the sorted dispatch (so both modes balance replicas alike), with or
+    # without the host's "replicated" hint
+    order = dispatch_order(idx, t, num_ranks, rank)
+    n = int(order.send_counts_PS.sum())
+    assert torch.equal(slot_TK.reshape(-1)[order.flat_ids_N[:n]], order.slot_ids_N[:n])
+    assert bool((slot_TK[idx < 0] == -1).all())
+    if int(t.logcnt_E.max()) == 1:
+        assert torch.equal(assignment_slots(idx, t, rank, replicated=False), slot_TK)
+    disp = row_dispatch(slot_TK, num_ranks, per)
+    rows_P, assign_P = disp.send_counts_P2.unbind(1)
+    num_rows, num_assign = int(rows_P.sum()), int(assign_P.sum())
+    # one row per (destination, token) pair, destination-major, tokens ascending
+    pairs = sorted({(int(s) // per, tok) for tok in range(num_tokens) for s in slot_TK[tok].tolist() if s >= 0})
+    dst_of_row = torch.repeat_interleave(torch.arange(num_ranks), rows_P).tolist()
+    assert list(zip(dst_of_row, disp.token_ids_V[:num_rows].tolist())) == pairs
+    # inv_TP is the inverse of token_ids_V
+    for v, (p, tok) in enumerate(pairs):
+        assert int(disp.inv_TP[tok, p]) == v
+    assert int((disp.inv_TP >= 0).sum()) == num_rows
+    # every valid assignment once, destination-major, in flat order within a destination
+    perm = disp.perm_N[:num_assign]
+    valid = torch.nonzero(slot_TK.reshape(-1) >= 0)[:, 0]
+    assert torch.equal(torch.sort(perm).values, valid)
+    dst_A = slot_TK.reshape(-1)[perm] // per
+    assert torch.equal(dst_A, torch.repeat_interleave(torch.arange(num_ranks), assign_P))
+    for p in range(num_ranks):
+        assert bool((perm[dst_A == p].diff() > 0).all())
+    # meta = (row from the destination's first row) * S + local slot
+    row_start = torch.cumsum(rows_P, 0) - rows_P
+    meta = disp.meta_N[:num_assign]
+    assert torch.equal(meta % per, slot_TK.reshape(-1)[perm] % per)
+    assert torch.equal(disp.token_ids_V[meta // per + row_start[dst_A]], perm // top_k)
+
+
 @pytest.mark.parametrize("top_k", [1, 3, 6])
 def test_one_rank_dedup_pipeline_equals_reference_outputs_and_grads(top_k):
-    """token_dispatch -> received_routing -> backend with the received routing -> sum of
-    partial rows equals experts_reference (outputs and all gradients), replicas included."""
+    """row_dispatch -> received_routing -> backend with the received routing -> collect
+    equals experts_reference (outputs and all gradients), replicas included."""
     torch.manual_seed(10 + top_k)
     num_experts, dim, ffn, num_tokens = 6, 8, 5, 9
     p2l = torch.tensor([3, 0, 1, 2, 3, 4, 5, 3])
@@ -177,15 +224,16 @@ def test_one_rank_dedup_pipeline_equals_reference_outputs_and_grads(top_k):
     w_out = torch.randn(num_experts, dim, ffn, dtype=torch.float64).requires_grad_()
     g = torch.randn(num_tokens, dim, dtype=torch.float64)
 
-    order = dispatch_order(idx, slot_tables(p2l, num_experts, 1), 1, 0)
-    disp = token_dispatch(order, num_tokens, 1)
+    slot_TK = assignment_slots(idx, slot_tables(p2l, num_experts, 1), 0)
+    disp = row_dispatch(slot_TK, 1, p2l.shape[0])
     num_rows, num_assign = disp.send_counts_P2.sum(0).tolist()
-    tokens_U = disp.token_ids_N[:num_rows]
-    assert tokens_U.tolist() == sorted(set(order.token_ids_N[:num_assign].tolist()))  # one row per token
-    ind_UK, w_UK = received_routing(disp.send_counts_P2, disp.row_N[:num_assign], disp.slot_N[:num_assign],
-                                    w.reshape(-1)[disp.flat_ids_N[:num_assign]], top_k, num_rows)
+    tokens_U = disp.token_ids_V[:num_rows]
+    assert tokens_U.tolist() == sorted(set((torch.nonzero(idx >= 0)[:, 0]).tolist()))  # one row per token
+    meta = disp.meta_N[:num_assign]
+    ind_UK, w_UK = received_routing(disp.send_counts_P2, meta // p2l.shape[0], meta % p2l.shape[0],
+                                    w.reshape(-1)[disp.perm_N[:num_assign]], top_k, num_rows)
     y_U = experts_reference(x[tokens_U], ind_UK, w_UK, w_in[p2l], w_out[p2l], "swiglu")
-    y = torch.zeros(num_tokens, dim, dtype=torch.float64).index_add(0, tokens_U, y_U)
+    y = collect(y_U, tokens_U, disp.inv_TP)
     grads = torch.autograd.grad((y * g).sum(), (x, w, w_in, w_out))
 
     y_ref = experts_reference(x, idx, w, w_in, w_out, "swiglu")

@@ -19,7 +19,7 @@ _spec.loader.exec_module(ep_launch)
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-SCENARIOS = ["identity", "zero_tokens", "replicas", "apply_plan", "fresh"]
+SCENARIOS = ["identity", "zero_tokens", "replicas", "grouped", "apply_plan", "fresh"]
 
 
 def test_two_ranks():

@@ -25,6 +25,6 @@ _ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHM
 
 
 def test_nccl_two_gpus_equal_single_gpu_layer():
-    scenarios = ["identity", "zero_tokens", "replicas", "apply_plan", "fresh", "bf16"]
+    scenarios = ["identity", "zero_tokens", "replicas", "grouped", "apply_plan", "fresh", "bf16"]
     out = ep_launch.launch_subprocess(2, "nccl", scenarios, timeout=300, extra_env=_ENV)
     assert all(f"ok {s} world=2" in out for s in scenarios), out

@@ -14,16 +14,19 @@ Runs under ``torchrun`` with gloo (CPU) or NCCL (GPUs). Typical use::
 from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts, resolve_group
 from moekit.parallel.dispatch import (
     DispatchOrder,
+    RowDispatch,
     SlotTables,
-    TokenDispatch,
+    assignment_slots,
     combine,
     dispatch_order,
     received_routing,
     received_slots,
+    row_dispatch,
     slot_tables,
-    token_dispatch,
 )
-from moekit.parallel.experts import ExpertParallelExperts
+from moekit.parallel.experts import ExpertParallelExperts, compact_grouped_experts
+from moekit.parallel.replicas import ReplicaSync, replica_sync
+from moekit.parallel.rows import collect, gather_sum_rows, spread
 from moekit.parallel.grads import broadcast_dense_parameters, dense_parameters, reduce_gradients
 from moekit.parallel.layer import ExpertParallelMoE, parallelize
 from moekit.parallel.rebalance import MoveReport, Transfer, apply_plan, plan_transfers
@@ -33,23 +36,30 @@ __all__ = [
     "ExpertParallelExperts",
     "ExpertParallelMoE",
     "MoveReport",
+    "ReplicaSync",
+    "RowDispatch",
     "SlotTables",
-    "TokenDispatch",
     "Transfer",
     "all_to_all",
     "all_to_all_plain",
     "apply_plan",
+    "assignment_slots",
     "broadcast_dense_parameters",
+    "collect",
     "combine",
+    "compact_grouped_experts",
     "dense_parameters",
     "dispatch_order",
     "exchange_counts",
+    "gather_sum_rows",
     "parallelize",
     "plan_transfers",
     "received_routing",
     "received_slots",
     "reduce_gradients",
+    "replica_sync",
     "resolve_group",
+    "row_dispatch",
     "slot_tables",
-    "token_dispatch",
+    "spread",
 ]

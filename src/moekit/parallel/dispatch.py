@@ -17,10 +17,11 @@ import torch
 __all__ = [
     "SlotTables",
     "DispatchOrder",
-    "TokenDispatch",
+    "RowDispatch",
     "slot_tables",
+    "assignment_slots",
     "dispatch_order",
-    "token_dispatch",
+    "row_dispatch",
     "received_slots",
     "received_routing",
     "combine",
@@ -98,27 +99,46 @@ class DispatchOrder(NamedTuple):
     send_counts_PS: torch.Tensor
 
 
-def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int, rank: int) -> DispatchOrder:
-    """Map each assignment to a physical slot and sort by slot.
+def assignment_slots(indices_TK: torch.Tensor, tables: SlotTables, rank: int,
+                     replicated: bool | None = None) -> torch.Tensor:
+    """Physical slot ``[T, K]`` of each assignment (``-1`` where ``indices_TK`` is ``-1``).
 
     The assignments of a replicated expert are dealt round-robin over its replicas in token
     order, starting at replica ``rank % logcnt`` so that the remainders of different ranks
     land on different replicas: deterministic, and balanced to within one assignment per rank.
+    replicated: whether any expert has more than one slot (``None``: read it from the tables,
+    a device-to-host sync on GPU; the layer knows it on the host). Without replicas each
+    assignment's slot is a table lookup, no sort.
     """
-    num_tokens, top_k = indices_TK.shape
     num_experts, num_slots = tables.logcnt_E.shape[0], tables.num_slots
     flat = indices_TK.reshape(-1)
-    experts = torch.where(flat >= 0, flat, num_experts)  # unused slots sort last
+    valid = flat >= 0
+    real = flat.clamp(min=0)
+    if replicated is None:
+        replicated = bool((tables.logcnt_E > 1).any())
+    if not replicated:
+        return torch.where(valid, tables.log2phy_EM[real, 0], -1).view(indices_TK.shape)
+    experts = torch.where(valid, flat, num_experts)  # unused slots sort last
     by_expert = torch.argsort(experts, stable=True)
     experts = experts[by_expert]
     counts_E = _count(experts, num_experts + 1)
     start_E = torch.cumsum(counts_E, 0) - counts_E
     position = torch.arange(experts.shape[0], device=experts.device) - start_E[experts]
-    real = experts.clamp(max=num_experts - 1)
-    replica = (position + rank) % tables.logcnt_E[real]
-    slots = torch.where(experts < num_experts, tables.log2phy_EM[real, replica], num_slots)
-    by_slot = torch.argsort(slots, stable=True)
-    flat_ids, slots = by_expert[by_slot], slots[by_slot]
+    real_sorted = experts.clamp(max=num_experts - 1)
+    replica = (position + rank) % tables.logcnt_E[real_sorted]
+    slots = torch.where(experts < num_experts, tables.log2phy_EM[real_sorted, replica], -1)
+    return torch.empty_like(slots).scatter_(0, by_expert, slots).view(indices_TK.shape)
+
+
+def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int, rank: int) -> DispatchOrder:
+    """Map each assignment to a physical slot (:func:`assignment_slots`) and sort by slot
+    (stably: within a slot, in token order)."""
+    num_tokens, top_k = indices_TK.shape
+    num_slots = tables.num_slots
+    slots = assignment_slots(indices_TK, tables, rank).reshape(-1)
+    slots = torch.where(slots >= 0, slots, num_slots)  # unused slots sort last, with id R
+    flat_ids = torch.argsort(slots, stable=True)
+    slots = slots[flat_ids]
     send_counts = _count(slots, num_slots + 1)[:num_slots].view(num_ranks, -1)
     return DispatchOrder(flat_ids // top_k, flat_ids, slots, send_counts)
 
@@ -143,54 +163,68 @@ def combine(y_ND: torch.Tensor, order: DispatchOrder, weights_TK: torch.Tensor) 
     return out_TD.index_add(0, order.token_ids_N[:num], y_ND.to(acc) * w_N[:, None]).to(y_ND.dtype)
 
 
-class TokenDispatch(NamedTuple):
+class RowDispatch(NamedTuple):
     """Deduplicated dispatch: each token travels once to each rank holding any of its slots
     (``U`` rows instead of ``n`` assignments; the receiver weights and sums its slots' outputs
-    per row, so the combine also returns ``U`` rows).
+    per row, so the combine also returns ``U`` rows). Fixed sizes, so no device-to-host sync
+    is needed to build it; the valid counts are in ``send_counts_P2``.
 
-    Fixed length ``N = T * K`` like :class:`DispatchOrder`: the first ``U`` entries of
-    ``token_ids_N`` and the first ``n`` entries of the per-assignment fields are valid (both
-    counts are in ``send_counts_P2``), so no device-to-host sync is needed to build it.
-
-    token_ids_N: token of each sent row, sorted by (destination rank, token).
-    row_N: row of each assignment, counted from the start of its destination's rows.
-    slot_N: the assignment's slot, local to its destination rank.
-    flat_ids_N: index into the flattened ``[T * K]`` routing (its weight).
+    token_ids_V: ``[T*P]``, the token of each sent row (the first ``U`` are valid), rows
+    grouped by destination rank, each destination's rows in token order.
+    inv_TP: ``[T, P]`` the sent row of (token, destination) or ``-1``: the inverse of
+    ``token_ids_V``, so that the combine and the input gradient are gather-sums (no atomics).
+    perm_N: ``[T*K]`` index into the flattened ``[T * K]`` routing of each sent assignment
+    (the first ``n`` valid), grouped by destination, each destination's in token order.
+    meta_N: ``[T*K]`` per sent assignment ``row * S + local slot``, its row counted from the
+    start of its destination's rows (what the destination needs to rebuild the routing).
     send_counts_P2: int64 ``[P, 2]``, rows and assignments sent to each rank.
     """
 
-    token_ids_N: torch.Tensor
-    row_N: torch.Tensor
-    slot_N: torch.Tensor
-    flat_ids_N: torch.Tensor
+    token_ids_V: torch.Tensor
+    inv_TP: torch.Tensor
+    perm_N: torch.Tensor
+    meta_N: torch.Tensor
     send_counts_P2: torch.Tensor
 
 
-def token_dispatch(order: DispatchOrder, num_tokens: int, num_ranks: int) -> TokenDispatch:
-    """Group the assignments of ``order`` into one row per (destination rank, token)."""
-    slots_per_rank = order.send_counts_PS.shape[1]
-    stride = max(num_tokens, 1)
-    dst_N = order.slot_ids_N // slots_per_rank  # == num_ranks for unused slots (slot id R)
-    key_N = dst_N * stride + order.token_ids_N
-    by_key = torch.argsort(key_N, stable=True)  # by destination, then token: rows in token order
-    key_N, dst_N = key_N[by_key], dst_N[by_key]
-    first_N = torch.ones_like(key_N, dtype=torch.bool)
-    first_N[1:] = key_N[1:] != key_N[:-1]
-    first_N &= dst_N < num_ranks
-    row_N = torch.cumsum(first_N, 0) - 1  # global row of each (valid) assignment
-    rows_P = _count(torch.where(first_N, dst_N, num_ranks), num_ranks + 1)[:num_ranks]
-    assign_P = _count(dst_N, num_ranks + 1)[:num_ranks]
-    # compact the row keys without a sync: non-first entries all write to a spare last cell
-    num = key_N.shape[0]
-    token_ids = torch.zeros(num + 1, dtype=torch.int64, device=key_N.device)
-    token_ids.scatter_(0, torch.where(first_N, row_N, num), key_N % stride)
+def row_dispatch(slot_TK: torch.Tensor, num_ranks: int, slots_per_rank: int) -> RowDispatch:
+    """Group the assignments of ``slot_TK`` (physical slots, ``-1`` = none, from
+    :func:`assignment_slots`) into one row per (destination rank, token). Slot ``r`` lives on
+    rank ``r // slots_per_rank``. Counting sorts on the few destination ranks: no sort."""
+    num_tokens, top_k = slot_TK.shape
+    dev = slot_TK.device
+    flat = slot_TK.reshape(-1)
+    dst_N = torch.where(flat >= 0, flat // slots_per_rank, num_ranks)  # num_ranks = unused
+    dst_TK = dst_N.view(num_tokens, top_k)
+    has_TP = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=dev).scatter_(1, dst_TK, True)
+    has_TP = has_TP[:, :num_ranks]
+    row_in_dst_TP = torch.cumsum(has_TP, 0) - 1
+    rows_P = has_TP.sum(0)
     row_start_P = torch.cumsum(rows_P, 0) - rows_P
-    return TokenDispatch(
-        token_ids_N=token_ids[:num],
-        row_N=row_N - row_start_P[dst_N.clamp(max=num_ranks - 1)],
-        slot_N=order.slot_ids_N[by_key] % slots_per_rank,
-        flat_ids_N=order.flat_ids_N[by_key],
-        send_counts_P2=torch.stack([rows_P, assign_P], 1),
+    inv_TP = torch.where(has_TP, row_in_dst_TP + row_start_P, -1)
+    spare = num_tokens * num_ranks  # every non-row entry writes to one spare last cell
+    tokens_TP = torch.arange(num_tokens, device=dev)[:, None].expand(num_tokens, num_ranks)
+    token_ids = torch.zeros(spare + 1, dtype=torch.int64, device=dev)
+    token_ids.scatter_(0, torch.where(has_TP, inv_TP, spare).reshape(-1), tokens_TP.reshape(-1))
+    # assignments: stable counting sort by destination (one cumsum over [N, P + 1])
+    onehot_N = torch.zeros(flat.shape[0], num_ranks + 1, dtype=torch.int32, device=dev)
+    onehot_N.scatter_(1, dst_N[:, None], 1)
+    assign = onehot_N.sum(0, dtype=torch.int64)
+    rank_in_dst_N = torch.cumsum(onehot_N, 0).gather(1, dst_N[:, None])[:, 0] - 1
+    assign_start = torch.cumsum(assign, 0) - assign
+    num = flat.shape[0]
+    pos_N = torch.where(dst_N < num_ranks, assign_start[dst_N] + rank_in_dst_N, num)
+    perm = torch.zeros(num + 1, dtype=torch.int64, device=dev)
+    perm.scatter_(0, pos_N, torch.arange(num, device=dev))
+    row_local_N = row_in_dst_TP.gather(1, dst_TK.clamp(max=num_ranks - 1)).reshape(-1)
+    meta_flat = row_local_N * slots_per_rank + flat.clamp(min=0) % slots_per_rank
+    perm_N = perm[:num]
+    return RowDispatch(
+        token_ids_V=token_ids[:spare],
+        inv_TP=inv_TP,
+        perm_N=perm_N,
+        meta_N=meta_flat[perm_N],
+        send_counts_P2=torch.stack([rows_P, assign[:num_ranks]], 1),
     )
 
 

@@ -26,17 +26,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.experts import ExpertsConfig, GroupedExperts
+from moekit.experts import ExpertsConfig, GroupedExperts, resolve_backend
+from moekit.experts.grouped import grouped_mm_supported, route_by_expert  # also registers the moekit:: ops
 from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts, group_rank_size
 from moekit.parallel.dispatch import (
     SlotTables,
+    assignment_slots,
     combine,
     dispatch_order,
     received_routing,
     received_slots,
+    row_dispatch,
     slot_tables,
-    token_dispatch,
 )
+from moekit.parallel.replicas import ReplicaSync, replica_sync
+from moekit.parallel.rows import collect, spread
 
 __all__ = ["ExpertParallelExperts"]
 
@@ -74,6 +78,7 @@ class ExpertParallelExperts(nn.Module):
         self.register_buffer("phy2log", tables.phy2log_R.to(device))
         self.register_buffer("log2phy", tables.log2phy_EM.to(device), persistent=False)
         self.register_buffer("logcnt", tables.logcnt_E.to(device), persistent=False)
+        self._set_host_tables(tables.phy2log_R)
 
     # ----------------------------------------------------------------------------- placement
     @property
@@ -93,6 +98,14 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"phy2log: expected R={self.phy2log.shape[0]} slots like the current placement, "
                              f"got {tables.num_slots}")
         self.phy2log, self.log2phy, self.logcnt = tables
+        self._set_host_tables(tables.phy2log_R)
+
+    def _set_host_tables(self, phy2log_R: torch.Tensor) -> None:
+        """What the hot path needs on the host, derived once per placement (no syncs later):
+        whether any expert is replicated, and the replica gradient reduction."""
+        p2l = phy2log_R.cpu()
+        self.replicated = bool((torch.bincount(p2l) > 1).any())
+        self._replica_sync: ReplicaSync = replica_sync(p2l, self.rank, self.num_ranks)
 
     @torch.no_grad()
     def load_logical(self, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> None:
@@ -130,9 +143,9 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """x_TD ``[T, D]``, indices_TK ``[T, K]`` logical experts (``-1`` = none), weights_TK
         ``[T, K]`` -> ``[T, D]``. Collective: every rank of the group must call it (``T`` may be 0)."""
-        order = dispatch_order(indices_TK, self.tables, self.num_ranks, self.rank)
         if self.dedup:
-            return self._forward_dedup(x_TD, weights_TK, order)
+            return self._forward_dedup(x_TD, indices_TK, weights_TK)
+        order = dispatch_order(indices_TK, self.tables, self.num_ranks, self.rank)
         recv_counts_PS = exchange_counts(order.send_counts_PS, self.group)
         # one host sync for both split lists (dropless EP needs the sizes on the host)
         send_splits, recv_splits = torch.stack([order.send_counts_PS.sum(1), recv_counts_PS.sum(1)]).tolist()
@@ -140,30 +153,32 @@ class ExpertParallelExperts(nn.Module):
         x_recv = all_to_all(self._sendable(x_send), recv_splits, send_splits, self.group)
         slot_Q = received_slots(recv_counts_PS, sum(recv_splits))
         ones_Q1 = torch.ones(slot_Q.shape[0], 1, dtype=x_TD.dtype, device=x_TD.device)
-        y_recv = self._compute_local(x_recv, slot_Q[:, None], ones_Q1)
+        y_recv = self._compute_local(x_recv, slot_Q[:, None], ones_Q1, slot_Q.shape[0])
         y_back = all_to_all(y_recv, send_splits, recv_splits, self.group)
         return combine(y_back, order, weights_TK)
 
-    def _forward_dedup(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, order) -> torch.Tensor:
-        disp = token_dispatch(order, x_TD.shape[0], self.num_ranks)
+    def _forward_dedup(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        slots_per_rank = self.slots_per_rank
+        slot_TK = assignment_slots(indices_TK, self.tables, self.rank, self.replicated)
+        disp = row_dispatch(slot_TK, self.num_ranks, slots_per_rank)
         recv_counts_P2 = exchange_counts(disp.send_counts_P2, self.group)
-        # one host sync for the four split lists: rows and assignments, sent and received
+        # the one host sync: rows and assignments, sent and received (dropless EP needs the
+        # split sizes on the host)
         send_rows, send_assign, recv_rows, recv_assign = torch.cat(
             [disp.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
         num_rows, num_assign = sum(send_rows), sum(send_assign)
-        meta_A2 = all_to_all_plain(torch.stack([disp.row_N[:num_assign], disp.slot_N[:num_assign]], 1),
-                                   recv_assign, send_assign, self.group)
-        w_send_A = weights_TK.reshape(-1)[disp.flat_ids_N[:num_assign]]
+        meta_A = all_to_all_plain(disp.meta_N[:num_assign], recv_assign, send_assign, self.group)
+        w_send_A = weights_TK.reshape(-1).index_select(0, disp.perm_N[:num_assign])
         w_recv_A = all_to_all(self._sendable(w_send_A), recv_assign, send_assign, self.group)
-        token_ids_U = disp.token_ids_N[:num_rows]
-        x_recv = all_to_all(self._sendable(x_TD[token_ids_U]), recv_rows, send_rows, self.group)
-        indices_UK, weights_UK = received_routing(recv_counts_P2, meta_A2[:, 0], meta_A2[:, 1], w_recv_A,
-                                                  weights_TK.shape[1], sum(recv_rows))
-        y_recv = self._compute_local(x_recv, indices_UK, weights_UK)
+        token_ids_V = disp.token_ids_V[:num_rows]
+        x_recv = all_to_all(self._sendable(spread(x_TD, token_ids_V, disp.inv_TP)), recv_rows, send_rows,
+                            self.group)
+        indices_UK, weights_UK = received_routing(recv_counts_P2, meta_A // slots_per_rank, meta_A % slots_per_rank,
+                                                  w_recv_A, weights_TK.shape[1], sum(recv_rows))
+        y_recv = self._compute_local(x_recv, indices_UK, weights_UK, sum(recv_assign))
         y_back = all_to_all(y_recv, send_rows, recv_rows, self.group)
-        acc = torch.promote_types(y_back.dtype, torch.float32)  # partial sums of <= P ranks, in fp32
-        out_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
-        return out_TD.index_add(0, token_ids_U, y_back.to(acc)).to(x_TD.dtype)
+        # partial sums of <= P ranks per token: a gather-sum, fp32 inside, activation dtype out
+        return collect(y_back, token_ids_V, disp.inv_TP)
 
     def _sendable(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank must run the all-to-alls' backwards in the same order, also a rank whose
@@ -172,7 +187,10 @@ class ExpertParallelExperts(nn.Module):
             return t.detach().requires_grad_()
         return t
 
-    def _compute_local(self, x_QD: torch.Tensor, slots_QK: torch.Tensor, weights_QK: torch.Tensor) -> torch.Tensor:
+    def _compute_local(self, x_QD: torch.Tensor, slots_QK: torch.Tensor, weights_QK: torch.Tensor,
+                       num_assign: int) -> torch.Tensor:
+        """Run the local slots on the received rows: ``[Q, D]``. ``num_assign`` (host int)
+        is the number of entries ``>= 0`` in ``slots_QK``."""
         w_in, w_out = self.local.w_in, self.local.w_out
         if x_QD.shape[0] == 0:
             # Nothing to compute; stay connected to the received tensors (so this rank's
@@ -180,24 +198,42 @@ class ExpertParallelExperts(nn.Module):
             # (zero, not missing, gradients).
             zero = 0.0 * (w_in.sum() + w_out.sum() + weights_QK.sum()).to(x_QD.dtype)
             return x_QD * 0.0 + zero
+        if slots_QK.shape[1] > 1 and self._compact_grouped(x_QD):
+            return compact_grouped_experts(x_QD, slots_QK, weights_QK, w_in, w_out, num_assign,
+                                           self.cfg.activation)
         return self.local(x_QD, slots_QK, weights_QK)
+
+    def _compact_grouped(self, x_QD: torch.Tensor) -> bool:
+        """Whether the local slots run on the grouped-GEMM ops with only the valid rows."""
+        if resolve_backend(self.cfg.backend, x_QD.device) != "grouped_mm":
+            return False
+        if torch.is_autocast_enabled(x_QD.device.type):
+            return False  # the public backend casts under autocast: leave it to it
+        return grouped_mm_supported(x_QD, self.local.w_in, self.local.w_out)
 
     # ----------------------------------------------------------------------------- gradients
     @torch.no_grad()
     def reduce_replica_grads(self) -> None:
-        """Sum the gradients of the replicas of each replicated expert over the EP group (each
-        replica saw only its share of the tokens), so replicas take identical steps."""
-        replicated_E = self.logcnt > 1
-        if not bool(replicated_E.any()):
-            return
-        row_E = torch.cumsum(replicated_E.long(), 0) - 1
-        local_e = self.local_experts
-        mine = replicated_E[local_e]
-        slots, rows = torch.nonzero(mine)[:, 0], row_E[local_e[mine]]
-        for w in (self.local.w_in, self.local.w_out):
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            buf = w.grad.new_zeros((int(replicated_E.sum()),) + tuple(w.shape[1:]))
-            buf.index_add_(0, rows, w.grad[slots])
-            dist.all_reduce(buf, group=self.group)
-            w.grad[slots] = buf[rows]
+        """Sum the gradients of the replicas of each replicated expert (each replica saw only
+        its share of the tokens), so replicas take identical steps: replicas on this rank are
+        summed locally, experts with replicas on several ranks by one all-reduce per weight
+        over the EP group. No host sync (the index lists are fixed per placement)."""
+        self._replica_sync.reduce((self.local.w_in, self.local.w_out), self.group)
+
+
+def compact_grouped_experts(x_UD: torch.Tensor, slots_UK: torch.Tensor, weights_UK: torch.Tensor,
+                            w_in_SHD: torch.Tensor, w_out_SDF: torch.Tensor, num_assign: int,
+                            activation: str) -> torch.Tensor:
+    """The grouped-GEMM expert ops of :mod:`moekit.experts.grouped` on the ``num_assign``
+    valid entries of a ``-1``-padded routing only: ``[U, D]``.
+
+    The public backend gathers ``x`` for all ``U * K`` entries (the ``-1`` ones sort last and
+    are never used); a deduplicated EP receiver's rows are about half empty for ``k = 8`` over
+    2 ranks. The sort puts the valid entries first, so truncating the sorted order to the
+    count known on the host leaves every later step (gathers, GEMMs, activation, gather-sum,
+    and the backward) working on valid rows only.
+    """
+    order_N, inv_UK, offs_S = route_by_expert(slots_UK, w_in_SHD.shape[0])
+    y_UD, _, _ = torch.ops.moekit.experts_grouped_fwd(x_UD.contiguous(), weights_UK.contiguous(), w_in_SHD.contiguous(),
+                                         w_out_SDF.contiguous(), order_N[:num_assign], inv_UK, offs_S, activation)
+    return y_UD

@@ -1,0 +1,71 @@
+"""Token rows to per-destination rows and back, with deterministic adjoints.
+
+The deduplicated dispatch (:func:`moekit.parallel.dispatch.row_dispatch`) sends token ``t``
+once to each rank ``p`` that holds one of its experts: row ``inv_TP[t, p]`` of the send
+buffer (``-1``: none). Two maps follow, each the adjoint of the other:
+
+- :func:`spread`: ``x_V[v] = x_T[token_V[v]]`` (a gather; its gradient is a gather-sum);
+- :func:`collect`: ``y_T[t] = sum_p y_V[inv_TP[t, p]]`` (a gather-sum; its gradient is a gather).
+
+A gather-sum over the ``P`` (few) rows of a token replaces an ``index_add`` scatter: no
+atomics (deterministic), no fp32 copy of the rows and no casts around it. On CUDA it is the
+fused Triton kernel of the expert backend (:func:`moekit.experts.steps.gather_sum`, fp32
+accumulation, output in the activation dtype); elsewhere plain torch, accumulating in at
+least fp32 (fp64 stays fp64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.experts import steps
+
+__all__ = ["gather_sum_rows", "spread", "collect"]
+
+
+def gather_sum_rows(src_VD: torch.Tensor, inv_TP: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_p src[inv[t, p]]`` over the entries ``inv >= 0`` -> ``[T, D]`` in
+    ``src_VD.dtype``, summed in at least fp32."""
+    if src_VD.dtype in (torch.bfloat16, torch.float16, torch.float32) and steps.use_triton(src_VD):
+        return steps.gather_sum(src_VD.contiguous(), inv_TP.contiguous(), None, src_VD.dtype)
+    acc = torch.promote_types(src_VD.dtype, torch.float32)
+    valid_TP1 = (inv_TP >= 0)[..., None]
+    rows_TPD = src_VD[inv_TP.clamp(min=0)].to(acc)
+    return torch.where(valid_TP1, rows_TPD, 0.0).sum(1).to(src_VD.dtype)
+
+
+class _Spread(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, token_V, inv_TP):
+        ctx.save_for_backward(inv_TP)
+        return x_TD.index_select(0, token_V)
+
+    @staticmethod
+    def backward(ctx, grad_VD):
+        (inv_TP,) = ctx.saved_tensors
+        return gather_sum_rows(grad_VD, inv_TP), None, None
+
+
+class _Collect(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_VD, token_V, inv_TP):
+        ctx.save_for_backward(token_V)
+        return gather_sum_rows(y_VD, inv_TP)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        (token_V,) = ctx.saved_tensors
+        return grad_TD.index_select(0, token_V), None, None
+
+
+def spread(x_TD: torch.Tensor, token_V: torch.Tensor, inv_TP: torch.Tensor) -> torch.Tensor:
+    """Rows ``x_TD[token_V]`` ``[V, D]``; ``inv_TP`` ``[T, P]`` must be the inverse of
+    ``token_V`` (``inv_TP[token_V[v], p] == v`` for exactly one ``p``; ``-1`` elsewhere).
+    Differentiable in ``x_TD``: the gradient is ``gather_sum_rows(grad, inv_TP)``."""
+    return _Spread.apply(x_TD, token_V, inv_TP)
+
+
+def collect(y_VD: torch.Tensor, token_V: torch.Tensor, inv_TP: torch.Tensor) -> torch.Tensor:
+    """``[T, D]`` sum of each token's rows (the adjoint of :func:`spread`). Differentiable
+    in ``y_VD``: the gradient is ``grad[token_V]``."""
+    return _Collect.apply(y_VD, token_V, inv_TP)
