@@ -181,6 +181,37 @@ def check_fresh_layer(device, dtype, dedup=True):
     assert out.hidden.shape == (3, 2, 8)
 
 
+def check_host_syncs(device, dedup=True):
+    """GPU only: a training step (forward, backward, replica gradient sums) makes exactly one
+    device-to-host sync, the split sizes after the count exchange (dedup path)."""
+    import warnings
+
+    gen = torch.Generator().manual_seed(21)
+    p2l = torch.cat([torch.arange(8), torch.tensor([0, 3])])[torch.randperm(10, generator=gen)]
+    cfg = moekit.MoEConfig(dim=64, ffn_dim=32, num_experts=8, top_k=4, balance="none")
+    layer = ExpertParallelMoE(cfg, phy2log=p2l, dedup=dedup).to(device, torch.bfloat16)
+    x = torch.randn(96, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:4] for _ in range(96)]).to(device)
+    w = torch.rand(96, 4, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        layer.experts(x, idx, w).float().square().sum().backward()
+        layer.experts.reduce_replica_grads()
+
+    step()  # warm-up: kernels compiled, index tables copied to the device once
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{c.filename}:{c.lineno}" for c in caught if "synchroniz" in str(c.message)]
+    expected = 1
+    assert len(syncs) == expected, f"rank {RANK}: {len(syncs)} host syncs per step, expected {expected}: {syncs}"
+
+
 def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) -> None:
     """Join a group of ``world`` ranks on 127.0.0.1:``port`` and run ``scenarios``."""
     global RANK, WORLD
@@ -238,6 +269,8 @@ def _run_scenario(scenario, device, f64, tol64, tol32, dedup):
                           backend="grouped_mm", **kw)
     elif scenario == "bf16":
         check_equivalence(device, torch.bfloat16, 5e-2, sizes=[64] * WORLD, num_experts=8, shared=1, **kw)
+    elif scenario == "syncs":
+        check_host_syncs(device, **kw)
     elif scenario == "apply_plan":
         check_apply_plan(device, f64, tol64, **kw)
     elif scenario == "fresh":

@@ -52,14 +52,22 @@ def test_slot_tables_invert_phy2log(case):
         assert bool((slots[cnt:] == -1).all())
 
 
-@given(placements(), st.integers(0, 12), st.integers(1, 3), st.integers(0, 3), st.data())
+@st.composite
+def routed(draw):
+    """A placement, a rank of it, and a routing ``[T, k]`` over its experts (``-1`` allowed)."""
+    p2l, num_experts, num_ranks = draw(placements())
+    num_tokens, top_k = draw(st.integers(0, 12)), min(draw(st.integers(1, 3)), num_experts)
+    rank = draw(st.integers(0, num_ranks - 1))
+    flat = draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_tokens * top_k, max_size=num_tokens * top_k))
+    idx = torch.tensor(flat, dtype=torch.long).view(num_tokens, top_k)
+    return p2l, num_experts, num_ranks, rank, idx
+
+
+@given(routed())
 @settings(max_examples=80, deadline=None)
-def test_dispatch_order_covers_every_assignment_once_and_splits_replicas_evenly(case, num_tokens, top_k, rank, data):
-    p2l, num_experts, num_ranks = case
-    top_k = min(top_k, num_experts)
-    rank = rank % num_ranks
-    idx = torch.tensor(data.draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_tokens * top_k,
-                                          max_size=num_tokens * top_k)), dtype=torch.long).view(num_tokens, top_k)
+def test_dispatch_order_covers_every_assignment_once_and_splits_replicas_evenly(case):
+    p2l, num_experts, num_ranks, rank, idx = case
+    num_tokens, top_k = idx.shape
     t = slot_tables(p2l, num_experts, num_ranks)
     order = dispatch_order(idx, t, num_ranks, rank)
     valid = torch.nonzero(idx.reshape(-1) >= 0)[:, 0]
@@ -163,14 +171,11 @@ def test_bad_input_names_the_argument():
             resolve_group()
 
 
-@given(placements(), st.integers(0, 12), st.integers(1, 3), st.integers(0, 3), st.data())
+@given(routed())
 @settings(max_examples=80, deadline=None)
-def test_row_dispatch_sends_each_token_once_per_destination(case, num_tokens, top_k, rank, data):
-    p2l, num_experts, num_ranks = case
-    top_k = min(top_k, num_experts)
-    rank = rank % num_ranks
-    idx = torch.tensor(data.draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_tokens * top_k,
-                                          max_size=num_tokens * top_k)), dtype=torch.long).view(num_tokens, top_k)
+def test_row_dispatch_sends_each_token_once_per_destination(case):
+    p2l, num_experts, num_ranks, rank, idx = case
+    num_tokens, top_k = idx.shape
     t = slot_tables(p2l, num_experts, num_ranks)
     per = p2l.shape[0] // num_ranks
     slot_TK = assignment_slots(idx, t, rank)

@@ -1,6 +1,6 @@
 """Expert parallelism over NCCL on 2 GPUs: the same equivalence checks as the gloo tests
 (outputs and all gradients equal the single-GPU ``moekit.MoE``, which runs the CUDA expert
-backend), plus bf16. One process per GPU, started as torchrun would."""
+backend), plus bf16, and exactly one device-to-host sync per training step. One process per GPU, started as torchrun would."""
 
 from __future__ import annotations
 
@@ -25,6 +25,6 @@ _ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHM
 
 
 def test_nccl_two_gpus_equal_single_gpu_layer():
-    scenarios = ["identity", "zero_tokens", "replicas", "grouped", "apply_plan", "fresh", "bf16"]
+    scenarios = ["identity", "zero_tokens", "replicas", "grouped", "apply_plan", "fresh", "bf16", "syncs"]
     out = ep_launch.launch_subprocess(2, "nccl", scenarios, timeout=300, extra_env=_ENV)
     assert all(f"ok {s} world=2" in out for s in scenarios), out

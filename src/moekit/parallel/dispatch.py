@@ -130,12 +130,13 @@ def assignment_slots(indices_TK: torch.Tensor, tables: SlotTables, rank: int,
     return torch.empty_like(slots).scatter_(0, by_expert, slots).view(indices_TK.shape)
 
 
-def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int, rank: int) -> DispatchOrder:
-    """Map each assignment to a physical slot (:func:`assignment_slots`) and sort by slot
-    (stably: within a slot, in token order)."""
+def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int, rank: int,
+                   replicated: bool | None = None) -> DispatchOrder:
+    """Map each assignment to a physical slot (:func:`assignment_slots`, ``replicated`` as
+    there) and sort by slot (stably: within a slot, in token order)."""
     num_tokens, top_k = indices_TK.shape
     num_slots = tables.num_slots
-    slots = assignment_slots(indices_TK, tables, rank).reshape(-1)
+    slots = assignment_slots(indices_TK, tables, rank, replicated).reshape(-1)
     slots = torch.where(slots >= 0, slots, num_slots)  # unused slots sort last, with id R
     flat_ids = torch.argsort(slots, stable=True)
     slots = slots[flat_ids]

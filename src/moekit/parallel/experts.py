@@ -145,7 +145,7 @@ class ExpertParallelExperts(nn.Module):
         ``[T, K]`` -> ``[T, D]``. Collective: every rank of the group must call it (``T`` may be 0)."""
         if self.dedup:
             return self._forward_dedup(x_TD, indices_TK, weights_TK)
-        order = dispatch_order(indices_TK, self.tables, self.num_ranks, self.rank)
+        order = dispatch_order(indices_TK, self.tables, self.num_ranks, self.rank, self.replicated)
         recv_counts_PS = exchange_counts(order.send_counts_PS, self.group)
         # one host sync for both split lists (dropless EP needs the sizes on the host)
         send_splits, recv_splits = torch.stack([order.send_counts_PS.sum(1), recv_counts_PS.sum(1)]).tolist()
