@@ -18,6 +18,20 @@ default) sends each token once per destination rank, with its choices' local slo
 weights beside it; the destination runs the backend with that routing (weights applied
 there) and returns one partial sum per row: with top-k routing over few ranks this moves up
 to ``k`` times fewer bytes through both all-to-alls.
+
+The deduplicated path is kept lean, because at EP sizes of 2-8 the memory-bound glue around
+the grouped GEMMs costs as much as the all-to-alls:
+
+- one device-to-host sync per forward (the split sizes after the count exchange), none in
+  the backward or in the replica gradient sums;
+- no sort on the sender without replicas (slots are a table lookup; rows and assignments are
+  grouped by destination with a counting sort over the ``P`` ranks);
+- the rows sent are a gather of the tokens, and the combine their adjoint, a gather-sum over
+  the ``<= P`` partial rows of each token (:mod:`moekit.parallel.rows`): no ``index_add``, no
+  atomics, no fp32 copies or casts of the rows (fp32 accumulation happens in registers);
+- on the grouped-GEMM backend only the valid (row, slot) entries of the received routing are
+  gathered and computed (:func:`compact_grouped_experts`); the public backend would gather
+  every ``-1`` entry of the padded ``[U, K]`` routing too.
 """
 
 from __future__ import annotations
@@ -167,12 +181,13 @@ class ExpertParallelExperts(nn.Module):
         send_rows, send_assign, recv_rows, recv_assign = torch.cat(
             [disp.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
         num_rows, num_assign = sum(send_rows), sum(send_assign)
-        meta_A = all_to_all_plain(disp.meta_N[:num_assign], recv_assign, send_assign, self.group)
-        w_send_A = weights_TK.reshape(-1).index_select(0, disp.perm_N[:num_assign])
-        w_recv_A = all_to_all(self._sendable(w_send_A), recv_assign, send_assign, self.group)
+        # the token rows first: the GPU idles from the sync until the first big kernel
         token_ids_V = disp.token_ids_V[:num_rows]
         x_recv = all_to_all(self._sendable(spread(x_TD, token_ids_V, disp.inv_TP)), recv_rows, send_rows,
                             self.group)
+        meta_A = all_to_all_plain(disp.meta_N[:num_assign], recv_assign, send_assign, self.group)
+        w_send_A = weights_TK.reshape(-1).index_select(0, disp.perm_N[:num_assign])
+        w_recv_A = all_to_all(self._sendable(w_send_A), recv_assign, send_assign, self.group)
         indices_UK, weights_UK = received_routing(recv_counts_P2, meta_A // slots_per_rank, meta_A % slots_per_rank,
                                                   w_recv_A, weights_TK.shape[1], sum(recv_rows))
         y_recv = self._compute_local(x_recv, indices_UK, weights_UK, sum(recv_assign))

@@ -26,6 +26,8 @@ __all__ = ["gather_sum_rows", "spread", "collect"]
 def gather_sum_rows(src_VD: torch.Tensor, inv_TP: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_p src[inv[t, p]]`` over the entries ``inv >= 0`` -> ``[T, D]`` in
     ``src_VD.dtype``, summed in at least fp32."""
+    if src_VD.shape[0] == 0:  # no rows (every entry -1): nothing to read, not even a pointer
+        return src_VD.new_zeros(inv_TP.shape[0], src_VD.shape[1])
     if src_VD.dtype in (torch.bfloat16, torch.float16, torch.float32) and steps.use_triton(src_VD):
         return steps.gather_sum(src_VD.contiguous(), inv_TP.contiguous(), None, src_VD.dtype)
     acc = torch.promote_types(src_VD.dtype, torch.float32)
