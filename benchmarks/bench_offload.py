@@ -145,6 +145,94 @@ def measure_bandwidth(device: str) -> dict:
     return out
 
 
+def copy_engine_alone(model, device: str, chunk_bytes: int = 32 * 2**20, repeats: int = 5) -> dict:
+    """Host-to-device bytes/s of the copies offloading issues, alone on one stream: one expert
+    as its two tensors, and as ``chunk_bytes`` row chunks, ``repeats`` experts back to back."""
+    if device != "cuda":
+        return {}
+    from moekit.offload.copies import chunk_rows
+
+    w_in = model.model.layers[0].mlp.experts.gate_up_proj.detach()[:repeats].to("cpu").pin_memory()
+    w_out = model.model.layers[0].mlp.experts.down_proj.detach()[:repeats].to("cpu").pin_memory()
+    d_in, d_out = torch.empty_like(w_in[0], device=device), torch.empty_like(w_out[0], device=device)
+    stream = torch.cuda.Stream()
+    nbytes = repeats * (w_in[0].numel() + w_out[0].numel()) * w_in.element_size()
+    out = {}
+    for label in ("whole_tensors", "chunks"):
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                for i in range(repeats):
+                    for src, dst in ((w_in[i], d_in), (w_out[i], d_out)):
+                        rows = src.shape[1] * src.element_size()
+                        parts = [(0, src.shape[0])] if label == "whole_tensors" else chunk_rows(src.shape[0], rows, chunk_bytes)
+                        for a, b in parts:
+                            dst[a:b].copy_(src[a:b], non_blocking=True)
+                end.record(stream)
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        out[f"{label}_bytes_per_s"] = nbytes / best
+    out["chunk_bytes"] = chunk_bytes
+    del w_in, w_out, d_in, d_out
+    return out
+
+
+def routing_diagnostics(model, ids: torch.Tensor, device: str) -> list:
+    """Why next-layer prediction is weak on random weights: per decoder layer, the RMS of the
+    residual stream and of the attention and MoE updates, and per next layer the share of its
+    true top-k found by the top-k (and top-k+1) of its router applied to (a) this layer's router
+    input (``next_layer``) and (b) this decoder layer's output (``layer_output``)."""
+    import torch.nn.functional as F
+
+    layers = model.model.layers
+    rec, hooks = {}, []
+
+    def keep(name):
+        def hook(module, args):
+            rec[name] = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        return hook
+
+    for i, layer in enumerate(layers):
+        hooks += [layer.register_forward_pre_hook(keep(f"h{i}")),
+                  layer.post_attention_layernorm.register_forward_pre_hook(keep(f"r{i}")),
+                  layer.mlp.register_forward_pre_hook(keep(f"x{i}"))]
+    hooks.append(model.model.norm.register_forward_pre_hook(keep(f"h{len(layers)}")))
+    with torch.no_grad():
+        model(ids.to(device))
+    for h in hooks:
+        h.remove()
+    k = model.config.num_experts_per_tok
+
+    def rms(t):
+        return float(t.pow(2).mean().sqrt())
+
+    def top(layer, x, n):
+        logits = F.linear(x.to(layer.mlp.gate.weight.dtype), layer.mlp.gate.weight).float()
+        return logits.topk(n, dim=-1).indices
+
+    def found(pred, true):
+        return sum(len(set(p) & set(t)) for p, t in zip(pred.tolist(), true.tolist())) / true.numel()
+
+    out = []
+    for i in range(len(layers)):
+        row = dict(layer=i, rms_residual=rms(rec[f"h{i}"]), rms_attention_update=rms(rec[f"r{i}"] - rec[f"h{i}"]),
+                   rms_moe_update=rms(rec[f"h{i + 1}"] - rec[f"r{i}"]))
+        if i + 1 < len(layers):
+            nxt = layers[i + 1]
+            true = top(nxt, rec[f"x{i + 1}"], k)
+            late = nxt.post_attention_layernorm(rec[f"h{i + 1}"].to(nxt.mlp.gate.weight.dtype))
+            row["cos_router_input_next"] = float(F.cosine_similarity(rec[f"x{i}"], rec[f"x{i + 1}"], dim=-1).mean())
+            for label, src in (("next_layer", rec[f"x{i}"]), ("layer_output", late)):
+                row[f"{label}_topk_recall"] = found(top(nxt, src, k), true)
+                row[f"{label}_topk1_recall"] = found(top(nxt, src, k + 1), true)
+        out.append(row)
+        print("diag " + " ".join(f"{key}={val:.3f}" if isinstance(val, float) else f"{key}={val}"
+                                  for key, val in row.items()), flush=True)
+    return out
+
+
 def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: float) -> tuple[list, dict]:
     from moekit.offload import offload
 
@@ -154,17 +242,28 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
         torch.cuda.reset_peak_memory_stats()
     handle = offload(model, cache_experts=half, device=args.device)
     runs = []
-    variants = [("lru", "none", False, half), ("lfu", "none", False, half), ("lru", "next_layer", False, half),
-                ("lfu", "next_layer", False, half), ("lfu", "next_layer", True, half),
-                ("lru", "none", False, num_experts_total // 4), ("lfu", "next_layer", False, num_experts_total // 4),
-                ("lfu", "next_layer", True, num_experts_total // 4), ("lru", "none", False, num_experts_total)]
-    for policy, prefetch, cpu, slots in variants:
+    quarter, lo, whole = num_experts_total // 4, "layer_output", 10**6
+    # (policy, prefetch, prefetch_extra, lead_chunks, cpu_compute, slots); lead_chunks=whole: every
+    # chunk of a guess is queued at once (a wrong guess costs a whole copy); 2: at most two
+    # 32 MiB chunks queued ahead, the rest of a wrong guess dropped when the layer's routing is known
+    variants = [("lru", "none", 0, 2, False, half), ("lfu", "none", 0, 2, False, half),
+                ("lru", "next_layer", 0, whole, False, half), ("lru", lo, 0, whole, False, half),
+                ("lru", "next_layer", 0, 2, False, half), ("lru", lo, 0, 2, False, half),
+                ("lru", lo, 1, 2, False, half), ("lfu", lo, 1, 2, False, half),
+                ("lfu", "none", 0, 2, True, half), ("lfu", lo, 1, 2, True, half),
+                ("lru", "none", 0, 2, False, quarter), ("lfu", lo, 1, 2, False, quarter),
+                ("lru", "none", 0, 2, False, num_experts_total)]
+    for policy, prefetch, extra, lead, cpu, slots in variants:
         for batch in (1, 8):
-            name = f"moekit {policy}{' +prefetch' if prefetch != 'none' else ''}{' +cpu' if cpu else ''}"
+            name = f"moekit {policy}"
+            if prefetch != "none":
+                name += f" +{prefetch}" + (f"+{extra}" if extra else "") + (" whole" if lead == whole else "")
+            name += " +cpu" if cpu else ""
             if slots == num_experts_total:
                 name = "moekit all experts resident"
             try:
-                handle.reconfigure(cache_experts=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu)
+                handle.reconfigure(cache_experts=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu,
+                                   prefetch_extra=extra, lead_chunks=lead)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -181,6 +280,10 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                 tokens = batch * len(dec)
                 bound = bw * tokens / dec_bytes if dec_bytes else float("inf")
                 runs.append(dict(name=name, batch=batch, slots=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu,
+                                 prefetch_extra=extra, lead_chunks=lead, copy_busy_fraction=s["copy_busy_fraction"],
+                                 copy_bandwidth_bytes_per_s=s["copy_bandwidth_bytes_per_s"],
+                                 host_wait_s=s["host_wait_s"], prefetch_bytes=s["prefetch_bytes"],
+                                 prefetch_useful=s["prefetch_useful"], wall_s=s["wall_s"],
                                  decode_tokens_per_s=res["decode_tokens_per_s"], decode_hit_rate=dec_hit,
                                  hit_rate=s["hit_rate"], prefetch_precision=s["prefetch_precision"],
                                  prefetch_recall=s["prefetch_recall"], h2d_bytes_per_token=dec_bytes / max(tokens, 1),
@@ -286,9 +389,12 @@ def summarize_goals(runs: list) -> dict:
             out[f"batch{b}_all_gpu_ceiling"] = all_gpu[b]["name"]
         if mk:
             out[f"batch{b}_best_moekit_half_budget"] = mk["name"]
-        lru, pf = one("moekit lru", b, half), one("moekit lru +prefetch", b, half)
-        if lru and pf:
-            out[f"batch{b}_prefetch_hit_rate_gain_points"] = 100 * (pf["decode_hit_rate"] - lru["decode_hit_rate"])
+        lru = one("moekit lru", b, half)
+        for pf in [r for r in ok if r["batch"] == b and r.get("slots") == half and r.get("prefetch", "none") != "none"
+                   and not r.get("cpu_compute")]:
+            if lru:
+                out[f"batch{b}_hit_gain_points[{pf['name']}]_over_lru"] = 100 * (pf["decode_hit_rate"] - lru["decode_hit_rate"])
+                out[f"batch{b}_tok_s_ratio[{pf['name']}]_over_lru"] = pf["decode_tokens_per_s"] / lru["decode_tokens_per_s"]
     copy_bound = [r for r in ok if r["name"].startswith("moekit") and r.get("decode_pcie_utilization", 0) > 0.5
                   and not r.get("cpu_compute")]
     if copy_bound:
@@ -347,14 +453,16 @@ def plot(doc: dict, path: str) -> None:
 
 def print_run(run: dict) -> None:
     if "error" in run:
-        print(f"{run['name']:<34} batch {run.get('batch', '-')}: ERROR {run['error']}", flush=True)
+        print(f"{run['name']:<40} batch {run.get('batch', '-')}: ERROR {run['error']}", flush=True)
         return
     extra = ""
     if "hit_rate" in run:
         extra = (f" slots {run['slots']:>3} hit {run['decode_hit_rate']:.3f} P/R {run['prefetch_precision']:.2f}/"
                  f"{run['prefetch_recall']:.2f} pcie {run['decode_pcie_utilization']:.2f} "
-                 f"bound {run['copy_bound_tokens_per_s']:.1f} cpu {run['cpu_computed']} stall {run['stall_s']:.2f}s")
-    print(f"{run['name']:<34} batch {run['batch']}: {run['decode_tokens_per_s']:8.2f} tok/s{extra}", flush=True)
+                 f"bound {run['copy_bound_tokens_per_s']:.1f} cpu {run['cpu_computed']} stall {run['stall_s']:.2f}s "
+                 f"busy {run['copy_busy_fraction']:.2f} copyBW {run['copy_bandwidth_bytes_per_s'] / 1e9:.1f} "
+                 f"wait {run['host_wait_s']:.2f}s wall {run['wall_s']:.2f}s")
+    print(f"{run['name']:<40} batch {run['batch']}: {run['decode_tokens_per_s']:8.2f} tok/s{extra}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -390,6 +498,9 @@ def main(argv=None) -> int:
     print(f"model: {args.preset} x {args.layers} layers, {num_experts_total} experts of {expert_bytes / 2**20:.0f} MiB "
           f"({expert_total_bytes / 2**30:.1f} GiB), dense {dense_bytes / 2**30:.2f} GiB, built in {time.perf_counter() - t0:.1f}s")
 
+    copy_alone = copy_engine_alone(model, args.device)
+    print("copy engine alone: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in copy_alone.items() if k.endswith("_s")))
+    diagnostics = routing_diagnostics(model, prompts(8, args.prompt_len, model.config.vocab_size), args.device)
     runs = []
     default_impl = model.config._experts_implementation
     for impl in (default_impl, "eager"):  # transformers' default (grouped_mm on GPU) and its eager loop
@@ -429,11 +540,13 @@ def main(argv=None) -> int:
                     "platform": platform.platform()},
         "versions": _versions(),
         "model": {"preset": args.preset, "layers": args.layers, "config": preset, "dtype": "bfloat16",
-                  "weights": "random (HF init)", "expert_bytes": expert_bytes, "experts": num_experts_total,
+                  "weights": "random: transformers' _init_weights (normal, std = initializer_range = 0.02; norms 1)", "expert_bytes": expert_bytes, "experts": num_experts_total,
                   "expert_total_bytes": expert_total_bytes, "dense_bytes": dense_bytes},
         "budget": {"half_expert_slots": num_experts_total // 2, "quarter_expert_slots": num_experts_total // 4,
                    "gpu_budget_bytes_for_transformers": budget, "reserve_bytes": args.reserve_bytes},
         "bandwidth": bandwidth,
+        "copy_engine_alone": copy_alone,
+        "routing_diagnostics": diagnostics,
         "memory": mem,
         "goals": goals,
         "runs": runs,

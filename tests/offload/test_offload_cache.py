@@ -105,3 +105,15 @@ def test_cache_invariants(policy, slots, layers, ops):
         assert len(resident) == len(set(resident)) <= slots
         assert sorted(cache.lookup(k) for k in resident) == sorted(set(cache.lookup(k) for k in resident))
         assert 0 <= slot < slots
+
+
+def test_an_insert_that_is_not_a_use_becomes_the_next_lru_victim():
+    cache = ExpertCache(3, "lru")
+    cache.insert((0, 0))
+    cache.insert((0, 1))
+    cache.insert((0, 2), recent=False)  # a prefetch: not used yet
+    assert cache.resident() == [(0, 2), (0, 0), (0, 1)]
+    assert cache.insert((0, 3)) == (2, (0, 2))  # the unused guess goes first
+    cache.insert((0, 4), protected={(0, 3)}, recent=False)
+    cache.use((0, 4))  # used after all: now the most recent
+    assert cache.resident()[-1] == (0, 4)

@@ -16,7 +16,7 @@ from moekit.offload import offload  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("prefetch", ["none", "next_layer"])
+@pytest.mark.parametrize("prefetch", ["none", "next_layer", "layer_output"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
     model = tiny_model(family, seed=20)
@@ -34,7 +34,9 @@ def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
     dense = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) \
         - sum(p.numel() * p.element_size() for p in experts)
     budget = dense + 4 * expert_bytes + 2 * 2**20  # 4 slots + 2 MiB for activations and the KV cache
-    handle = offload(model, gpu_memory=budget, reserve=2 * 2**20, policy="lru", prefetch=prefetch)
+    # small chunks, one queued ahead: prefetches are dropped or completed part-way
+    handle = offload(model, gpu_memory=budget, reserve=2 * 2**20, policy="lru", prefetch=prefetch,
+                     chunk_bytes=2048, lead_chunks=1, prefetch_extra=1)
     assert handle.num_slots == 4 and handle.engine.device.type == "cuda"
     with torch.no_grad():
         got = model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -43,3 +45,6 @@ def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
     assert peak <= budget, f"peak {peak} > budget {budget}"
     s = handle.stats()
     assert s["h2d_bytes"] > 0 and s["stall_s"] >= 0 and 0 < s["pcie_utilization"] < 1.5
+    assert 0 < s["copy_busy_s"] < s["wall_s"] and s["demand_copies"] == s["activations"] - s["hits"]
+    if prefetch != "none":
+        assert s["prefetch_copies"] > 0 and 0 <= s["prefetch_precision"] <= 1

@@ -1,7 +1,7 @@
 """Hugging Face ``transformers`` integration: find MoE blocks, patch them with moekit layers
 that share their weights, record routing traces. Needs the ``hf`` extra only at call time."""
 
-from moekit.hf.families import FAMILIES, Family, MoEBlock, find_moe_blocks, route_block
+from moekit.hf.families import FAMILIES, Family, MoEBlock, find_moe_blocks, predict_block, route_block
 from moekit.hf.patch import HFSharedExperts, PatchedMoE, moe_config_of, patch
 from moekit.hf.record import RoutingRecorder, record_routing
 
@@ -11,6 +11,7 @@ __all__ = [
     "MoEBlock",
     "find_moe_blocks",
     "route_block",
+    "predict_block",
     "patch",
     "PatchedMoE",
     "HFSharedExperts",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "MoEBlock", "find_moe_blocks", "route_block", "block_family"]
+__all__ = ["Family", "FAMILIES", "MoEBlock", "find_moe_blocks", "route_block", "predict_block", "block_family"]
 
 
 @dataclass(frozen=True)
@@ -137,3 +137,20 @@ def route_block(block: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, tor
         return indices_TK, weights_TK
     indices_TK, weights_TK = block.route_tokens_to_experts(out)
     return indices_TK, weights_TK
+
+
+def predict_block(block: MoEBlock, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block``'s router on ``x_TD [T, D]`` as a prediction: ``(indices [T, k] int64,
+    probabilities [T, E] float32)``, the probabilities being the family's scores (softmax, or
+    DeepSeek-V3's per-expert sigmoid) of the router logits. Like :func:`route_block`, it calls
+    the router's ``forward`` directly, so routing recorders do not see it."""
+    module = block.module
+    out = module.gate.forward(x_TD)
+    if isinstance(out, tuple) and len(out) == 3:
+        logits, _, indices_TK = out
+    else:
+        logits = out
+        indices_TK, _ = module.route_tokens_to_experts(out)
+    logits_TE = logits.float().reshape(-1, block.num_experts)
+    probs_TE = logits_TE.sigmoid() if block.family.score == "sigmoid" else logits_TE.softmax(dim=-1)
+    return indices_TK, probs_TE

@@ -12,12 +12,21 @@ shared experts run unchanged and ``model.generate`` works as before.
   least one token of the batch (one fetch serves all of them); a hit is an expert whose weights
   were in a slot, or already queued for copy by a prefetch, when its layer needed it;
 - ``prefetch_precision`` = |P & A| / |P| and ``prefetch_recall`` = |P & A| / |A|, summed over
-  the layer calls that had a prediction P (A: the experts the layer then needed);
+  the layer calls that had a prediction P (P: the experts in the predicted top-k of at least
+  one token; A: the experts the layer then needed);
+- ``copy_busy_fraction``: seconds the copy stream spent copying / forward wall time, and
+  ``copy_bandwidth_bytes_per_s``: bytes copied / those seconds (the copy engine alone);
 - ``h2d_bytes_per_token``: bytes copied to the device per token through the model;
 - ``stall_s``: time the computation waited for expert copies;
 - ``pcie_utilization``: bytes copied per second of forward wall time / the pinned host-to-device
   bandwidth measured on this machine when ``offload`` was called;
 - ``tokens_per_s``: tokens through the model per second of forward wall time.
+
+Prefetch modes: ``"next_layer"`` runs the next MoE layer's router on this layer's input
+(known when this layer's routing is, i.e. early); ``"layer_output"`` runs the next layer's
+post-attention norm and router on the output of the decoder layer holding this MoE layer
+(the residual stream the next layer starts from: later, but only the next attention is
+missing from it, so it is right more often).
 """
 
 from __future__ import annotations
@@ -28,14 +37,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moekit.hf.families import find_moe_blocks, route_block
+from moekit.hf.families import find_moe_blocks, predict_block
 from moekit.offload.cache import POLICIES
 from moekit.offload.costs import TransferCosts, measure_cpu_expert, measure_h2d_bandwidth, parse_bytes
 from moekit.offload.engine import OffloadEngine
 
 __all__ = ["OffloadedExperts", "OffloadHandle", "ForwardRecord", "offload", "PREFETCH"]
 
-PREFETCH = ("none", "next_layer")
+PREFETCH = ("none", "next_layer", "layer_output")
 
 
 class OffloadedExperts(nn.Module):
@@ -68,19 +77,29 @@ class OffloadHandle:
     """What :func:`offload` returns: the engine, its measured costs, and the figures."""
 
     def __init__(self, model: nn.Module, engine: OffloadEngine, layers: list[OffloadedExperts],
-                 predictors: list, policy: str, prefetch: str, dense_bytes: int):
+                 predictors: dict, policy: str, prefetch: str, dense_bytes: int, out_modules: list):
         self.model = model
         self.engine = engine
         self.layers = layers
         self.policy = policy
         self.prefetch = prefetch
         self.dense_bytes = dense_bytes
-        self._predictors = predictors  # next-layer predictors, used when prefetch == "next_layer"
+        self._predictors = predictors  # prefetch mode -> per-layer predictors
         self._t0: float | None = None
         self._before = (0, 0, 0, 0)
         self.forward_log: list[ForwardRecord] = []
         self._hooks = [model.register_forward_pre_hook(self._start),
                        model.register_forward_hook(self._stop)]
+        # decoder layers ending MoE layer i: their output feeds prefetch="layer_output"
+        for i, module in enumerate(out_modules):
+            if module is not None:
+                self._hooks.append(module.register_forward_hook(self._layer_output_hook(i)))
+
+    def _layer_output_hook(self, layer: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            self.engine.predict_from_output(layer, h.reshape(-1, h.shape[-1]))
+        return hook
 
     def _sync(self) -> None:
         if self.engine.cuda:
@@ -105,7 +124,8 @@ class OffloadHandle:
             self._t0 = None
 
     def reconfigure(self, *, cache_experts: int | None = None, policy: str | None = None,
-                    prefetch: str | None = None, cpu_compute: bool | None = None) -> None:
+                    prefetch: str | None = None, cpu_compute: bool | None = None,
+                    prefetch_extra: int | None = None, lead_chunks: int | None = None) -> None:
         """Start over with a new (empty) expert cache and other settings, keeping the host
         weights and the measured costs (no reload). Unset arguments keep their value."""
         old = self.engine
@@ -121,9 +141,12 @@ class OffloadHandle:
         if old.cuda:
             old.resolve_stalls()
         old.slot_in = old.slot_out = None  # free the old slots before allocating the new ones
-        predictors = self._predictors if prefetch == "next_layer" else None
+        old.copier.slot_in = old.copier.slot_out = None
+        extra = old.prefetch_extra if prefetch_extra is None else _nonnegative_int(prefetch_extra, "prefetch_extra")
+        lead = old.lead_chunks if lead_chunks is None else _positive_int(lead_chunks, "lead_chunks")
         self.engine = OffloadEngine(old.host_w_in, old.host_w_out, num_slots, policy, old.device, old.act_fn,
-                                    costs, cpu_compute, predictors)
+                                    costs, cpu_compute, self._predictors.get(prefetch),
+                                    self._predictors.get(f"{prefetch}:out"), old.copier.chunk_bytes, lead, extra)
         for layer in self.layers:
             object.__setattr__(layer, "engine", self.engine)
         self.policy, self.prefetch = policy, prefetch
@@ -137,6 +160,7 @@ class OffloadHandle:
         """Zero the counters (the cache keeps its contents and its use history)."""
         self.engine.resolve_stalls()
         self.engine.counters = type(self.engine.counters)()
+        self.engine.copier.busy_s = self.engine.copier.sync_copy_s = 0.0
         self.forward_log = []
 
     def stats(self) -> dict:
@@ -153,6 +177,11 @@ class OffloadHandle:
             "prefetch_recall": c.predicted_used / c.needed_after_prediction if c.needed_after_prediction else float("nan"),
             "h2d_bytes_per_token": c.h2d_bytes / c.tokens if c.tokens else float("nan"),
             "stall_s": c.stall_s,
+            "host_wait_s": c.host_wait_s,
+            "copy_busy_s": engine.copier.busy_s + engine.copier.sync_copy_s,
+            "copy_busy_fraction": (engine.copier.busy_s + engine.copier.sync_copy_s) / wall if wall > 0 else float("nan"),
+            "copy_bandwidth_bytes_per_s": (c.h2d_bytes / engine.copier.busy_s if engine.copier.busy_s > 0
+                                           else float("nan")),
             "pcie_utilization": (c.h2d_bytes / wall) / bw if wall > 0 else float("nan"),
             "tokens_per_s": c.tokens / wall if wall > 0 else float("nan"),
             "tokens": c.tokens,
@@ -163,6 +192,10 @@ class OffloadHandle:
             "demand_copies": c.demand_copies,
             "prefetch_copies": c.prefetch_copies,
             "prefetch_useful": c.prefetch_useful,
+            "prefetch_bytes": c.prefetch_bytes,
+            "prefetch_extra": engine.prefetch_extra,
+            "lead_chunks": engine.lead_chunks,
+            "chunk_bytes": engine.copier.chunk_bytes,
             "layer_calls": c.layer_calls,
             "h2d_bytes": c.h2d_bytes,
             "h2d_bandwidth_bytes_per_s": bw,
@@ -192,19 +225,27 @@ def _tensor_bytes(model: nn.Module) -> int:
 
 def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: int | str | None = None,
             policy: str = "lru", prefetch: str = "none", cpu_compute: bool = False,
-            device: str | torch.device | None = None, reserve: int | str | None = None) -> OffloadHandle:
+            device: str | torch.device | None = None, reserve: int | str | None = None,
+            prefetch_extra: int = 0, lead_chunks: int = 2, chunk_bytes: int | str = 32 * 2**20) -> OffloadHandle:
     """Offload the routed experts of a ``transformers`` MoE ``model`` (in place).
 
     cache_experts: number of device expert slots; or gpu_memory: total device budget (bytes or
     "20GB"), the slots being what is left after the dense weights and ``reserve`` (activations,
     KV cache; default 10% of the budget). policy: "lru" | "lfu". prefetch: "none" |
-    "next_layer". cpu_compute: compute a missing expert on the CPU when the measured cost model
-    says it beats copying it. device: default CUDA when available, else the CPU (tests).
+    "next_layer" | "layer_output" (module doc). cpu_compute: compute a missing expert on the
+    CPU when the measured cost model says it finishes sooner than its copy. device: default
+    CUDA when available, else the CPU (tests). prefetch_extra: experts prefetched beyond the
+    predicted top-k set, by predicted probability mass (they take only slots of experts ranked
+    below them). lead_chunks: prefetch chunks kept queued on the copy stream (a wrong guess
+    delays demand copies by at most that many chunks). chunk_bytes: copy chunk size.
     """
     if (cache_experts is None) == (gpu_memory is None):
         raise ValueError("cache_experts / gpu_memory: expected exactly one of them, "
                          f"got cache_experts={cache_experts!r}, gpu_memory={gpu_memory!r}")
     _check_choices(policy, prefetch)
+    prefetch_extra = _nonnegative_int(prefetch_extra, "prefetch_extra")
+    lead_chunks = _positive_int(lead_chunks, "lead_chunks")
+    chunk_bytes = parse_bytes(chunk_bytes, "chunk_bytes")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if any(isinstance(m, OffloadedExperts) for m in model.modules()):
         raise ValueError("model: expected a model that is not offloaded yet")
@@ -243,15 +284,36 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     bandwidth = measure_h2d_bandwidth(device, nbytes=min(64 * 2**20, max(expert_bytes, 2**20)))
     cpu_fixed, cpu_per_token = measure_cpu_expert(w_in[0], w_out[0]) if cpu_compute else (float("inf"), 0.0)
     costs = TransferCosts(bandwidth, expert_bytes, cpu_fixed, cpu_per_token)
-    predictors: list = [None] * len(blocks)
-    for i in range(len(blocks) - 1):
-        predictors[i] = lambda x_TD, nxt=blocks[i + 1].module: route_block(nxt, x_TD)[0]
+    predictors, out_modules = _predictors(model, blocks)
     engine = OffloadEngine(host_in, host_out, int(num_slots), policy, device, act_fn, costs, cpu_compute,
-                           predictors if prefetch == "next_layer" else None)
+                           predictors.get(prefetch), predictors.get(f"{prefetch}:out"), chunk_bytes,
+                           lead_chunks, prefetch_extra)
     layers = [OffloadedExperts(engine, i) for i in range(len(blocks))]
     for b, layer in zip(blocks, layers):
         b.module.experts = layer
-    return OffloadHandle(model, engine, layers, predictors, policy, prefetch, dense_bytes)
+    return OffloadHandle(model, engine, layers, predictors, policy, prefetch, dense_bytes, out_modules)
+
+
+def _predictors(model: nn.Module, blocks: list) -> tuple[dict, list]:
+    """Per prefetch mode, per MoE layer ``i``, the predictor of layer ``i + 1``'s experts
+    (None for the last layer): ``"next_layer"`` from layer ``i``'s router input,
+    ``"layer_output:out"`` from the output of the decoder layer holding block ``i`` through
+    the next decoder layer's ``post_attention_layernorm``; and the decoder layers whose output
+    feeds the latter (None where the model has no such norm)."""
+    modules = dict(model.named_modules())
+    num = len(blocks)
+    early: list = [None] * num
+    late: list = [None] * num
+    out_modules: list = [None] * num
+    for i in range(num - 1):
+        nxt = blocks[i + 1]
+        early[i] = lambda x_TD, b=nxt: predict_block(b, x_TD)
+        parent = modules.get(blocks[i].name.rpartition(".")[0])
+        norm = getattr(modules.get(nxt.name.rpartition(".")[0]), "post_attention_layernorm", None)
+        if parent is not None and norm is not None:
+            late[i] = lambda h_TD, b=nxt, n=norm: predict_block(b, n(h_TD))
+            out_modules[i] = parent
+    return {"next_layer": early, "layer_output:out": late}, out_modules
 
 
 def _check_choices(policy: str, prefetch: str) -> None:
@@ -259,6 +321,12 @@ def _check_choices(policy: str, prefetch: str) -> None:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
     if prefetch not in PREFETCH:
         raise ValueError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
+
+
+def _nonnegative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+    return value
 
 
 def _positive_int(value, name: str) -> int:

@@ -94,9 +94,11 @@ class ExpertCache:
         return min(candidates, key=lambda k: self._freq.get(k, 0))  # min is stable: LRU among ties
 
     def insert(self, key: Key, protected: set[Key] | frozenset[Key] = frozenset(),
-               borrow: bool = False) -> tuple[int, Key | None] | None:
+               borrow: bool = False, recent: bool = True) -> tuple[int, Key | None] | None:
         """Give ``key`` a slot (evicting a victim if needed); None if no slot may be taken.
-        The new key counts as most recently used. ``borrow``: see :meth:`victim`."""
+        The new key counts as most recently used, or with ``recent=False`` (a prefetch, not a
+        use) as least recently used: a wrong guess is then the next victim instead of pushing
+        out experts that were used. ``borrow``: see :meth:`victim`."""
         if key in self._slot_of:
             raise ValueError(f"key: {key} is already resident in slot {self._slot_of[key]}")
         evicted = None
@@ -109,5 +111,7 @@ class ExpertCache:
             slot = self._slot_of.pop(evicted)
             self._per_layer[evicted[0]] -= 1
         self._slot_of[key] = slot
+        if not recent:
+            self._slot_of.move_to_end(key, last=False)
         self._per_layer[key[0]] = self._per_layer.get(key[0], 0) + 1
         return slot, evicted

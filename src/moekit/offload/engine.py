@@ -1,24 +1,32 @@
-"""The offload engine: CPU-resident experts, a fixed pool of device expert slots, copies on
-their own stream, next-layer prefetch, CPU computation of missing experts, and the counters.
+"""The offload engine: CPU-resident experts, a fixed pool of device expert slots, chunked
+copies on their own stream, prefetch of the next layer's predicted experts, CPU computation of
+missing experts, and the counters.
 
 One engine serves every MoE layer of a model. For each layer call it
 
-1. counts the tokens per expert of the layer (and, with prefetch, of the *next* layer as
-   predicted by running the next layer's router on this layer's input) and moves both count
-   vectors to the host in one transfer: the only host synchronisation of the layer;
-2. looks every needed expert up in the cache (:class:`~moekit.offload.cache.ExpertCache`);
-   a miss is either copied into a slot (demand copy, on the copy stream) or, when the cost
-   model says it is faster, computed on the CPU for the tokens that need it;
-3. queues copies of the predicted experts of the next layer behind the demand copies, so they
-   overlap this layer's expert compute and the next layer's attention;
-4. computes each needed expert once for all the tokens of the batch routed to it, in
-   ascending expert order, exactly like ``transformers``' eager expert loop (so results are
-   the plain model's), the compute stream waiting on each slot's copy event only when it
-   reaches that expert.
+1. counts the tokens per expert of the layer and moves the counts to the host: the one host
+   synchronisation of the layer. While it waits it keeps feeding prefetch chunks to the copy
+   stream (:meth:`OffloadEngine.pump`);
+2. stops the prefetch aimed at this layer (its routing is now known: unissued chunks of a
+   wrong guess are never copied) and looks every needed expert up in the cache
+   (:class:`~moekit.offload.cache.ExpertCache`); a miss is copied into a slot (demand copy,
+   all its missing chunks at once) or, when the cost model says it finishes sooner, computed
+   on the CPU for the tokens that need it (list scheduling over the two queues);
+3. with ``prefetch="next_layer"``, predicts the *next* layer's experts by running the next
+   layer's router on this layer's input, ranks them (predicted top-k first, then by predicted
+   probability mass) and queues them for prefetch; with ``prefetch="layer_output"`` the
+   prediction is made when the decoder layer ends (:meth:`OffloadEngine.predict_from_output`,
+   called by a hook) from the residual stream the next layer starts from: later, but more
+   often right;
+4. computes each needed expert once for all the tokens of the batch routed to it, in ascending
+   expert order, exactly like ``transformers``' eager expert loop (so results are the plain
+   model's), the compute stream waiting on a slot's copy only when it reaches that expert.
 
-Slot reuse is safe across streams: a copy into a slot waits for the event recorded after the
-last computation that read it. On a CPU "device" (tests) copies are synchronous and their time
-counts as stall.
+Prefetch copies never take a slot holding an expert the current layer needs or one ranked
+above them, and are issued only while the copy stream has fewer than ``lead_chunks`` chunks
+queued, so demand copies wait behind at most that many chunks (:mod:`moekit.offload.copies`).
+On a CPU "device" (tests) copies are synchronous and their time counts as stall; each pump
+then issues ``lead_chunks`` chunks, so partial prefetches happen there too.
 """
 
 from __future__ import annotations
@@ -31,11 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from moekit.offload.cache import ExpertCache
+from moekit.offload.copies import ChunkedCopier
 from moekit.offload.costs import TransferCosts
 
-__all__ = ["OffloadCounters", "OffloadEngine"]
+__all__ = ["OffloadCounters", "OffloadEngine", "rank_predictions"]
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]  # x_TD -> predicted indices [T, k] of the next layer
+# x_TD -> (predicted indices [T, k] int64, predicted router probabilities [T, E]) of the next layer
+Predictor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -43,13 +53,15 @@ class OffloadCounters:
     """Raw counts behind ``handle.stats()`` (see :mod:`moekit.offload.api` for the figures).
 
     activations: (layer call, expert) pairs needed by at least one token. hits: those whose
-    weights were in a slot (copied or with the copy already queued) when the layer needed them.
-    cpu_computed: misses computed on the CPU. demand_copies / prefetch_copies: expert copies
-    issued. prefetch_useful: prefetched experts used by the layer they were fetched for.
-    predicted / predicted_used: |P| and |P & A| summed over layer calls (P predicted set, A
-    needed set); needed_after_prediction: |A| over the same layer calls. h2d_bytes: bytes
-    copied to the device. stall_s: time the computation waited for copies. tokens: tokens
-    through the first MoE layer. wall_s: wall time of the model's forward passes.
+    weights were in a slot with every chunk copied or queued when the layer needed them.
+    cpu_computed: misses computed on the CPU. demand_copies: misses whose (missing) chunks were
+    copied on demand; prefetch_copies: experts a prefetch started to copy; prefetch_useful:
+    prefetched experts used by the layer they were fetched for, fully queued in time.
+    predicted / predicted_used: |P| and |P & A| summed over layer calls (P predicted top-k set,
+    A needed set); needed_after_prediction: |A| over the same layer calls. h2d_bytes (of which
+    prefetch_bytes): bytes copied to the device. stall_s: time the computation waited for
+    copies. host_wait_s: time the host waited for a layer's counts. tokens: tokens through the
+    first MoE layer. wall_s: wall time of the model's forward passes.
     """
 
     activations: int = 0
@@ -62,11 +74,22 @@ class OffloadCounters:
     predicted_used: int = 0
     needed_after_prediction: int = 0
     h2d_bytes: int = 0
+    prefetch_bytes: int = 0
     stall_s: float = 0.0
+    host_wait_s: float = 0.0
     tokens: int = 0
     wall_s: float = 0.0
     layer_calls: int = 0
     pending_waits: list = field(default_factory=list)  # CUDA (marker, ready) event pairs
+
+
+def rank_predictions(counts_E: list[float], mass_E: list[float], extra: int) -> list[int]:
+    """Experts to prefetch, best first: those in the predicted top-k of some token (most tokens
+    first, then most probability mass), then ``extra`` more by probability mass."""
+    order = sorted(range(len(counts_E)), key=lambda e: (-counts_E[e], -mass_E[e], e))
+    chosen = [e for e in order if counts_E[e] > 0]
+    rest = [e for e in order if counts_E[e] <= 0]
+    return chosen + rest[:max(extra, 0)]
 
 
 class OffloadEngine:
@@ -75,12 +98,18 @@ class OffloadEngine:
     host_w_in: per layer ``[E, 2F, D]`` (pinned when ``device`` is CUDA). host_w_out: per layer
     ``[E, D, F]``. act_fn: the experts' activation (SwiGLU gate). costs: measured
     :class:`TransferCosts`; cpu_compute: let the cost model compute misses on the CPU.
-    predictors: per layer, the function predicting the next layer's experts (None: no prefetch).
+    predictors: per layer, the function predicting the next layer's experts from this layer's
+    input (``prefetch="next_layer"``); out_predictors: from the decoder layer's output
+    (``prefetch="layer_output"``); None: no prefetch. chunk_bytes: copy chunk size;
+    lead_chunks: prefetch chunks kept queued; prefetch_extra: experts prefetched beyond the
+    predicted top-k set, by predicted probability mass.
     """
 
     def __init__(self, host_w_in: list[torch.Tensor], host_w_out: list[torch.Tensor], num_slots: int,
                  policy: str, device: torch.device, act_fn: Callable, costs: TransferCosts,
-                 cpu_compute: bool = False, predictors: list[Predictor | None] | None = None):
+                 cpu_compute: bool = False, predictors: list[Predictor | None] | None = None,
+                 out_predictors: list[Predictor | None] | None = None, chunk_bytes: int = 32 * 2**20,
+                 lead_chunks: int = 2, prefetch_extra: int = 0):
         self.host_w_in, self.host_w_out = host_w_in, host_w_out
         self.device = torch.device(device)
         self.num_experts = int(host_w_in[0].shape[0])
@@ -89,16 +118,19 @@ class OffloadEngine:
         self.cache = ExpertCache(num_slots, policy, num_layers=len(host_w_in))
         self.slot_in = torch.empty((num_slots, *w_in.shape[1:]), dtype=w_in.dtype, device=self.device)
         self.slot_out = torch.empty((num_slots, *w_out.shape[1:]), dtype=w_out.dtype, device=self.device)
+        self.copier = ChunkedCopier(host_w_in, host_w_out, self.slot_in, self.slot_out, self.device, chunk_bytes)
         self.act_fn = act_fn
         self.costs = costs
         self.cpu_compute = cpu_compute
         self.predictors = predictors or [None] * len(host_w_in)
+        self.out_predictors = out_predictors or [None] * len(host_w_in)
+        self.lead_chunks = max(1, int(lead_chunks))
+        self.prefetch_extra = int(prefetch_extra)
         self.cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._ready: dict[int, torch.cuda.Event] = {}  # slot -> copy finished
-        self._free: dict[int, torch.cuda.Event] = {}  # slot -> last read finished
-        self._prefetched: set[tuple[int, int]] = set()  # fetched by prefetch, not used yet
-        self._predicted: dict[int, set[int]] = {}  # layer -> predicted experts of its next call
+        self._prefetched: set[tuple[int, int]] = set()  # started by prefetch, not used yet
+        self._predicted: dict[int, set[int]] = {}  # layer -> predicted top-k set of its next call
+        self._queue: list[tuple[int, int]] = []  # prefetch keys still to issue, best first
+        self._guard: set[tuple[int, int]] = set()  # keys a prefetch must not evict
         self.counters = OffloadCounters()
 
     @property
@@ -106,27 +138,55 @@ class OffloadEngine:
         return self.cache.num_slots
 
     # ------------------------------------------------------------------ copies
-    def _copy(self, key: tuple[int, int], slot: int) -> None:
-        layer, expert = key
-        src_in, src_out = self.host_w_in[layer][expert], self.host_w_out[layer][expert]
+    def _demand(self, key: tuple[int, int], slot: int) -> None:
+        """Copy every missing chunk of ``key`` into ``slot`` now (a demand copy)."""
+        nbytes = self.copier.issue(key, slot)
+        self.counters.h2d_bytes += nbytes
+        self.counters.demand_copies += 1
+
+    def pump(self) -> None:
+        """Issue queued prefetch chunks while the copy stream has fewer than ``lead_chunks``
+        chunks in flight (on a CPU device: ``lead_chunks`` chunks per call)."""
+        room = self.lead_chunks - self.copier.queued()
+        while room > 0 and self._queue:
+            key = self._queue[0]
+            slot = self.cache.lookup(key)
+            if slot is None:
+                placed = self.cache.insert(key, self._guard, recent=False)
+                if placed is None:  # every slot it may take is guarded: nothing more to prefetch
+                    self._queue.clear()
+                    return
+                self._forget(placed[1])
+                slot = placed[0]
+                self.copier.assign(slot)
+                self._prefetched.add(key)
+                self.counters.prefetch_copies += 1
+            before = self.copier.chunks_issued
+            nbytes = self.copier.issue(key, slot, room)
+            room -= self.copier.chunks_issued - before
+            self.counters.h2d_bytes += nbytes
+            self.counters.prefetch_bytes += nbytes
+            if self.copier.complete(slot):
+                self._queue.pop(0)
+
+    def _to_host(self, t: torch.Tensor) -> list:
+        """``t.tolist()``, pumping prefetch chunks while the device catches up."""
+        t0 = time.perf_counter()
         if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                if slot in self._free:  # do not overwrite weights a queued computation still reads
-                    self.copy_stream.wait_event(self._free.pop(slot))
-                self.slot_in[slot].copy_(src_in, non_blocking=True)
-                self.slot_out[slot].copy_(src_out, non_blocking=True)
-                ready = torch.cuda.Event(enable_timing=True)
-                ready.record(self.copy_stream)
-            self._ready[slot] = ready
-        else:
-            t0 = time.perf_counter()
-            self.slot_in[slot].copy_(src_in)
-            self.slot_out[slot].copy_(src_out)
-            self.counters.stall_s += time.perf_counter() - t0  # a synchronous copy stalls compute
-        self.counters.h2d_bytes += self.expert_bytes
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            while not done.query():
+                self.pump()
+                time.sleep(2e-5)
+            t = host
+        values = t.tolist()
+        self.counters.host_wait_s += time.perf_counter() - t0
+        return values
 
     def _wait_ready(self, slot: int) -> None:
-        ready = self._ready.pop(slot, None)
+        ready = self.copier.take_ready(slot)
         if ready is None:
             return
         stream = torch.cuda.current_stream(self.device)
@@ -139,19 +199,42 @@ class OffloadEngine:
 
     def resolve_stalls(self) -> None:
         """Turn the recorded (compute reached the wait, copy finished) event pairs into stall
-        seconds; synchronises the device."""
-        if not self.counters.pending_waits:
-            return
-        torch.cuda.synchronize(self.device)
+        seconds, and the copy events into copy-engine busy seconds; synchronises the device."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.copier.resolve()
         for marker, ready in self.counters.pending_waits:
             self.counters.stall_s += max(marker.elapsed_time(ready), 0.0) / 1e3
         self.counters.pending_waits.clear()
 
-    def _mark_read(self, slot: int) -> None:
-        if self.cuda:
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-            self._free[slot] = done
+    # ------------------------------------------------------------------ prediction
+    def _set_prefetch(self, layer: int, counts_E: list[float], mass_E: list[float],
+                      protected: set[tuple[int, int]]) -> None:
+        """Replace the prefetch queue by the ranked prediction for ``layer``."""
+        self._queue = []
+        if layer >= len(self.host_w_in):
+            return
+        self._predicted[layer] = {e for e in range(self.num_experts) if counts_E[e] > 0}
+        ranked = rank_predictions(counts_E, mass_E, self.prefetch_extra)
+        self._guard = set(protected) | {(layer, e) for e in ranked}
+        self._queue = [(layer, e) for e in ranked]
+        self.pump()
+
+    def _prediction_tensor(self, predictor: Predictor, x_TD: torch.Tensor) -> torch.Tensor:
+        idx_TK, probs_TE = predictor(x_TD)
+        counts = torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts)[:self.num_experts]
+        return torch.cat([counts.float(), probs_TE.float().sum(0)])
+
+    def predict_from_output(self, layer: int, h_TD: torch.Tensor) -> None:
+        """Prefetch for MoE layer ``layer + 1`` from the output ``h_TD [T, D]`` of the decoder
+        layer holding MoE layer ``layer`` (``prefetch="layer_output"``)."""
+        predictor = self.out_predictors[layer]
+        if predictor is None:
+            return
+        with torch.no_grad():
+            host = self._to_host(self._prediction_tensor(predictor, h_TD))
+        e = self.num_experts
+        self._set_prefetch(layer + 1, host[:e], host[e:], set())
 
     # ------------------------------------------------------------------ one layer
     def forward(self, layer: int, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -161,50 +244,58 @@ class OffloadEngine:
         flat = indices_TK.reshape(-1)
         valid = (flat >= 0) & (flat < num_experts)
         flat = torch.where(valid, flat, num_experts)  # padding slots counted in a dropped bin
-        counts = [torch.bincount(flat, minlength=num_experts + 1)[:num_experts]]
+        parts = [torch.bincount(flat, minlength=num_experts + 1)[:num_experts].float()]
         predictor = self.predictors[layer]
         if predictor is not None:
-            pred = predictor(x_TD).reshape(-1)
-            counts.append(torch.bincount(pred, minlength=num_experts)[:num_experts])
-        host = torch.cat(counts).tolist()  # the one host synchronisation of the layer
-        counts_E, pred_E = host[:num_experts], host[num_experts:]
+            parts.append(self._prediction_tensor(predictor, x_TD))
+        host = self._to_host(torch.cat(parts))  # the one host synchronisation of the layer
+        counts_E = [int(v) for v in host[:num_experts]]
         needed = [e for e in range(num_experts) if counts_E[e] > 0]
         c = self.counters
         c.layer_calls += 1
         if layer == 0:
             c.tokens += int(x_TD.shape[0])
         self._score_prediction(layer, needed)
+        self._queue = [k for k in self._queue if k[0] != layer]  # its routing is known: stop guessing
 
         # plan: hits, CPU-computed misses, demand copies (deferred when no slot is free)
         protected = {(layer, e) for e in needed}
         slot_of: dict[int, int] = {}
         on_cpu: list[int] = []
-        backlog_s = 0.0
+        copy_s = cpu_s = 0.0  # work queued on the copy engine / the CPU by this plan
         for e in needed:
             key = (layer, e)
             self.cache.use(key)
             c.activations += 1
             slot = self.cache.lookup(key)
-            if slot is not None:
+            if slot is not None and self.copier.complete(slot):
                 c.hits += 1
                 if key in self._prefetched:
                     c.prefetch_useful += 1
-                    self._prefetched.discard(key)
+                self._prefetched.discard(key)
                 slot_of[e] = slot
-            elif self.cpu_compute and self.costs.prefer_cpu(counts_E[e], backlog_s):
-                on_cpu.append(e)
+                continue
+            self._prefetched.discard(key)
+            if slot is not None:  # part of it was prefetched: copy the rest
+                copy_s += self.copier.missing_bytes(slot) / self.costs.h2d_bytes_per_s
+                slot_of[e] = slot
+                self._demand(key, slot)
+            elif self.cpu_compute and cpu_s + self.costs.cpu_s(counts_E[e]) < copy_s + self.costs.copy_s():
+                on_cpu.append(e)  # list scheduling: the expert goes where it finishes first
+                cpu_s += self.costs.cpu_s(counts_E[e])
             else:
                 placed = self.cache.insert(key, protected)
                 if placed is None:  # every slot holds an expert this layer still needs
                     continue
                 self._forget(placed[1])
                 slot_of[e] = placed[0]
-                self._copy(key, placed[0])
-                c.demand_copies += 1
-                backlog_s += self.costs.copy_s()
+                self.copier.assign(placed[0])
+                self._demand(key, placed[0])
+                copy_s += self.costs.copy_s()
         c.cpu_computed += len(on_cpu)
         if predictor is not None:
-            self._prefetch(layer + 1, pred_E, protected)
+            e = num_experts
+            self._set_prefetch(layer + 1, host[e:2 * e], host[2 * e:], protected)
 
         order = torch.argsort(flat, stable=True)
         starts = [0] * (num_experts + 1)
@@ -243,16 +334,17 @@ class OffloadEngine:
                 if evicted is not None and evicted[0] == layer:
                     slot_of.pop(evicted[1], None)
                 slot_of[e] = placed[0]
-                self._copy((layer, e), placed[0])
-                c.demand_copies += 1
+                self.copier.assign(placed[0])
+                self._demand(key, placed[0])
             slot = slot_of[e]
             if self.cuda:
                 self._wait_ready(slot)
             tok, pos = rows_of(e)
             y = self._expert(x_TD[tok], self.slot_in[slot], self.slot_out[slot]) * weights_TK[tok, pos, None]
             out_TD[tok] += y.to(out_TD.dtype)  # rows are distinct: same sums as index_add_, far cheaper on CPU
-            self._mark_read(slot)
+            self.copier.mark_read(slot)
             protected.discard((layer, e))
+        self.pump()
         return out_TD
 
     def _expert(self, x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor) -> torch.Tensor:
@@ -262,27 +354,8 @@ class OffloadEngine:
     def _forget(self, evicted: tuple[int, int] | None) -> None:
         if evicted is not None:
             self._prefetched.discard(evicted)
-
-    def _prefetch(self, layer: int, pred_E: list[int], protected: set[tuple[int, int]]) -> None:
-        """Queue copies of the experts predicted for ``layer`` (most tokens first) into slots
-        not needed now."""
-        if layer >= len(self.host_w_in):
-            return
-        predicted = [e for e in sorted(range(self.num_experts), key=lambda e: -pred_E[e]) if pred_E[e] > 0]
-        self._predicted[layer] = set(predicted)
-        # the target layer's other experts are fair game (its quota bounds what it may take)
-        guard = set(protected) | {(layer, e) for e in predicted}
-        for e in predicted:
-            key = (layer, e)
-            if key in self.cache:
-                continue
-            placed = self.cache.insert(key, guard)
-            if placed is None:
-                break
-            self._forget(placed[1])
-            self._copy(key, placed[0])
-            self._prefetched.add(key)
-            self.counters.prefetch_copies += 1
+            if evicted in self._queue:
+                self._queue.remove(evicted)
 
     def _score_prediction(self, layer: int, needed: list[int]) -> None:
         predicted = self._predicted.pop(layer, None)
