@@ -99,27 +99,34 @@ def placements(draw):
 @given(placements())
 @settings(max_examples=80, deadline=None)
 def test_replica_sync_sums_every_replica_of_an_expert(case):
-    """Simulate the reduction on all ranks (the all-reduce is a sum of the ranks' buffer
-    prefixes): every replica ends with the sum over all replicas of its expert; experts
-    without replicas are untouched."""
+    """Simulate the reduction on all ranks, all-reduce by all-reduce (the ranks' cross-rank
+    groups must line up one to one): every replica ends with the sum over all replicas of
+    its expert; experts without replicas are untouched."""
     p2l, num_ranks = case
     per = p2l.shape[0] // num_ranks
     grad_R = torch.randn(p2l.shape[0], 3, dtype=torch.float64)
-    syncs = [replica_sync(p2l, r, num_ranks) for r in range(num_ranks)]
-    assert len({(s.num_cross) for s in syncs}) == 1  # one all-reduce size for the whole group
-    bufs = []
-    for r, s in enumerate(syncs):
-        buf = torch.zeros(s.num_rows, 3, dtype=torch.float64)
-        local = grad_R[r * per:(r + 1) * per]
-        buf.index_add_(0, torch.tensor(s.rows, dtype=torch.long), local[torch.tensor(s.slots, dtype=torch.long)])
-        bufs.append(buf)
-    cross = sum(b[:syncs[0].num_cross] for b in bufs) if bufs else None
     out = grad_R.clone()
-    for r, (s, buf) in enumerate(zip(syncs, bufs)):
-        if syncs[0].num_cross:
-            buf[:s.num_cross] = cross
-        for slot, row in zip(s.slots, s.rows):
-            out[r * per + slot] = buf[row]
+    syncs = [replica_sync(p2l, r, num_ranks) for r in range(num_ranks)]
+    num_cross = {s.num_all_reduces for s in syncs}
+    assert len(num_cross) == 1  # every rank takes part in the same all-reduces
+    heads = [[] for _ in range(num_ranks)]  # per rank, the tensor each of its groups all-reduces
+    for r, s in enumerate(syncs):
+        local = out[r * per:(r + 1) * per]
+        for slots, cross in s.groups:
+            head = local[slots[0]] if slots else torch.zeros(3, dtype=torch.float64)
+            for slot in slots[1:]:
+                head.add_(local[slot])
+            heads[r].append((head, slots, cross))
+    for i in range(num_cross.pop()):  # the i-th all-reduce of every rank
+        total = sum(heads[r][i][0] for r in range(num_ranks))
+        for r in range(num_ranks):
+            assert heads[r][i][2]  # cross-rank groups come first on every rank
+            heads[r][i][0].copy_(total)
+    for r in range(num_ranks):
+        local = out[r * per:(r + 1) * per]
+        for head, slots, _ in heads[r]:
+            for slot in slots[1:]:
+                local[slot].copy_(head)
     for slot in range(p2l.shape[0]):
         expected = grad_R[p2l == p2l[slot]].sum(0)
         torch.testing.assert_close(out[slot], expected)

@@ -231,8 +231,9 @@ class ExpertParallelExperts(nn.Module):
     def reduce_replica_grads(self) -> None:
         """Sum the gradients of the replicas of each replicated expert (each replica saw only
         its share of the tokens), so replicas take identical steps: replicas on this rank are
-        summed locally, experts with replicas on several ranks by one all-reduce per weight
-        over the EP group. No host sync (the index lists are fixed per placement)."""
+        summed locally, experts with replicas on several ranks by an in-place all-reduce of
+        one slot's gradient over the EP group (:mod:`moekit.parallel.replicas`). No host
+        sync, no staging copies."""
         self._replica_sync.reduce((self.local.w_in, self.local.w_out), self.group)
 
 
