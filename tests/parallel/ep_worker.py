@@ -112,6 +112,25 @@ def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8,
     return ref, ep, modules
 
 
+def check_accumulation(device, dtype, tol, dedup=True):
+    """Gradient accumulation: two micro-batches' backward passes, then ONE replica / DP
+    gradient reduction (once per optimizer step) == the reference's accumulated gradients."""
+    gen = torch.Generator().manual_seed(17)
+    p2l = torch.cat([torch.arange(8), torch.tensor([0, 0, 2, 5][:WORLD]), torch.tensor([1, 3, 4, 6][:WORLD])])
+    p2l = p2l[torch.randperm(p2l.shape[0], generator=gen)]
+    cfg = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=8, top_k=3, balance="none")
+    ref = _reference(cfg, device, dtype, 4)
+    ep = copy.deepcopy(ref)
+    modules = parallelize(ep, None, p2l[None], dedup=dedup)
+    for micro in range(2):
+        sizes = [3 + micro + r for r in range(WORLD)]
+        x, g, mine = _batch(sizes, cfg.dim, device, dtype, 200 + micro)
+        (ref(x).hidden * g).sum().backward()
+        (ep(x[mine]).hidden * g[mine]).sum().backward()
+    reduce_gradients(ep, average=False)
+    _check_grads(ref, ep, modules, tol)
+
+
 def check_apply_plan(device, dtype, tol, dedup=True):
     """Train one Adam step, move to a new placement (weights + Adam state), train another:
     identical to the reference that never moved; the moved bytes are what the plan says."""
@@ -257,6 +276,7 @@ def _run_scenario(scenario, device, f64, tol64, tol32, dedup):
         check_equivalence(device, f64, tol64, sizes=[9] * WORLD, phy2log=p2l, shared=1, **kw)
         check_equivalence(device, f64, tol64, sizes=[6, 0, 2, 5][:WORLD], phy2log=p2l, balance="aux_free",
                           mask_last_rank=True, **kw)
+        check_accumulation(device, f64, tol64, **kw)
     elif scenario == "grouped":
         # the grouped-GEMM ops on the received rows (compact hand-off: valid rows only), with
         # replicas (local and cross-rank) and a rank without tokens; CPU kernels under gloo
