@@ -419,15 +419,20 @@ def plot(json_path: str) -> str:
                label="forward+backward")
         ax.bar(pos + 0.2, [r["fwd_tokens_per_s_per_gpu"] / base["fwd_tokens_per_s_per_gpu"] for r in mine], 0.4,
                label="forward only")
+        accum = [(i, base["step_ms"] / r[f"step_ms_sync_once_per_{MICRO}_micro"]) for i, r in enumerate(mine)
+                 if f"step_ms_sync_once_per_{MICRO}_micro" in r]
+        if accum:
+            ax.plot([pos[i] - 0.2 for i, _ in accum], [v for _, v in accum], "kx", ms=7,
+                    label=f"fwd+bwd, replica sync once per {MICRO} micro-batches")
         ax.axhline(0.85, color="k", ls="--", lw=0.8)
-        ax.set_xticks(pos, labels, fontsize=7)
-        ax.set_ylim(0, 1.1)
+        ax.set_xticks(pos, labels, fontsize=6.5)
+        ax.set_ylim(0, 1.3)
         ax.set_title(f"{shape} (T={mine[0]['T_per_gpu']}/GPU, D={mine[0]['D']}, F={mine[0]['F']}, "
                      f"E={mine[0]['E']}, k={mine[0]['k']})\nEP=1 balanced: "
                      f"{base['tokens_per_s_per_gpu'] / 1e3:.0f}k tok/s/GPU fwd+bwd", fontsize=8)
         ax.set_ylabel("tokens/s per GPU, relative to EP=1 balanced")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"moekit expert parallelism, {result['machine']['device']} x{result['machine']['world']}, "
                  f"{result['date_utc'][:10]}", fontsize=10)
     fig.tight_layout()
