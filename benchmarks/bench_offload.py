@@ -248,6 +248,7 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
     # 32 MiB chunks queued ahead, the rest of a wrong guess dropped when the layer's routing is known
     variants = [("lru", "none", 0, 2, False, half), ("lfu", "none", 0, 2, False, half),
                 ("lru", "next_layer", 0, whole, False, half), ("lru", lo, 0, whole, False, half),
+                ("lfu", lo, 0, whole, False, half),
                 ("lru", "next_layer", 0, 2, False, half), ("lru", lo, 0, 2, False, half),
                 ("lru", lo, 1, 2, False, half), ("lfu", lo, 1, 2, False, half),
                 ("lfu", "none", 0, 2, True, half), ("lfu", lo, 1, 2, True, half),
@@ -419,7 +420,7 @@ def plot(doc: dict, path: str) -> None:
         text = r["name"].replace("all on GPU (transformers ", "all-GPU HF ").replace(")", "")
         return text + (f" [{r['slots']} slots]" if r.get("slots") and "resident" not in r["name"] else "")
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 7), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 9), sharey=True)
     for ax, batch in zip(axes, (1, 8)):
         rs = [r for r in runs if r["batch"] == batch]
         colors = ["tab:gray" if r["name"].startswith("all on GPU") or "resident" in r["name"] else
@@ -430,6 +431,8 @@ def plot(doc: dict, path: str) -> None:
             text, right = f"{r['decode_tokens_per_s']:.1f}", r["decode_tokens_per_s"]
             if "decode_hit_rate" in r and "resident" not in r["name"]:
                 text += f"  hit {r['decode_hit_rate']:.2f}  PCIe {r['decode_pcie_utilization']:.2f}"
+                if r.get("prefetch", "none") != "none":
+                    text += f"  P/R {r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}"
                 if not r.get("cpu_compute"):
                     ax.plot([r["copy_bound_tokens_per_s"]], [i], marker="|", color="black", markersize=14)
                     right = max(right, r["copy_bound_tokens_per_s"])

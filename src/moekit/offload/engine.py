@@ -131,6 +131,7 @@ class OffloadEngine:
         self._predicted: dict[int, set[int]] = {}  # layer -> predicted top-k set of its next call
         self._queue: list[tuple[int, int]] = []  # prefetch keys still to issue, best first
         self._guard: set[tuple[int, int]] = set()  # keys a prefetch must not evict
+        self._host_buf: torch.Tensor | None = None  # pinned, for the per-layer counts
         self.counters = OffloadCounters()
 
     @property
@@ -170,20 +171,36 @@ class OffloadEngine:
                 self._queue.pop(0)
 
     def _to_host(self, t: torch.Tensor) -> list:
-        """``t.tolist()``, pumping prefetch chunks while the device catches up."""
+        """``t.tolist()`` for a 1-D float32 ``t``, feeding prefetch chunks to the copy stream
+        while the device catches up. Spins instead of sleeping (a sleep can overshoot by
+        milliseconds on a virtual machine's timer) and blocks when there is nothing to feed;
+        the pinned buffer is reused (its last copy was read before this one is issued)."""
         t0 = time.perf_counter()
         if self.cuda:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            n = t.numel()
+            if self._host_buf is None or self._host_buf.numel() < n:
+                self._host_buf = torch.empty(max(n, 4 * self.num_experts), dtype=torch.float32, pin_memory=True)
+            host = self._host_buf[:n]
             host.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             while not done.query():
+                if not self._queue:
+                    done.synchronize()
+                    break
                 self.pump()
-                time.sleep(2e-5)
             t = host
         values = t.tolist()
         self.counters.host_wait_s += time.perf_counter() - t0
         return values
+
+    def _count(self, indices: torch.Tensor, bins: int) -> torch.Tensor:
+        """Tokens per bin ``[bins]`` (float32) of non-negative ``indices < bins``. Unlike
+        ``torch.bincount``, which reads the maximum back to size its output, this never
+        synchronises the host, so the host reaches :meth:`_to_host` early and pumps there."""
+        flat = indices.reshape(-1)
+        return torch.zeros(bins, dtype=torch.float32, device=flat.device).index_add_(
+            0, flat, torch.ones(flat.shape, dtype=torch.float32, device=flat.device))
 
     def _wait_ready(self, slot: int) -> None:
         ready = self.copier.take_ready(slot)
@@ -222,8 +239,7 @@ class OffloadEngine:
 
     def _prediction_tensor(self, predictor: Predictor, x_TD: torch.Tensor) -> torch.Tensor:
         idx_TK, probs_TE = predictor(x_TD)
-        counts = torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts)[:self.num_experts]
-        return torch.cat([counts.float(), probs_TE.float().sum(0)])
+        return torch.cat([self._count(idx_TK, self.num_experts), probs_TE.float().sum(0)])
 
     def predict_from_output(self, layer: int, h_TD: torch.Tensor) -> None:
         """Prefetch for MoE layer ``layer + 1`` from the output ``h_TD [T, D]`` of the decoder
@@ -244,7 +260,7 @@ class OffloadEngine:
         flat = indices_TK.reshape(-1)
         valid = (flat >= 0) & (flat < num_experts)
         flat = torch.where(valid, flat, num_experts)  # padding slots counted in a dropped bin
-        parts = [torch.bincount(flat, minlength=num_experts + 1)[:num_experts].float()]
+        parts = [self._count(flat, num_experts + 1)[:num_experts]]
         predictor = self.predictors[layer]
         if predictor is not None:
             parts.append(self._prediction_tensor(predictor, x_TD))
