@@ -1,7 +1,7 @@
 """MoE expert-compute speed on one GPU: moekit's grouped path against transformers' own
 experts implementations, the balanced ``torch.bmm`` bound and the dense bf16 peak, in one run.
 
-    python benchmarks/bench_layer.py [--out DIR] [--quick]
+    python benchmarks/bench_layer.py [--out DIR] [--quick] [--shapes a,b] [--no-decode] [--breakdown]
 
 For every prefill shape (OLMoE-like, Qwen3-30B-A3B-like, Mixtral-like, a DeepSeek-V3 slice),
 uniform and Zipf(1.2) routing, forward and forward+backward, it times:
@@ -11,11 +11,18 @@ uniform and Zipf(1.2) routing, forward and forward+backward, it times:
   ``eager`` (a Python loop over experts) and ``grouped_mm`` (sort + ``grouped_mm`` + un-sort);
 - ``moekit``: :func:`moekit.experts.grouped.experts_grouped_mm` (the layer's CUDA default);
 - ``bmm_bound``: the same FLOPs as a balanced ``torch.bmm`` over ``[E, T*k/E, D]`` with no
-  routing at all (every expert gets the same number of tokens, nothing is gathered).
+  routing at all (every expert gets the same number of tokens, nothing is gathered);
+- ``sonic``: SonicMoE (PyPI ``sonic-moe``; CuTe-DSL grouped GEMMs from QuACK with the gather,
+  the SwiGLU and the weighted scatter fused in) on the same routing and weights, through its
+  ``moe_general_routing_inputs`` entry, with QuACK's default GEMM configuration (its autotuner
+  pinned to that one configuration: the tuned mode compiles for minutes per shape). Skipped,
+  with a note in the log, where it does not import.
 
 Decode shapes (T in {1, 8, 64}, forward) add ``moekit_graph`` (the same call replayed from a
-CUDA graph, as a server runs decode) and the bound of reading every active expert's weights
-once at the device-to-device copy bandwidth measured in the same run.
+CUDA graph, as a server runs decode), ``moekit_op`` (where the backend takes its decode path:
+the same kernels called through the ``moekit::experts_decode`` custom op, which eager calls
+skip) and the bound of reading every active expert's weights once at the device-to-device
+copy bandwidth measured in the same run.
 
 Useful FLOPs follow DESIGN.md: ``6*T*k*D*F`` forward, 3x for forward+backward. Times are
 medians of CUDA-event-timed repetitions run back to back after warm-up (the host is not
@@ -39,7 +46,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moekit.experts.grouped import experts_grouped_mm
+from moekit.experts.grouped import DECODE_MAX_SLOTS, experts_grouped_mm
 
 PREFILL = [  # name, T, D, F, E, K
     ("olmoe", 16384, 2048, 1024, 64, 8),
@@ -135,7 +142,69 @@ def bmm_bound_fn(x_EMD, w_in, w_out):
     return torch.bmm(F.silu(g) * u, w_out.transpose(1, 2))
 
 
+def sonic_status() -> tuple[str | None, str]:
+    """``(version, "")`` where SonicMoE (and its CuTe-DSL stack) imports, else ``(None, why)``."""
+    try:
+        import sonicmoe
+    except Exception as e:  # ImportError, or the CUTLASS DSL failing to load its libraries
+        return None, f"{type(e).__name__}: {e}"
+    return sonicmoe.__version__, ""
+
+
+def sonic_version() -> str | None:
+    return sonic_status()[0]
+
+
+def pin_quack_default_config() -> None:
+    """Make every QuACK GEMM autotuner use QuACK's default configuration for this GPU.
+
+    SonicMoE calls QuACK's GEMMs in their tuned mode, which compiles and times every candidate
+    tile configuration on the first call of each shape (minutes). With a single candidate the
+    autotuner skips the search, which is what ``tuned=False`` would select."""
+    from quack import gemm_interface
+    from quack.autotuner import AutotuneConfig
+
+    default = AutotuneConfig(config=gemm_interface.default_config(torch.device("cuda")))
+    for obj in vars(gemm_interface).values():
+        if isinstance(getattr(obj, "configs", None), list) and hasattr(obj, "fn"):
+            obj.configs = [default]
+
+
+def sonic_fn(x, idx, w, w_in, w_out):
+    """SonicMoE's experts on moekit's routing: ``() -> y [T, D]``.
+
+    ``moe_general_routing_inputs`` takes the assignments as (token, expert, score) triples sorted
+    by token, ``w1`` as ``[2F, D, E]`` and ``w2`` as ``[D, F, E]`` views (moekit's ``[E, 2F, D]``
+    / ``[E, D, F]`` tensors permuted, no copy) and, with ``concat_layout=True``, gate and up
+    concatenated as moekit stores them. Its routing metadata is computed inside each call, as
+    moekit's sort is."""
+    import sonicmoe
+    from sonicmoe.enums import ActivationType
+
+    T, K = idx.shape
+    token_N = torch.arange(T, device=idx.device, dtype=torch.int32).repeat_interleave(K)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def run():
+        out, _ = sonicmoe.moe_general_routing_inputs(
+            x, w.reshape(-1), token_N, idx.reshape(-1).to(torch.int32), w_in.permute(1, 2, 0), None,
+            w_out.permute(1, 2, 0), None, w_in.shape[0], stream, ActivationType.SWIGLU, False, True)
+        return out
+
+    return run
+
+
 # ------------------------------------------------------------------------------ runs
+
+
+def agreement(fn_a, fn_b, inputs, dy):
+    """Relative Frobenius difference of two implementations' outputs and input gradients."""
+    out = []
+    for fn in (fn_a, fn_b):
+        y = fn()
+        out.append([y.detach(), *torch.autograd.grad(y, inputs, dy)])
+    names = ("y", "dx", "dweights", "dw_in", "dw_out")
+    return [(n, ((a.float() - b.float()).norm() / b.float().norm()).item()) for n, a, b in zip(names, *out)]
 
 
 def step(fn, inputs, backward: bool, dy):
@@ -144,7 +213,7 @@ def step(fn, inputs, backward: bool, dy):
     return lambda: torch.autograd.grad(fn(), inputs, dy)
 
 
-def run_prefill(name, T, D, F, E, K, kind, gen, peak, log):
+def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False):
     w_in, w_out = make_weights(D, F, E, gen)
     x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
     idx, w = routing(T, E, K, kind, gen)
@@ -161,6 +230,10 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log):
         except Exception as e:  # an older transformers without the class: say so in the file
             log(f"  hf_{impl} unavailable: {e!r}")
     impls["bmm_bound"] = (lambda: bmm_bound_fn(x_EMD, w_in, w_out), [x_EMD, w_in, w_out], dy_EMD)
+    if sonic:
+        impls["sonic"] = (sonic_fn(x, idx, w, w_in, w_out), [x, w, w_in, w_out], dy)
+        log("  sonic vs moekit (rel. Frobenius): " + ", ".join(
+            f"{n}={e:.2e}" for n, e in agreement(impls["moekit"][0], impls["sonic"][0], [x, w, w_in, w_out], dy)))
     rows = []
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         flops = 6 * T * K * D * F * (3 if backward else 1)
@@ -178,6 +251,7 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log):
                              tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak,
                              speedup_vs_hf_grouped_mm=res.get("hf_grouped_mm", float("nan")) / ms,
                              speedup_vs_hf_eager=res.get("hf_eager", float("nan")) / ms,
+                             speedup_vs_sonic=res.get("sonic", float("nan")) / ms,
                              ratio_to_bmm_bound=ms / res.get("bmm_bound", float("nan")),
                              max_over_mean_tokens=(counts.max() / counts.float().mean()).item()))
         log("  " + f"{name:18s} {kind:7s} {mode:8s} " + "  ".join(f"{k}={v:.3f}" for k, v in res.items()))
@@ -196,6 +270,8 @@ def run_decode(name, D, F, E, K, T, kind, gen, copy_gbs, log):
     res = {}
     with torch.no_grad():
         res["moekit"] = time_ms(lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"))
+        if idx.numel() <= DECODE_MAX_SLOTS:  # the same kernels through the custom op's dispatch
+            res["moekit_op"] = time_ms(lambda: torch.ops.moekit.experts_decode(x, idx, w, w_in, w_out, "swiglu"))
         try:
             graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream()
@@ -278,17 +354,25 @@ def machine_info() -> dict:
         driver = "unknown"
     return dict(gpu=props.name, sm_count=props.multi_processor_count, gpu_memory_gib=props.total_memory / 2 ** 30,
                 driver=driver, torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
-                transformers=transformers.__version__, python=platform.python_version(), host=platform.node())
+                transformers=transformers.__version__, sonic_moe=sonic_version(), python=platform.python_version(), host=platform.node())
+
+
+def gpu_slug(info: dict) -> str:
+    """Short GPU name for result file names: ``h100``, ``h200`` or the last word of the name."""
+    gpu = info["gpu"]
+    return "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[-1].lower()
 
 
 def print_table(rows):
-    head = f"{'shape':22s} {'routing':7s} {'mode':8s} {'impl':14s} {'ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} {'vs hf_gmm':>9s} {'vs eager':>8s} {'/bound':>7s}"
+    head = (f"{'shape':22s} {'routing':7s} {'mode':8s} {'impl':18s} {'ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} "
+            f"{'vs hf_gmm':>9s} {'vs eager':>8s} {'vs sonic':>8s} {'/bound':>7s}")
     print(head)
     print("-" * len(head))
     for r in rows:
         bound = r.get("ratio_to_bmm_bound", r.get("ratio_to_weight_read_bound", float("nan")))
-        print(f"{r['shape']:22s} {r['routing']:7s} {r['mode']:8s} {r['impl']:14s} {r['ms']:9.4f} {r['tflops']:8.1f} "
-              f"{r.get('pct_peak', float('nan')):6.1f} {r['speedup_vs_hf_grouped_mm']:9.2f} {r['speedup_vs_hf_eager']:8.2f} {bound:7.3f}"
+        print(f"{r['shape']:22s} {r['routing']:7s} {r['mode']:8s} {r['impl']:18s} {r['ms']:9.4f} {r['tflops']:8.1f} "
+              f"{r.get('pct_peak', float('nan')):6.1f} {r['speedup_vs_hf_grouped_mm']:9.2f} {r['speedup_vs_hf_eager']:8.2f} "
+              f"{r.get('speedup_vs_sonic', float('nan')):8.2f} {bound:7.3f}"
               + (f"  T={r['T']}" if "decode" in r["shape"] else ""))
 
 
@@ -305,6 +389,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="OLMoE prefill and T=1 decode only")
     p.add_argument("--shapes", default="", help="comma-separated prefill shape names (default: all)")
     p.add_argument("--profile", action="store_true", help="also write a kernel-time breakdown (OLMoE fwd+bwd)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode shapes")
+    p.add_argument("--no-sonic", action="store_true", help="skip the SonicMoE column")
+    p.add_argument("--tag", default="", help="suffix of the result file name (layer_<gpu>_<date>_<tag>.json)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_layer: error: needs a CUDA device", file=sys.stderr)
@@ -323,9 +410,16 @@ def main(argv=None) -> int:
     if args.quick:
         shapes = shapes[:1]
     info = machine_info()
-    slug = "h100" if "H100" in info["gpu"] else "h200" if "H200" in info["gpu"] else info["gpu"].split()[-1].lower()
+    slug = gpu_slug(info)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"layer_{slug}_{datetime.date.today().isoformat()}.json")
+    tag = f"_{args.tag}" if args.tag else ""
+    path = os.path.join(args.out, f"layer_{slug}_{datetime.date.today().isoformat()}{tag}.json")
+    version, why = sonic_status() if not args.no_sonic else (None, "--no-sonic")
+    if version is None:
+        log(f"sonic: column skipped, SonicMoE does not import here ({why})")
+    else:
+        pin_quack_default_config()
+        log(f"sonic: SonicMoE {version}, QuACK default GEMM configuration")
     rows = []
 
     def save():  # after every shape, so that a run cut short still leaves its figures
@@ -334,14 +428,14 @@ def main(argv=None) -> int:
                               flops_definition="6*T*k*D*F forward, 3x for forward+backward (DESIGN.md)",
                               rows=rows, log=lines))
 
-    for name, D, F_, E, K in DECODE_MODELS[: 1 if args.quick else None]:
+    for name, D, F_, E, K in DECODE_MODELS[: 0 if args.no_decode else 1 if args.quick else None]:
         for T in DECODE_T[: 1 if args.quick else None]:
             for kind in ("uniform", "zipf"):
                 rows += run_decode(name, D, F_, E, K, T, kind, gen, copy_gbs, log)
         save()
     for name, T, D, F_, E, K in shapes:
         for kind in ("uniform", "zipf"):
-            rows += run_prefill(name, T, D, F_, E, K, kind, gen, peak, log)
+            rows += run_prefill(name, T, D, F_, E, K, kind, gen, peak, log, sonic=version is not None)
         save()
     print_table(rows)
     print(f"wrote {path}")

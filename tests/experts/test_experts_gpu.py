@@ -121,8 +121,10 @@ def test_decode_path_compiles_fullgraph():
     low = [a.bfloat16() if a.is_floating_point() and i != 2 else a for i, a in enumerate(args)]
     torch._dynamo.reset()
     with torch.no_grad():
-        y = experts_grouped_mm(*low, "swiglu")
+        y = experts_grouped_mm(*low, "swiglu")  # eager: the kernels called directly
+        y_op = torch.ops.moekit.experts_decode(*low, "swiglu")  # what a traced graph holds
         y_compiled = torch.compile(experts_grouped_mm, fullgraph=True)(*low, "swiglu")
+    assert torch.equal(y_op, y)
     assert _rel(y_compiled, y) < 1e-6
 
 

@@ -20,7 +20,9 @@ Forward, for ``T`` tokens, ``K`` slots each (``N = T*K`` assignments, ``-1`` slo
 
 Decode-sized calls (``T*K <= DECODE_MAX_SLOTS`` with no gradient needed) skip the sort:
 ``moekit::experts_decode`` runs each slot's expert as matrix-vector products in Triton
-(:mod:`moekit.experts.triton_decode`), reading each chosen expert's weights once.
+(:mod:`moekit.experts.triton_decode`), reading each chosen expert's weights once. Eager calls
+launch its kernels directly (the op's dispatch is host time a decode step cannot spare);
+``torch.compile`` traces the op.
 
 GEMMs accumulate in fp32 (CUTLASS on Hopper). The ops have fake (meta) implementations and a
 registered autograd formula, so ``torch.compile(fullgraph=True)`` treats them as opaque nodes.
@@ -234,8 +236,11 @@ def experts_grouped_mm(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_TD, weights_TK, w_in_EHD, w_out_EDF))
     if indices_TK.numel() <= DECODE_MAX_SLOTS and not needs_grad and steps.use_triton(x_TD):
-        return _experts_decode(x_TD.contiguous(), indices_TK.contiguous(), weights_TK.contiguous(),
-                               w_in_EHD.contiguous(), w_out_EDF.contiguous(), activation)
+        # Eager decode is host-bound (a few us of GPU work per kernel): outside tracing, call the
+        # kernels directly and skip the custom op's dispatch; torch.compile still sees the op.
+        decode = _experts_decode if torch.compiler.is_compiling() else steps.decode_experts
+        return decode(x_TD.contiguous(), indices_TK.contiguous(), weights_TK.contiguous(),
+                      w_in_EHD.contiguous(), w_out_EDF.contiguous(), activation)
     order_N, inv_TK, offs_E = route_by_expert(indices_TK, w_in_EHD.shape[0])
     # Contiguous operands: the kernels index rows with one stride and slots as t*K + j.
     y_TD, _, _ = _experts_fwd(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD.contiguous(),
