@@ -48,12 +48,13 @@ def test_trace_cli_writes_a_trace(model_dir, tmp_path, capsys):
 def test_generate_cli_prints_figures_and_writes_json(model_dir, tmp_path, capsys):
     out = tmp_path / "gen.json"
     rc = main(["generate", "--model", str(model_dir), "--prompt", "the expert router", "--prompt", "load balance",
-               "--offload", "4", "--prefetch", "next_layer", "--policy", "lfu", "--max-new-tokens", "4",
-               "--dtype", "float32", "--device", "cpu", "--json", str(out)])
+               "--offload", "4", "--prefetch", "layer_output", "--lead-chunks", "1", "--policy", "lfu",
+               "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert rc == 0 and "hit_rate" in printed and "pcie_utilization" in printed
+    assert rc == 0 and "hit_rate" in printed and "pcie_utilization" in printed and "copy_busy_fraction" in printed
     doc = json.loads(out.read_text())
     assert len(doc["texts"]) == 2 and doc["stats"]["tokens"] > 0 and doc["stats"]["num_slots"] == 4
+    assert doc["stats"]["prefetch"] == "layer_output" and doc["stats"]["lead_chunks"] == 1
 
 
 def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys):
@@ -68,3 +69,6 @@ def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--offload", "lots",
                  "--device", "cpu", "--dtype", "float32"]) == 2
     assert "moekit generate: error: gpu_memory" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--offload", "2", "--lead-chunks", "0",
+                 "--device", "cpu", "--dtype", "float32"]) == 2
+    assert "lead_chunks" in capsys.readouterr().err

@@ -19,7 +19,12 @@ def add_parser(subparsers) -> None:
                    help="GPU budget for the dense weights + expert slots (e.g. 20GB, 7.5GiB), or a bare "
                         "integer: that many GPU expert slots")
     p.add_argument("--policy", default="lru", help="cache policy: lru | lfu (default lru)")
-    p.add_argument("--prefetch", default="none", help="none | next_layer (default none)")
+    p.add_argument("--prefetch", default="none",
+                   help="none | next_layer (next router on this layer's input) | layer_output (next router on "
+                        "the decoder layer's output: later, more often right) (default none)")
+    p.add_argument("--lead-chunks", type=int, default=2,
+                   help="prefetch chunks kept queued on the copy stream; a large value queues whole guesses "
+                        "at once (default 2)")
     p.add_argument("--cpu-compute", action="store_true",
                    help="compute a missing expert on the CPU when the measured cost model says it is faster")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
@@ -42,7 +47,8 @@ def run(args) -> int:
     slots, memory = (int(budget), None) if budget.isdigit() else (None, budget)
     model, tokenizer = load_causal_lm(args.model, args.dtype)
     handle = offload(model, cache_experts=slots, gpu_memory=memory, policy=args.policy,
-                     prefetch=args.prefetch, cpu_compute=args.cpu_compute, device=args.device)
+                     prefetch=args.prefetch, cpu_compute=args.cpu_compute, device=args.device,
+                     lead_chunks=args.lead_chunks)
     result = generate_and_measure(model, tokenizer, args.prompt, handle, args.max_new_tokens)
     console = Console()
     for prompt, text in zip(args.prompt, result["texts"]):
@@ -51,8 +57,8 @@ def run(args) -> int:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "h2d_bytes_per_token", "stall_s",
-                "pcie_utilization", "tokens_per_s", "decode_tokens_per_s", "cpu_computed", "demand_copies",
-                "prefetch_copies"):
+                "pcie_utilization", "copy_busy_fraction", "tokens_per_s", "decode_tokens_per_s", "cpu_computed",
+                "demand_copies", "prefetch_copies"):
         value = result["stats"][key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
