@@ -57,6 +57,7 @@ def test_cost_model_prefers_cpu_only_when_faster():
     assert costs.prefer_cpu(1, backlog_s=0.0)  # 0.06 s < 0.1 s
     assert not costs.prefer_cpu(8, backlog_s=0.0)  # 0.13 s > 0.1 s
     assert costs.prefer_cpu(8, backlog_s=0.05)  # behind a queued copy, the CPU wins
+    assert not costs.prefer_cpu(8, backlog_s=0.05, cpu_backlog_s=0.03)  # unless the CPU is busy too
 
 
 def test_layer_quota_makes_cyclic_scans_hit():

@@ -1,8 +1,9 @@
-"""Offloaded MoE inference: CPU-resident experts, a GPU expert cache, next-layer prefetch,
+"""Offloaded MoE inference: CPU-resident experts, a GPU expert cache, chunked copies, prefetch of the next layer's predicted experts,
 CPU computation of missing experts, and the figures of DESIGN.md ("Offload figures")."""
 
 from moekit.offload.api import PREFETCH, OffloadedExperts, OffloadHandle, offload
 from moekit.offload.cache import POLICIES, ExpertCache
+from moekit.offload.copies import ChunkedCopier
 from moekit.offload.costs import TransferCosts, measure_cpu_expert, measure_h2d_bandwidth, parse_bytes
 from moekit.offload.engine import OffloadCounters, OffloadEngine
 
@@ -13,6 +14,7 @@ __all__ = [
     "OffloadEngine",
     "OffloadCounters",
     "ExpertCache",
+    "ChunkedCopier",
     "POLICIES",
     "PREFETCH",
     "TransferCosts",

@@ -6,10 +6,12 @@ expert with measured numbers of the same machine:
 
 - ``copy_s = expert_bytes / h2d_bytes_per_s`` (pinned host-to-device bandwidth, measured);
 - ``cpu_s(n) = cpu_s_fixed + n * cpu_s_per_token`` (an expert's SwiGLU MLP timed on the CPU
-  for 1 and for 8 tokens, in the weights' dtype, plus moving the activations);
+  for 1 and for 32 tokens, in the weights' dtype);
 
-and computes on the CPU when ``cpu_s(n) < backlog_s + copy_s`` where ``backlog_s`` is the time
-the copies already queued in front of this one will take.
+and, going through a layer's misses in order, sends each to the queue that finishes it first (list
+scheduling): the CPU when ``cpu_backlog_s + cpu_s(n) < backlog_s + copy_s``, where the backlogs
+are the work this layer already gave the CPU and the copy engine. (Comparing one expert's times
+alone sent every miss to the CPU once the CPU was the faster of the two.)
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ class TransferCosts:
         """Seconds to compute one expert on the CPU for ``num_tokens`` tokens."""
         return self.cpu_s_fixed + num_tokens * self.cpu_s_per_token
 
-    def prefer_cpu(self, num_tokens: int, backlog_s: float) -> bool:
-        """Whether computing a missing expert on the CPU beats waiting for its copy, when the
-        copies already queued take ``backlog_s`` seconds."""
-        return self.cpu_s(num_tokens) < backlog_s + self.copy_s()
+    def prefer_cpu(self, num_tokens: int, backlog_s: float, cpu_backlog_s: float = 0.0) -> bool:
+        """Whether a missing expert finishes sooner on the CPU than through a copy, when the
+        copies already queued take ``backlog_s`` seconds and the CPU work already planned
+        ``cpu_backlog_s`` seconds."""
+        return cpu_backlog_s + self.cpu_s(num_tokens) < backlog_s + self.copy_s()
 
 
 def measure_h2d_bandwidth(device: torch.device, nbytes: int = 64 * 2**20, repeats: int = 5) -> float:

@@ -296,7 +296,7 @@ class OffloadEngine:
                 copy_s += self.copier.missing_bytes(slot) / self.costs.h2d_bytes_per_s
                 slot_of[e] = slot
                 self._demand(key, slot)
-            elif self.cpu_compute and cpu_s + self.costs.cpu_s(counts_E[e]) < copy_s + self.costs.copy_s():
+            elif self.cpu_compute and self.costs.prefer_cpu(counts_E[e], copy_s, cpu_s):
                 on_cpu.append(e)  # list scheduling: the expert goes where it finishes first
                 cpu_s += self.costs.cpu_s(counts_E[e])
             else:
