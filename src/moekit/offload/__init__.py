@@ -1,5 +1,6 @@
-"""Offloaded MoE inference: CPU-resident experts, a GPU expert cache, chunked copies, prefetch of the next layer's predicted experts,
-CPU computation of missing experts, and the figures of DESIGN.md ("Offload figures")."""
+"""Offloaded MoE inference: CPU-resident experts, a GPU expert cache, chunked copies, prefetch of
+the next layer's predicted experts, CPU computation of missing experts, and the figures of
+DESIGN.md ("Offload figures")."""
 
 from moekit.offload.api import PREFETCH, OffloadedExperts, OffloadHandle, offload
 from moekit.offload.cache import POLICIES, ExpertCache
