@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.experts import experts_reference
-from moekit.parallel import collect, compact_grouped_experts, gather_sum_rows, replica_sync, spread
+from moekit.parallel import (
+    collect,
+    compact_grouped_experts,
+    gather_sum_rows,
+    replica_sync,
+    spread,
+)
 
 
 def _rows_case(num_tokens, num_ranks, seed):

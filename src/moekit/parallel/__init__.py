@@ -11,7 +11,12 @@ Runs under ``torchrun`` with gloo (CPU) or NCCL (GPUs). Typical use::
     report = moekit.parallel.apply_plan(layer, plan.phy2log, optimizer)  # move experts to a new plan
 """
 
-from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts, resolve_group
+from moekit.parallel.comm import (
+    all_to_all,
+    all_to_all_plain,
+    exchange_counts,
+    resolve_group,
+)
 from moekit.parallel.dispatch import (
     DispatchOrder,
     RowDispatch,
@@ -25,11 +30,15 @@ from moekit.parallel.dispatch import (
     slot_tables,
 )
 from moekit.parallel.experts import ExpertParallelExperts, compact_grouped_experts
-from moekit.parallel.replicas import ReplicaSync, replica_sync
-from moekit.parallel.rows import collect, gather_sum_rows, spread
-from moekit.parallel.grads import broadcast_dense_parameters, dense_parameters, reduce_gradients
+from moekit.parallel.grads import (
+    broadcast_dense_parameters,
+    dense_parameters,
+    reduce_gradients,
+)
 from moekit.parallel.layer import ExpertParallelMoE, parallelize
 from moekit.parallel.rebalance import MoveReport, Transfer, apply_plan, plan_transfers
+from moekit.parallel.replicas import ReplicaSync, replica_sync
+from moekit.parallel.rows import collect, gather_sum_rows, spread
 
 __all__ = [
     "DispatchOrder",

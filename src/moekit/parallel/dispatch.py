@@ -110,7 +110,7 @@ def assignment_slots(indices_TK: torch.Tensor, tables: SlotTables, rank: int,
     a device-to-host sync on GPU; the layer knows it on the host). Without replicas each
     assignment's slot is a table lookup, no sort.
     """
-    num_experts, num_slots = tables.logcnt_E.shape[0], tables.num_slots
+    num_experts = tables.logcnt_E.shape[0]
     flat = indices_TK.reshape(-1)
     valid = flat >= 0
     real = flat.clamp(min=0)
@@ -134,7 +134,7 @@ def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int,
                    replicated: bool | None = None) -> DispatchOrder:
     """Map each assignment to a physical slot (:func:`assignment_slots`, ``replicated`` as
     there) and sort by slot (stably: within a slot, in token order)."""
-    num_tokens, top_k = indices_TK.shape
+    top_k = indices_TK.shape[1]
     num_slots = tables.num_slots
     slots = assignment_slots(indices_TK, tables, rank, replicated).reshape(-1)
     slots = torch.where(slots >= 0, slots, num_slots)  # unused slots sort last, with id R

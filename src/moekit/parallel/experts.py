@@ -41,8 +41,16 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.experts import ExpertsConfig, GroupedExperts, resolve_backend
-from moekit.experts.grouped import grouped_mm_supported, route_by_expert  # also registers the moekit:: ops
-from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts, group_rank_size
+from moekit.experts.grouped import (  # also registers the moekit:: ops
+    grouped_mm_supported,
+    route_by_expert,
+)
+from moekit.parallel.comm import (
+    all_to_all,
+    all_to_all_plain,
+    exchange_counts,
+    group_rank_size,
+)
 from moekit.parallel.dispatch import (
     SlotTables,
     assignment_slots,
@@ -250,6 +258,7 @@ def compact_grouped_experts(x_UD: torch.Tensor, slots_UK: torch.Tensor, weights_
     and the backward) working on valid rows only.
     """
     order_N, inv_UK, offs_S = route_by_expert(slots_UK, w_in_SHD.shape[0])
-    y_UD, _, _ = torch.ops.moekit.experts_grouped_fwd(x_UD.contiguous(), weights_UK.contiguous(), w_in_SHD.contiguous(),
-                                         w_out_SDF.contiguous(), order_N[:num_assign], inv_UK, offs_S, activation)
+    y_UD, _, _ = torch.ops.moekit.experts_grouped_fwd(
+        x_UD.contiguous(), weights_UK.contiguous(), w_in_SHD.contiguous(), w_out_SDF.contiguous(),
+        order_N[:num_assign], inv_UK, offs_S, activation)
     return y_UD

@@ -20,7 +20,7 @@ import torch
 
 from moekit.experts import steps
 
-__all__ = ["gather_sum_rows", "spread", "collect"]
+__all__ = ["collect", "gather_sum_rows", "spread"]
 
 
 def gather_sum_rows(src_VD: torch.Tensor, inv_TP: torch.Tensor) -> torch.Tensor:
