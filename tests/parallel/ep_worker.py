@@ -217,18 +217,26 @@ def check_host_syncs(device, dedup=True):
         layer.experts(x, idx, w).float().square().sum().backward()
         layer.experts.reduce_replica_grads()
 
+    import traceback
+
     step()  # warm-up: kernels compiled, index tables copied to the device once
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    syncs = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):  # where in our code the sync was asked for
+            frames = [f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]]
+            syncs.append(" < ".join(reversed(frames[-6:])))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{c.filename}:{c.lineno}" for c in caught if "synchroniz" in str(c.message)]
-    expected = 1
-    assert len(syncs) == expected, f"rank {RANK}: {len(syncs)} host syncs per step, expected {expected}: {syncs}"
+    assert len(syncs) == 1, f"rank {RANK}: {len(syncs)} host syncs per step, expected 1:\n" + "\n".join(syncs)
 
 
 def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) -> None:

@@ -188,41 +188,56 @@ class RowDispatch(NamedTuple):
     send_counts_P2: torch.Tensor
 
 
+def _cumsum_rows(m_RN: torch.Tensor) -> torch.Tensor:
+    """Inclusive int64 cumulative sum along each row of a few-row, long-row matrix, as one scan
+    of the flattened matrix: a 1-D scan is one fast device-wide kernel, whereas a scan along
+    dimension 0 of ``[N, R]`` runs one thread per column, serially over ``N`` (measured:
+    9 ms for ``N = 131k``, ``R = 3`` on an H100)."""
+    num_rows, num = m_RN.shape
+    if num == 0:
+        return torch.zeros(num_rows, 0, dtype=torch.int64, device=m_RN.device)
+    flat_RN = torch.cumsum(m_RN.reshape(-1), 0, dtype=torch.int64).view(num_rows, num)
+    before_R = torch.cat([flat_RN.new_zeros(1), flat_RN[:-1, -1]])
+    return flat_RN - before_R[:, None]
+
+
 def row_dispatch(slot_TK: torch.Tensor, num_ranks: int, slots_per_rank: int) -> RowDispatch:
     """Group the assignments of ``slot_TK`` (physical slots, ``-1`` = none, from
     :func:`assignment_slots`) into one row per (destination rank, token). Slot ``r`` lives on
-    rank ``r // slots_per_rank``. Counting sorts on the few destination ranks: no sort."""
+    rank ``r // slots_per_rank``. Counting sorts over the few destination ranks (``Q = P + 1``
+    rows: the ranks and one for unused entries), laid out rank-major so that every scan is
+    one 1-D scan: no sort."""
     num_tokens, top_k = slot_TK.shape
     dev = slot_TK.device
     flat = slot_TK.reshape(-1)
+    num = flat.shape[0]
     dst_N = torch.where(flat >= 0, flat // slots_per_rank, num_ranks)  # num_ranks = unused
     dst_TK = dst_N.view(num_tokens, top_k)
-    has_TP = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=dev).scatter_(1, dst_TK, True)
-    has_TP = has_TP[:, :num_ranks]
-    row_in_dst_TP = torch.cumsum(has_TP, 0) - 1
-    rows_P = has_TP.sum(0)
+    has_QT = torch.zeros(num_ranks + 1, num_tokens, dtype=torch.bool, device=dev).scatter_(0, dst_TK.t(), True)
+    has_PT = has_QT[:num_ranks]
+    row_in_dst_PT = _cumsum_rows(has_PT) - 1
+    rows_P = has_PT.sum(1)
     row_start_P = torch.cumsum(rows_P, 0) - rows_P
-    inv_TP = torch.where(has_TP, row_in_dst_TP + row_start_P, -1)
+    inv_PT = torch.where(has_PT, row_in_dst_PT + row_start_P[:, None], -1)
     spare = num_tokens * num_ranks  # every non-row entry writes to one spare last cell
-    tokens_TP = torch.arange(num_tokens, device=dev)[:, None].expand(num_tokens, num_ranks)
+    tokens_PT = torch.arange(num_tokens, device=dev).expand(num_ranks, num_tokens)
     token_ids = torch.zeros(spare + 1, dtype=torch.int64, device=dev)
-    token_ids.scatter_(0, torch.where(has_TP, inv_TP, spare).reshape(-1), tokens_TP.reshape(-1))
-    # assignments: stable counting sort by destination (one cumsum over [N, P + 1])
-    onehot_N = torch.zeros(flat.shape[0], num_ranks + 1, dtype=torch.int32, device=dev)
-    onehot_N.scatter_(1, dst_N[:, None], 1)
-    assign = onehot_N.sum(0, dtype=torch.int64)
-    rank_in_dst_N = torch.cumsum(onehot_N, 0).gather(1, dst_N[:, None])[:, 0] - 1
+    token_ids.scatter_(0, torch.where(has_PT, inv_PT, spare).reshape(-1), tokens_PT.reshape(-1))
+    # assignments: stable counting sort by destination
+    onehot_QN = torch.zeros(num_ranks + 1, num, dtype=torch.int32, device=dev).scatter_(0, dst_N[None], 1)
+    assign = onehot_QN.sum(1, dtype=torch.int64)
+    rank_in_dst_N = _cumsum_rows(onehot_QN).gather(0, dst_N[None])[0] - 1
     assign_start = torch.cumsum(assign, 0) - assign
-    num = flat.shape[0]
     pos_N = torch.where(dst_N < num_ranks, assign_start[dst_N] + rank_in_dst_N, num)
     perm = torch.zeros(num + 1, dtype=torch.int64, device=dev)
     perm.scatter_(0, pos_N, torch.arange(num, device=dev))
-    row_local_N = row_in_dst_TP.gather(1, dst_TK.clamp(max=num_ranks - 1)).reshape(-1)
+    token_N = torch.arange(num, device=dev) // max(top_k, 1)
+    row_local_N = row_in_dst_PT.reshape(-1)[dst_N.clamp(max=num_ranks - 1) * num_tokens + token_N]
     meta_flat = row_local_N * slots_per_rank + flat.clamp(min=0) % slots_per_rank
     perm_N = perm[:num]
     return RowDispatch(
         token_ids_V=token_ids[:spare],
-        inv_TP=inv_TP,
+        inv_TP=inv_PT.t().contiguous(),
         perm_N=perm_N,
         meta_N=meta_flat[perm_N],
         send_counts_P2=torch.stack([rows_P, assign[:num_ranks]], 1),
