@@ -178,6 +178,9 @@ def _profile(step, device, path: str | None) -> None:
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         with open(path, "w") as f:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=60))
+            if device.type == "cuda":  # where the host time goes (the GPU idles when the host lags)
+                f.write("\n\nSorted by host (CPU) time:\n")
+                f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
 
 
 def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup, rank, world,

@@ -221,10 +221,11 @@ def check_host_syncs(device, dedup=True):
 
     step()  # warm-up: kernels compiled, index tables copied to the device once
     torch.cuda.synchronize()
-    syncs = []
+    syncs, armed = [], []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):  # where in our code the sync was asked for
+        # count from the first op of the step on (switching the mode warns once by itself)
+        if armed and "synchroniz" in str(message):  # where in our code the sync was asked for
             frames = [f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]]
             syncs.append(" < ".join(reversed(frames[-6:])))
 
@@ -232,6 +233,7 @@ def check_host_syncs(device, dedup=True):
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
+        armed.append(True)
         try:
             step()
         finally:
