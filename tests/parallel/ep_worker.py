@@ -30,6 +30,10 @@ from moekit.parallel import (
     resolve_group,
 )
 
+# the dispatch modes every scenario runs in: the deduplicated fast path, the simple
+# per-assignment one, and the fixed-size sync-free one (capacity above every batch used here)
+MODES = (dict(dedup=True), dict(dedup=False), dict(max_tokens_per_rank=100))
+
 # this process's rank and the world size: set by run() before any check runs
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
@@ -73,8 +77,8 @@ def _check_grads(ref, ep, ep_modules, tol, ep_rank_size=None):
 
 
 def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8, top_k=2, balance="global",
-                      shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0, dedup=True,
-                      mesh_dim=None, backend="auto"):
+                      shared=0, mask_last_rank=False, group=None, expert_dp_group=None, seed=0,
+                      mesh_dim=None, backend="auto", **mode):
     """EP forward + backward == single-process MoE on the concatenated batch. backend: the
     EP layer's local expert backend (the reference keeps the default)."""
     cfg_ref = moekit.MoEConfig(dim=16, ffn_dim=16, num_experts=num_experts, top_k=top_k, num_shared_experts=shared,
@@ -92,7 +96,7 @@ def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8,
         for m in (ref, ep):
             m.aux_free.bias[p2l[-per:]] = -1e4
     modules = parallelize(ep, group, None if phy2log is None else phy2log[None], expert_dp_group=expert_dp_group,
-                          dedup=dedup, mesh_dim=mesh_dim)
+                          mesh_dim=mesh_dim, **mode)
 
     x, g, mine = _batch(sizes, cfg_ref.dim, device, dtype, seed + 1)
     x_ref = x.clone().requires_grad_()
@@ -112,7 +116,7 @@ def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8,
     return ref, ep, modules
 
 
-def check_accumulation(device, dtype, tol, dedup=True):
+def check_accumulation(device, dtype, tol, **mode):
     """Gradient accumulation: two micro-batches' backward passes, then ONE replica / DP
     gradient reduction (once per optimizer step) == the reference's accumulated gradients."""
     gen = torch.Generator().manual_seed(17)
@@ -121,7 +125,7 @@ def check_accumulation(device, dtype, tol, dedup=True):
     cfg = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=8, top_k=3, balance="none")
     ref = _reference(cfg, device, dtype, 4)
     ep = copy.deepcopy(ref)
-    modules = parallelize(ep, None, p2l[None], dedup=dedup)
+    modules = parallelize(ep, None, p2l[None], **mode)
     for micro in range(2):
         sizes = [3 + micro + r for r in range(WORLD)]
         x, g, mine = _batch(sizes, cfg.dim, device, dtype, 200 + micro)
@@ -131,7 +135,7 @@ def check_accumulation(device, dtype, tol, dedup=True):
     _check_grads(ref, ep, modules, tol)
 
 
-def check_apply_plan(device, dtype, tol, dedup=True):
+def check_apply_plan(device, dtype, tol, **mode):
     """Train one Adam step, move to a new placement (weights + Adam state), train another:
     identical to the reference that never moved; the moved bytes are what the plan says."""
     num_experts, ep_size = 8, WORLD
@@ -144,7 +148,7 @@ def check_apply_plan(device, dtype, tol, dedup=True):
     cfg = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=num_experts, top_k=2, balance="none")
     ref = _reference(cfg, device, dtype, 3)
     ep = copy.deepcopy(ref)
-    (module,) = parallelize(ep, None, old[None], dedup=dedup)
+    (module,) = parallelize(ep, None, old[None], **mode)
     # eps well above rounding noise: Adam's first step is lr * sign(grad) for tiny gradients, so
     # fp32 noise around zero (another summation order on GPU) would flip whole steps
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2, eps=1e-3)
@@ -181,12 +185,12 @@ def check_apply_plan(device, dtype, tol, dedup=True):
                 _close(opt_ep.state[p_ep][key], opt_ref.state[p_ref][key][e], f"{key} step {step}", tol)
 
 
-def check_fresh_layer(device, dtype, dedup=True):
+def check_fresh_layer(device, dtype, **mode):
     """ExpertParallelMoE built from a config: replicas start equal, gather_logical is consistent."""
     cfg = moekit.MoEConfig(dim=8, ffn_dim=8, num_experts=4, top_k=2)
     p2l = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2]) if WORLD == 4 else None  # 2 slots per rank, replicas
     torch.manual_seed(100 + RANK)  # dense parameters differ per rank until broadcast
-    layer = ExpertParallelMoE(cfg, phy2log=p2l, seed=7, dedup=dedup).to(device, dtype)
+    layer = ExpertParallelMoE(cfg, phy2log=p2l, seed=7, **mode).to(device, dtype)
     broadcast_dense_parameters(layer)
     for p in dense_parameters(layer):
         parts = [torch.empty_like(p) for _ in range(WORLD)]
@@ -200,15 +204,16 @@ def check_fresh_layer(device, dtype, dedup=True):
     assert out.hidden.shape == (3, 2, 8)
 
 
-def check_host_syncs(device, dedup=True):
+def check_host_syncs(device, **mode):
     """GPU only: a training step (forward, backward, replica gradient sums) makes exactly one
-    device-to-host sync, the split sizes after the count exchange (dedup path)."""
+    device-to-host sync, the split sizes after the count exchange, or none with fixed-size
+    dispatch (``max_tokens_per_rank``)."""
     import warnings
 
     gen = torch.Generator().manual_seed(21)
     p2l = torch.cat([torch.arange(8), torch.tensor([0, 3])])[torch.randperm(10, generator=gen)]
     cfg = moekit.MoEConfig(dim=64, ffn_dim=32, num_experts=8, top_k=4, balance="none")
-    layer = ExpertParallelMoE(cfg, phy2log=p2l, dedup=dedup).to(device, torch.bfloat16)
+    layer = ExpertParallelMoE(cfg, phy2log=p2l, **mode).to(device, torch.bfloat16)
     x = torch.randn(96, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     idx = torch.stack([torch.randperm(8)[:4] for _ in range(96)]).to(device)
     w = torch.rand(96, 4, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -238,7 +243,9 @@ def check_host_syncs(device, dedup=True):
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert len(syncs) == 1, f"rank {RANK}: {len(syncs)} host syncs per step, expected 1:\n" + "\n".join(syncs)
+    expected = 0 if mode.get("max_tokens_per_rank") else 1
+    assert len(syncs) == expected, (f"rank {RANK}: {len(syncs)} host syncs per step, expected {expected}:\n"
+                                    + "\n".join(syncs))
 
 
 def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) -> None:
@@ -258,8 +265,8 @@ def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) ->
     tol32 = 1e-3 if backend == "nccl" else 1e-4
     try:
         for scenario in scenarios:
-            for dedup in (True, False):  # the deduplicated fast path and the simple per-assignment one
-                _run_scenario(scenario, device, f64, tol64, tol32, dedup)
+            for mode in MODES:
+                _run_scenario(scenario, device, f64, tol64, tol32, mode)
             dist.barrier()
             if RANK == 0:
                 print(f"ok {scenario} world={WORLD}", flush=True)
@@ -267,10 +274,14 @@ def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) ->
         dist.destroy_process_group()
 
 
-def _run_scenario(scenario, device, f64, tol64, tol32, dedup):
-    kw = dict(dedup=dedup)
+def _run_scenario(scenario, device, f64, tol64, tol32, mode):
+    kw = dict(mode)
     if scenario == "identity":
         check_equivalence(device, f64, tol64, sizes=[6] * WORLD, shared=1, **kw)
+        if "max_tokens_per_rank" in kw:  # exactly full (no padding row) and mostly padding
+            for cap in (6, 11):
+                check_equivalence(device, f64, tol64, sizes=[6, 2, 6, 1][:WORLD], shared=1, balance="none",
+                                  max_tokens_per_rank=cap)
         check_equivalence(device, torch.float32, tol32, sizes=[5] * WORLD, num_experts=2 * WORLD, top_k=1,
                           balance="none", **kw)
         check_equivalence(device, torch.float32, tol32, sizes=[3] * WORLD, num_experts=WORLD * 2,

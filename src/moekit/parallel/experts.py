@@ -32,6 +32,17 @@ the grouped GEMMs costs as much as the all-to-alls:
 - on the grouped-GEMM backend only the valid (row, slot) entries of the received routing are
   gathered and computed (:func:`compact_grouped_experts`); the public backend would gather
   every ``-1`` entry of the padded ``[U, K]`` routing too.
+
+Dropless dispatch with data-dependent sizes needs the split sizes on the host, and that sync
+lets the GPU run dry: the host then has to launch the all-to-alls and the expert ops before
+the GPU has work again. ``max_tokens_per_rank=C`` (every rank promises at most ``C`` tokens
+per call) selects a third mode with sizes fixed in advance and **no host sync**: every rank
+sends its ``C`` token rows (zero-padded), their slots and weights to every rank (an
+all-gather done as an all-to-all), each rank computes the choices that fall on its own slots,
+and the per-rank partial sums come back the same way and are added up (a reduce-scatter).
+It moves ``P * C`` rows per rank whatever the routing, which costs little where nearly every
+token has a choice on every rank (top-8 over 2-4 ranks) and more as ``P`` grows or ``k``
+shrinks; it is the mode for small EP groups that are bound by host latency.
 """
 
 from __future__ import annotations
@@ -74,16 +85,24 @@ class ExpertParallelExperts(nn.Module):
     phy2log: ``[R]`` logical expert of each physical slot of the group (``R % P == 0``); ``None``
     means one slot per expert in order (needs ``E % P == 0``). expert_dp_group: ranks that hold
     the same slots for other data (EP combined with data parallelism across EP groups); their
-    expert gradients are summed by :func:`moekit.parallel.reduce_gradients`.
+    expert gradients are summed by :func:`moekit.parallel.reduce_gradients`. dedup: one row per
+    (token, destination rank) instead of one per (token, choice). max_tokens_per_rank: the most
+    tokens any rank passes in one call (the same on every rank); when set, the fixed-size,
+    sync-free dispatch is used instead (module docstring).
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
     """
 
-    def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True):
+    def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True,
+                 max_tokens_per_rank: int | None = None):
         super().__init__()
+        if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool)
+                                                or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
+            raise ValueError(f"max_tokens_per_rank: expected a positive int or None, got {max_tokens_per_rank!r}")
         self.cfg = cfg
         self.dedup = dedup
+        self.max_tokens_per_rank = max_tokens_per_rank
         self.group = group
         self.expert_dp_group = expert_dp_group
         self.rank, self.num_ranks = group_rank_size(group)
@@ -165,6 +184,8 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """x_TD ``[T, D]``, indices_TK ``[T, K]`` logical experts (``-1`` = none), weights_TK
         ``[T, K]`` -> ``[T, D]``. Collective: every rank of the group must call it (``T`` may be 0)."""
+        if self.max_tokens_per_rank is not None:
+            return self._forward_fixed(x_TD, indices_TK, weights_TK)
         if self.dedup:
             return self._forward_dedup(x_TD, indices_TK, weights_TK)
         order = dispatch_order(indices_TK, self.tables, self.num_ranks, self.rank, self.replicated)
@@ -202,6 +223,34 @@ class ExpertParallelExperts(nn.Module):
         y_back = all_to_all(y_recv, send_rows, recv_rows, self.group)
         # partial sums of <= P ranks per token: a gather-sum, fp32 inside, activation dtype out
         return collect(y_back, token_ids_V, disp.inv_TP)
+
+    def _forward_fixed(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """The fixed-size dispatch (``max_tokens_per_rank = C``): no host sync. Rank ``q``'s
+        padded rows ``[C, D]`` go to every rank; this rank computes ``Q = P * C`` received rows
+        with the choices that fall on its slots (``-1`` elsewhere) and returns each rank its
+        ``[C, D]`` partial sums, which the token's rank adds up."""
+        num_tokens, top_k = indices_TK.shape
+        cap, num_ranks, per = self.max_tokens_per_rank, self.num_ranks, self.slots_per_rank
+        if num_tokens > cap:
+            raise ValueError(f"x: {num_tokens} tokens on rank {self.rank}, more than max_tokens_per_rank={cap}")
+        slot_TK = assignment_slots(indices_TK, self.tables, self.rank, self.replicated)
+        pad = cap - num_tokens
+        x_CD = torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])])
+        slot_CK = torch.cat([slot_TK, slot_TK.new_full((pad, top_k), -1)])
+        w_CK = torch.cat([weights_TK, weights_TK.new_zeros(pad, top_k)])
+        splits = [cap] * num_ranks
+        # an all-gather as an all-to-all of P copies: one differentiable collective that gloo
+        # and NCCL both have; its backward sums the P copies' gradients (repeat's adjoint)
+        x_QD = all_to_all(self._sendable(x_CD).repeat(num_ranks, 1), splits, splits, self.group)
+        slot_QK = all_to_all_plain(slot_CK.repeat(num_ranks, 1), splits, splits, self.group)
+        w_QK = all_to_all(self._sendable(w_CK).repeat(num_ranks, 1), splits, splits, self.group)
+        local_QK = slot_QK - self.rank * per
+        mine_QK = (slot_QK >= 0) & (local_QK >= 0) & (local_QK < per)
+        y_QD = self.local(x_QD, torch.where(mine_QK, local_QK, -1), torch.where(mine_QK, w_QK, 0.0))
+        # block q of what comes back: rank q's partial sums for this rank's C rows
+        y_PCD = all_to_all(y_QD, splits, splits, self.group).view(num_ranks, cap, -1)
+        acc = torch.promote_types(x_TD.dtype, torch.float32)
+        return y_PCD[:, :num_tokens].sum(0, dtype=acc).to(x_TD.dtype)
 
     def _sendable(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank must run the all-to-alls' backwards in the same order, also a rank whose
