@@ -204,6 +204,31 @@ def check_fresh_layer(device, dtype, **mode):
     assert out.hidden.shape == (3, 2, 8)
 
 
+def check_fixed_bad_input(device):
+    """max_tokens_per_rank: a non-positive value, and more tokens than promised, are refused
+    (on every rank, before any collective) with a ValueError naming it."""
+    from moekit.experts import ExpertsConfig
+    from moekit.parallel import ExpertParallelExperts
+
+    cfg = ExpertsConfig(8, 8, 2 * WORLD)
+    for bad in (0, -3, 2.5, True):
+        try:
+            ExpertParallelExperts(cfg, dist.group.WORLD, max_tokens_per_rank=bad)
+        except ValueError as e:
+            assert "max_tokens_per_rank" in str(e), e
+        else:
+            raise AssertionError(f"max_tokens_per_rank={bad!r} accepted")
+    module = ExpertParallelExperts(cfg, dist.group.WORLD, max_tokens_per_rank=4).to(device)
+    x, idx, w = torch.randn(5, 8, device=device), torch.zeros(5, 1, dtype=torch.long, device=device), \
+        torch.ones(5, 1, device=device)
+    try:
+        module(x, idx, w)
+    except ValueError as e:
+        assert "5 tokens" in str(e) and "max_tokens_per_rank=4" in str(e), e
+    else:
+        raise AssertionError("5 tokens accepted with max_tokens_per_rank=4")
+
+
 def check_host_syncs(device, **mode):
     """GPU only: a training step (forward, backward, replica gradient sums) makes exactly one
     device-to-host sync, the split sizes after the count exchange, or none with fixed-size
@@ -279,6 +304,7 @@ def _run_scenario(scenario, device, f64, tol64, tol32, mode):
     if scenario == "identity":
         check_equivalence(device, f64, tol64, sizes=[6] * WORLD, shared=1, **kw)
         if "max_tokens_per_rank" in kw:  # exactly full (no padding row) and mostly padding
+            check_fixed_bad_input(device)
             for cap in (6, 11):
                 check_equivalence(device, f64, tol64, sizes=[6, 2, 6, 1][:WORLD], shared=1, balance="none",
                                   max_tokens_per_rank=cap)
