@@ -58,12 +58,19 @@ def test_minus_one_slots_and_zero_token_experts():
     assert torch.all(g[3][0] == 0) and g[3][1].abs().sum() > 0
 
 
-def test_no_tokens_at_all():
-    x, idx, w, w_in, w_out = _inputs(0, 8, 6, 4, 2, torch.float32, "swiglu")
-    y = experts_sorted(x, idx, w, w_in, w_out, "swiglu")
-    assert y.shape == (0, 8)
+@pytest.mark.parametrize("fn", [experts_sorted, experts_reference])
+@pytest.mark.parametrize("T", [0, 3])
+def test_nothing_routed_gives_zero_not_missing_grads(fn, T):
+    """No token (T=0), or tokens whose every slot is -1: zero output, and every input gets a
+    zero gradient rather than none (DDP, and expert-parallel ranks that must run the
+    collectives' backward, rely on it)."""
+    x, idx, w, w_in, w_out = _inputs(T, 8, 6, 4, 2, torch.float32, "swiglu")
+    idx = torch.full_like(idx, -1)
+    y = fn(x, idx, w, w_in, w_out, "swiglu")
+    assert y.shape == (T, 8) and torch.all(y == 0)
     y.sum().backward()
-    assert w_in.grad is not None and torch.all(w_in.grad == 0)
+    for name, t in (("x", x), ("weights", w), ("w_in", w_in), ("w_out", w_out)):
+        assert t.grad is not None and torch.all(t.grad == 0), name
 
 
 def test_sort_assignments_groups_by_expert_stably():

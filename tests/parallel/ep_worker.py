@@ -315,6 +315,9 @@ def _run_scenario(scenario, device, f64, tol64, tol32, mode):
     elif scenario == "zero_tokens":
         sizes = [5, 0, 7, 3][:WORLD]
         check_equivalence(device, f64, tol64, sizes=sizes, balance="aux_free", mask_last_rank=True, **kw)
+        # the per-token reference backend on the rank none of whose experts is chosen
+        check_equivalence(device, f64, tol64, sizes=sizes, balance="aux_free", mask_last_rank=True,
+                          backend="reference", **kw)
     elif scenario == "replicas":
         gen = torch.Generator().manual_seed(11)
         slots = 8 + 2 * WORLD  # R > E: hot experts 0 and 1 get extra replicas

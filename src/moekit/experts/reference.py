@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "expert_mlp", "experts_reference"]
+__all__ = ["ACTIVATIONS", "connect", "expert_mlp", "experts_reference"]
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -31,6 +31,16 @@ def expert_mlp(x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor
     else:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     return a_NF @ w_out_DF.t()
+
+
+def connect(out_TD: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """``out_TD`` plus an exact zero that depends on every tensor of ``inputs`` (sums of empty
+    slices: no arithmetic on their values). A call whose routing chose nothing then still
+    gives zero, not missing, gradients to every input, and every autograd path through it runs:
+    DDP and optimizers see the weights, and an expert-parallel rank none of whose slots is
+    chosen still runs the backward of the collectives that fed it."""
+    zero = sum(t[:0].sum() for t in inputs)
+    return out_TD + zero.to(out_TD.dtype)
 
 
 def experts_reference(
@@ -52,6 +62,6 @@ def experts_reference(
             y_D = expert_mlp(x_TD[t : t + 1], w_in_EHD[e], w_out_EDF[e], activation)[0]
             acc_D = acc_D + weights_TK[t, j].to(y_D.dtype) * y_D
         rows.append(acc_D)
-    if not rows:
-        return x_TD.new_zeros(0, x_TD.shape[1])
-    return torch.stack(rows)
+    out_TD = torch.stack(rows) if rows else x_TD.new_zeros(0, x_TD.shape[1])
+    # a row whose slots are all -1 is a fresh zero vector: keep every input in the graph
+    return connect(out_TD, x_TD, weights_TK, w_in_EHD, w_out_EDF)

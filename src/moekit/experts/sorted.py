@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from moekit.experts.reference import expert_mlp
+from moekit.experts.reference import connect, expert_mlp
 
 __all__ = ["SortedAssignments", "sort_assignments", "experts_sorted"]
 
@@ -63,11 +63,7 @@ def experts_sorted(
     acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
     out_TD = torch.zeros(x_TD.shape, dtype=acc_dtype, device=x_TD.device)
     if not blocks:
-        # No token routed anywhere: keep the graph connected to every input so that DDP and
-        # optimizers see zero (not missing) gradients, and so that an expert-parallel rank none
-        # of whose slots is chosen still runs the backward of the collectives feeding x_TD and
-        # weights_TK (the empty slices add nothing and cost nothing).
-        connect = 0.0 * (w_in_EHD.sum() + w_out_EDF.sum()) + x_TD[:0].sum() + weights_TK[:0].sum()
-        return (out_TD + connect).to(x_TD.dtype)
+        # No token routed anywhere: zero, not missing, gradients for every input
+        return connect(out_TD, x_TD, weights_TK, w_in_EHD, w_out_EDF).to(x_TD.dtype)
     y_ND = torch.cat(blocks).to(acc_dtype) * w_N.to(acc_dtype)[:, None]
     return out_TD.index_add(0, sa.token_ids_N, y_ND).to(x_TD.dtype)

@@ -244,9 +244,10 @@ class ExpertParallelExperts(nn.Module):
         x_QD = all_to_all(self._sendable(x_CD).repeat(num_ranks, 1), splits, splits, self.group)
         slot_QK = all_to_all_plain(slot_CK.repeat(num_ranks, 1), splits, splits, self.group)
         w_QK = all_to_all(self._sendable(w_CK).repeat(num_ranks, 1), splits, splits, self.group)
-        local_QK = slot_QK - self.rank * per
-        mine_QK = (slot_QK >= 0) & (local_QK >= 0) & (local_QK < per)
-        y_QD = self.local(x_QD, torch.where(mine_QK, local_QK, -1), torch.where(mine_QK, w_QK, 0.0))
+        local_QK = slot_QK - self.rank * per  # negative for -1 slots and lower ranks' slots
+        mine_QK = (local_QK >= 0) & (local_QK < per)
+        # entries marked -1 are skipped, their weights unused (zero gradient): no weight masking
+        y_QD = self.local(x_QD, torch.where(mine_QK, local_QK, -1), w_QK)
         # block q of what comes back: rank q's partial sums for this rank's C rows
         y_PCD = all_to_all(y_QD, splits, splits, self.group).view(num_ranks, cap, -1)
         acc = torch.promote_types(x_TD.dtype, torch.float32)
@@ -264,12 +265,8 @@ class ExpertParallelExperts(nn.Module):
         """Run the local slots on the received rows: ``[Q, D]``. ``num_assign`` (host int)
         is the number of entries ``>= 0`` in ``slots_QK``."""
         w_in, w_out = self.local.w_in, self.local.w_out
-        if x_QD.shape[0] == 0:
-            # Nothing to compute; stay connected to the received tensors (so this rank's
-            # backward still runs the dispatch all-to-alls with the others) and to the weights
-            # (zero, not missing, gradients).
-            zero = 0.0 * (w_in.sum() + w_out.sum() + weights_QK.sum()).to(x_QD.dtype)
-            return x_QD * 0.0 + zero
+        # No rows (or no valid entry): every backend keeps its result connected to all inputs
+        # (moekit.experts.reference.connect), so this rank still runs the collectives' backward.
         if slots_QK.shape[1] > 1 and self._compact_grouped(x_QD):
             return compact_grouped_experts(x_QD, slots_QK, weights_QK, w_in, w_out, num_assign,
                                            self.cfg.activation)
