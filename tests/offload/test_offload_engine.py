@@ -30,6 +30,7 @@ def _generate(model, ids, n=6):
 
 def _check_accounting(handle, num_layers):
     s, c = handle.stats(), handle.engine.counters
+    assert c.inflight_hits == 0 and s["inflight_hit_rate"] == 0.0  # CPU copies land at once
     misses = c.activations - c.hits
     # every miss is fetched or computed on the CPU, and fetched once for all its tokens (with at
     # least as many slots as a layer call needs experts)
@@ -38,6 +39,7 @@ def _check_accounting(handle, num_layers):
     assert c.layer_calls == num_layers * len(handle.forward_log)
     assert sum(r.h2d_bytes for r in handle.forward_log) == c.h2d_bytes
     assert sum(r.hits for r in handle.forward_log) == c.hits
+    assert sum(r.inflight_hits for r in handle.forward_log) == c.inflight_hits
     assert 0.0 <= s["hit_rate"] <= 1.0 and s["tokens"] == sum(r.tokens for r in handle.forward_log)
     assert s["h2d_bytes_per_token"] == pytest.approx(c.h2d_bytes / c.tokens)
     return s

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 from tiny_models import FAMILY_NAMES, tiny_model  # noqa: E402
 
 from moekit.offload import offload  # noqa: E402
+from moekit.offload.copies import ChunkedCopier  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -45,6 +46,25 @@ def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
     assert peak <= budget, f"peak {peak} > budget {budget}"
     s = handle.stats()
     assert s["h2d_bytes"] > 0 and s["stall_s"] >= 0 and 0 < s["pcie_utilization"] < 1.5
-    assert 0 < s["copy_busy_s"] < s["wall_s"] and s["demand_copies"] == s["activations"] - s["hits"]
+    assert 0 < s["copy_busy_s"] < s["wall_s"]
+    assert s["demand_copies"] == s["activations"] - s["hits"] - s["inflight_hits"]
+    assert 0 <= s["hit_rate"] + s["inflight_hit_rate"] <= 1
     if prefetch != "none":  # predictions were made and scored (copies only where a slot was free to take)
         assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["prefetch_recall"] <= 1
+
+
+def test_gpu_copier_landed_only_after_the_copy_finished():
+    # the slot is "read" by a long sleep kernel on the compute stream, so its next copy must wait
+    # for it: issued (complete) but not landed until the sleep and the copy have finished
+    w_in, w_out = [torch.randn(2, 64, 32).pin_memory()], [torch.randn(2, 32, 32).pin_memory()]
+    copier = ChunkedCopier(w_in, w_out, torch.empty(1, 64, 32, device="cuda"), torch.empty(1, 32, 32, device="cuda"),
+                           torch.device("cuda"), chunk_bytes=4096)
+    copier.assign(0)
+    assert copier.landed(0)  # nothing issued yet
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles
+    copier.mark_read(0)
+    copier.issue((0, 1), 0)
+    assert copier.complete(0) and not copier.landed(0)
+    torch.cuda.synchronize()
+    assert copier.landed(0)
+    torch.testing.assert_close(copier.slot_in[0].cpu(), w_in[0][1], rtol=0, atol=0)

@@ -10,8 +10,9 @@ def add_parser(subparsers) -> None:
         "generate", help="generate text with a transformers MoE model whose experts live in CPU memory",
         description="Load a local transformers MoE model, keep the dense weights on the GPU and the "
         "routed experts in pinned CPU memory behind a GPU expert cache (moekit.offload), generate "
-        "greedily and print hit rate, prefetch precision/recall, H2D bytes per token, stall time, "
-        "PCIe utilisation and tokens/s.")
+        "greedily and print hit rate (weights already on the GPU when needed), in-flight hit rate "
+        "(prefetch copy still running then), prefetch precision/recall, H2D bytes per token, stall "
+        "time, PCIe utilisation and tokens/s.")
     p.add_argument("--model", required=True, help="local model folder (config.json, weights, tokenizer)")
     p.add_argument("--prompt", required=True, action="append",
                    help="prompt text (repeat for a batch)")
@@ -56,7 +57,7 @@ def run(args) -> int:
     table = Table(title=f"offload: {handle.num_slots} GPU expert slots, policy={args.policy}, prefetch={args.prefetch}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "h2d_bytes_per_token", "stall_s",
+    for key in ("hit_rate", "inflight_hit_rate", "prefetch_precision", "prefetch_recall", "h2d_bytes_per_token", "stall_s",
                 "pcie_utilization", "copy_busy_fraction", "tokens_per_s", "decode_tokens_per_s", "cpu_computed",
                 "demand_copies", "prefetch_copies"):
         value = result["stats"][key]

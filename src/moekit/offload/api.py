@@ -10,7 +10,12 @@ shared experts run unchanged and ``model.generate`` works as before.
 
 - ``hit_rate``: hits / activations, an activation being one (layer call, expert) needed by at
   least one token of the batch (one fetch serves all of them); a hit is an expert whose weights
-  were in a slot, or already queued for copy by a prefetch, when its layer needed it;
+  were already on the device when its layer needed them: in a slot, every copy into it
+  finished (asked without waiting at the moment the layer looks its experts up);
+- ``inflight_hit_rate``: inflight_hits / activations, an in-flight hit (late prefetch) being an
+  expert whose copy was fully issued (by a prefetch) but not finished at that moment: not a
+  hit, and not a miss copied from scratch (the computation waits for the rest of the copy).
+  ``1 - hit_rate - inflight_hit_rate`` is the miss rate;
 - ``prefetch_precision`` = |P & A| / |P| and ``prefetch_recall`` = |P & A| / |A|, summed over
   the layer calls that had a prediction P (P: the experts in the predicted top-k of at least
   one token; A: the experts the layer then needed);
@@ -64,13 +69,15 @@ class OffloadedExperts(nn.Module):
 
 class ForwardRecord(NamedTuple):
     """One forward pass of the offloaded model: tokens through it, wall seconds, bytes copied
-    to the device, expert activations and hits (so decode steps can be told from the prefill)."""
+    to the device, expert activations, hits and in-flight hits (so decode steps can be told
+    from the prefill)."""
 
     tokens: int
     seconds: float
     h2d_bytes: int
     activations: int
     hits: int
+    inflight_hits: int
 
 
 class OffloadHandle:
@@ -86,7 +93,7 @@ class OffloadHandle:
         self.dense_bytes = dense_bytes
         self._predictors = predictors  # prefetch mode -> per-layer predictors
         self._t0: float | None = None
-        self._before = (0, 0, 0, 0)
+        self._before = (0, 0, 0, 0, 0)
         self.forward_log: list[ForwardRecord] = []
         self._hooks = [model.register_forward_pre_hook(self._start),
                        model.register_forward_hook(self._stop)]
@@ -105,9 +112,9 @@ class OffloadHandle:
         if self.engine.cuda:
             torch.cuda.synchronize(self.engine.device)
 
-    def _snapshot(self) -> tuple[int, int, int, int]:
+    def _snapshot(self) -> tuple[int, int, int, int, int]:
         c = self.engine.counters
-        return c.tokens, c.h2d_bytes, c.activations, c.hits
+        return c.tokens, c.h2d_bytes, c.activations, c.hits, c.inflight_hits
 
     def _start(self, module, args) -> None:
         self._sync()
@@ -120,7 +127,7 @@ class OffloadHandle:
             seconds = time.perf_counter() - self._t0
             self.engine.counters.wall_s += seconds
             delta = [a - b for a, b in zip(self._snapshot(), self._before)]
-            self.forward_log.append(ForwardRecord(delta[0], seconds, delta[1], delta[2], delta[3]))
+            self.forward_log.append(ForwardRecord(delta[0], seconds, *delta[1:]))
             self._t0 = None
 
     def reconfigure(self, *, cache_experts: int | None = None, policy: str | None = None,
@@ -173,6 +180,7 @@ class OffloadHandle:
         wall = c.wall_s
         return {
             "hit_rate": c.hits / c.activations if c.activations else float("nan"),
+            "inflight_hit_rate": c.inflight_hits / c.activations if c.activations else float("nan"),
             "prefetch_precision": c.predicted_used / c.predicted if c.predicted else float("nan"),
             "prefetch_recall": c.predicted_used / c.needed_after_prediction if c.needed_after_prediction else float("nan"),
             "h2d_bytes_per_token": c.h2d_bytes / c.tokens if c.tokens else float("nan"),
@@ -188,6 +196,7 @@ class OffloadHandle:
             "wall_s": wall,
             "activations": c.activations,
             "hits": c.hits,
+            "inflight_hits": c.inflight_hits,
             "cpu_computed": c.cpu_computed,
             "demand_copies": c.demand_copies,
             "prefetch_copies": c.prefetch_copies,

@@ -10,6 +10,9 @@ runs the copies of one stream in order; nothing queued can be taken back). A slo
 prefetch was dropped part-way keeps its progress: if that expert is needed later only the
 missing chunks are copied.
 
+Whether a slot's copies have *landed* (finished, not only issued) is asked without waiting
+(:meth:`ChunkedCopier.landed`): that is what separates a cache hit from a late prefetch.
+
 Slot reuse is safe across streams: the first chunk copied into a slot waits for the event
 recorded after the last computation that read the slot. Every chunk is bracketed by timing
 events, so the copy engine's busy time (:meth:`resolve`) can be set against the wall time.
@@ -114,6 +117,13 @@ class ChunkedCopier:
         self.chunks_issued += stop - done
         self.progress[slot] = stop
         return nbytes
+
+    def landed(self, slot: int) -> bool:
+        """Whether every chunk issued into ``slot`` has finished copying, without waiting
+        (``Event.query``): the weights issued so far are on the device. Always True on a CPU
+        device, where copies are synchronous. (Issued is not all: see :meth:`complete`.)"""
+        ready = self._ready.get(slot)
+        return ready is None or ready.query()
 
     def queued(self) -> int:
         """Chunks issued and not finished yet (0 on a CPU device, where copies are synchronous)."""

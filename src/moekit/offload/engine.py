@@ -53,10 +53,15 @@ class OffloadCounters:
     """Raw counts behind ``handle.stats()`` (see :mod:`moekit.offload.api` for the figures).
 
     activations: (layer call, expert) pairs needed by at least one token. hits: those whose
-    weights were in a slot with every chunk copied or queued when the layer needed them.
-    cpu_computed: misses computed on the CPU. demand_copies: misses whose (missing) chunks were
-    copied on demand; prefetch_copies: experts a prefetch started to copy; prefetch_useful:
-    prefetched experts used by the layer they were fetched for, fully queued in time.
+    weights were already on the device when the layer needed them (in a slot, every chunk
+    issued and every copy finished: DESIGN.md's hit). inflight_hits: those whose every chunk
+    was issued but still being copied at that moment (a late prefetch: neither a hit nor a
+    miss copied from scratch; the computation waits for the rest, counted in stall_s).
+    Misses = activations - hits - inflight_hits. cpu_computed: misses computed on the CPU.
+    demand_copies: misses whose (missing) chunks were copied on demand (a prefetch dropped
+    part-way is a miss: only its missing chunks are copied); prefetch_copies: experts a
+    prefetch started to copy; prefetch_useful: prefetched experts that were hits of the layer
+    they were fetched for (landed in time).
     predicted / predicted_used: |P| and |P & A| summed over layer calls (P predicted top-k set,
     A needed set); needed_after_prediction: |A| over the same layer calls. h2d_bytes (of which
     prefetch_bytes): bytes copied to the device. stall_s: time the computation waited for
@@ -66,6 +71,7 @@ class OffloadCounters:
 
     activations: int = 0
     hits: int = 0
+    inflight_hits: int = 0
     cpu_computed: int = 0
     demand_copies: int = 0
     prefetch_copies: int = 0
@@ -102,14 +108,17 @@ class OffloadEngine:
     input (``prefetch="next_layer"``); out_predictors: from the decoder layer's output
     (``prefetch="layer_output"``); None: no prefetch. chunk_bytes: copy chunk size;
     lead_chunks: prefetch chunks kept queued; prefetch_extra: experts prefetched beyond the
-    predicted top-k set, by predicted probability mass.
+    predicted top-k set, by predicted probability mass. copy_landed: ``slot -> bool``, whether
+    the copies issued into a slot have finished, asked when a layer looks its experts up
+    (default :meth:`ChunkedCopier.landed`, a non-blocking event query; tests inject a fake to
+    make copies look late on a CPU device, where they are synchronous).
     """
 
     def __init__(self, host_w_in: list[torch.Tensor], host_w_out: list[torch.Tensor], num_slots: int,
                  policy: str, device: torch.device, act_fn: Callable, costs: TransferCosts,
                  cpu_compute: bool = False, predictors: list[Predictor | None] | None = None,
                  out_predictors: list[Predictor | None] | None = None, chunk_bytes: int = 32 * 2**20,
-                 lead_chunks: int = 2, prefetch_extra: int = 0):
+                 lead_chunks: int = 2, prefetch_extra: int = 0, copy_landed: Callable[[int], bool] | None = None):
         self.host_w_in, self.host_w_out = host_w_in, host_w_out
         self.device = torch.device(device)
         self.num_experts = int(host_w_in[0].shape[0])
@@ -119,6 +128,7 @@ class OffloadEngine:
         self.slot_in = torch.empty((num_slots, *w_in.shape[1:]), dtype=w_in.dtype, device=self.device)
         self.slot_out = torch.empty((num_slots, *w_out.shape[1:]), dtype=w_out.dtype, device=self.device)
         self.copier = ChunkedCopier(host_w_in, host_w_out, self.slot_in, self.slot_out, self.device, chunk_bytes)
+        self.copy_landed = copy_landed or self.copier.landed
         self.act_fn = act_fn
         self.costs = costs
         self.cpu_compute = cpu_compute
@@ -285,9 +295,13 @@ class OffloadEngine:
             c.activations += 1
             slot = self.cache.lookup(key)
             if slot is not None and self.copier.complete(slot):
-                c.hits += 1
-                if key in self._prefetched:
-                    c.prefetch_useful += 1
+                # every chunk issued: a hit if the copies have landed, else a late prefetch
+                # (asked without waiting, now, when the layer needs the expert)
+                if self.copy_landed(slot):
+                    c.hits += 1
+                    c.prefetch_useful += key in self._prefetched
+                else:
+                    c.inflight_hits += 1
                 self._prefetched.discard(key)
                 slot_of[e] = slot
                 continue
