@@ -4,7 +4,6 @@ device* when its layer needs them). On a CPU "device" copies land at once, so a 
 in-flight hits (late prefetches), not as hits and not as misses copied again, and nothing else
 (cache decisions, bytes, tokens) may change."""
 
-import copy
 import sys
 from pathlib import Path
 

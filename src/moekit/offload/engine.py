@@ -17,7 +17,10 @@ One engine serves every MoE layer of a model. For each layer call it
    probability mass) and queues them for prefetch; with ``prefetch="layer_output"`` the
    prediction is made when the decoder layer ends (:meth:`OffloadEngine.predict_from_output`,
    called by a hook) from the residual stream the next layer starts from: later, but more
-   often right;
+   often right. Its result is not waited for there (that would be a second host
+   synchronisation per layer, leaving the device idle while the host launches the next
+   attention): it is copied to the host asynchronously and read, and its prefetch issued,
+   as soon as it has arrived while the host waits for the next layer's counts (step 1);
 4. computes each needed expert once for all the tokens of the batch routed to it, in ascending
    expert order, exactly like ``transformers``' eager expert loop (so results are the plain
    model's), the compute stream waiting on a slot's copy only when it reaches that expert.
@@ -142,6 +145,9 @@ class OffloadEngine:
         self._queue: list[tuple[int, int]] = []  # prefetch keys still to issue, best first
         self._guard: set[tuple[int, int]] = set()  # keys a prefetch must not evict
         self._host_buf: torch.Tensor | None = None  # pinned, for the per-layer counts
+        self._pred_buf: torch.Tensor | None = None  # pinned, for a layer_output prediction
+        # (target layer, host values, arrival event or None) of a layer_output prediction not read yet
+        self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
         self.counters = OffloadCounters()
 
     @property
@@ -182,9 +188,11 @@ class OffloadEngine:
 
     def _to_host(self, t: torch.Tensor) -> list:
         """``t.tolist()`` for a 1-D float32 ``t``, feeding prefetch chunks to the copy stream
-        while the device catches up. Spins instead of sleeping (a sleep can overshoot by
-        milliseconds on a virtual machine's timer) and blocks when there is nothing to feed;
-        the pinned buffer is reused (its last copy was read before this one is issued)."""
+        while the device catches up, and starting the prefetch of a pending ``layer_output``
+        prediction as soon as it arrives. Spins instead of sleeping (a sleep can overshoot by
+        milliseconds on a virtual machine's timer) and blocks when there is nothing to feed or
+        wait for; the pinned buffer is reused (its last copy was read before this one is
+        issued). On a CPU device a pending prediction is read first (it was computed first)."""
         t0 = time.perf_counter()
         if self.cuda:
             n = t.numel()
@@ -195,11 +203,16 @@ class OffloadEngine:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             while not done.query():
-                if not self._queue:
+                if self._pending is not None and self._pending[2].query():
+                    self._take_prediction(prefetch=True)
+                elif self._queue:
+                    self.pump()
+                elif self._pending is None:
                     done.synchronize()
                     break
-                self.pump()
             t = host
+        elif self._pending is not None:
+            self._take_prediction(prefetch=True)
         values = t.tolist()
         self.counters.host_wait_s += time.perf_counter() - t0
         return values
@@ -252,15 +265,37 @@ class OffloadEngine:
         return torch.cat([self._count(idx_TK, self.num_experts), probs_TE.float().sum(0)])
 
     def predict_from_output(self, layer: int, h_TD: torch.Tensor) -> None:
-        """Prefetch for MoE layer ``layer + 1`` from the output ``h_TD [T, D]`` of the decoder
-        layer holding MoE layer ``layer`` (``prefetch="layer_output"``)."""
+        """Predict MoE layer ``layer + 1``'s experts from the output ``h_TD [T, D]`` of the
+        decoder layer holding MoE layer ``layer`` (``prefetch="layer_output"``). Does not wait:
+        the prediction goes to the host asynchronously and its prefetch starts when it has
+        arrived (:meth:`_to_host`)."""
         predictor = self.out_predictors[layer]
         if predictor is None:
             return
         with torch.no_grad():
-            host = self._to_host(self._prediction_tensor(predictor, h_TD))
-        e = self.num_experts
-        self._set_prefetch(layer + 1, host[:e], host[e:], set())
+            t = self._prediction_tensor(predictor, h_TD)
+        arrived = None
+        if self.cuda:
+            if self._pred_buf is None or self._pred_buf.numel() != t.numel():
+                self._pred_buf = torch.empty(t.numel(), dtype=torch.float32, pin_memory=True)
+            # an unread earlier prediction is dropped: its host copy is overwritten after it in stream order
+            self._pred_buf.copy_(t, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(torch.cuda.current_stream(self.device))
+            t = self._pred_buf
+        self._pending = (layer + 1, t, arrived)
+
+    def _take_prediction(self, prefetch: bool) -> None:
+        """Read the pending ``layer_output`` prediction (it has arrived) and, with ``prefetch``,
+        queue its experts; without (the target layer's routing is already known), only keep it
+        for scoring precision and recall."""
+        layer, t, _ = self._pending
+        self._pending = None
+        host, e = t.tolist(), self.num_experts
+        if prefetch:
+            self._set_prefetch(layer, host[:e], host[e:], set())
+        elif layer < len(self.host_w_in):
+            self._predicted[layer] = {i for i in range(e) if host[i] > 0}
 
     # ------------------------------------------------------------------ one layer
     def forward(self, layer: int, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -275,6 +310,10 @@ class OffloadEngine:
         if predictor is not None:
             parts.append(self._prediction_tensor(predictor, x_TD))
         host = self._to_host(torch.cat(parts))  # the one host synchronisation of the layer
+        if self._pending is not None:  # a layer_output prediction that arrived with the counts: too late
+            if self._pending[0] == layer:
+                self._take_prediction(prefetch=False)
+            self._pending = None
         counts_E = [int(v) for v in host[:num_experts]]
         needed = [e for e in range(num_experts) if counts_E[e] > 0]
         c = self.counters
