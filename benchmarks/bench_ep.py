@@ -15,7 +15,9 @@ rank holds ``T`` tokens (weak scaling: tokens per GPU fixed) and times the route
   with the deduplicated dispatch (default: each token once per destination rank) and, for
   balanced routing, also the simple one-row-per-assignment dispatch (``no-dedup``) and, for
   balanced routing and the plan without replicas, the fixed-size sync-free dispatch
-  (``fixed``: ``max_tokens_per_rank = T``, every rank's rows to every rank, no host sync).
+  (``fixed``: ``max_tokens_per_rank = T``, every rank's rows to every rank, no host sync), and
+  the deduplicated dispatch with this rank's own tokens computed on a side CUDA stream beside
+  the exchange of the others (``overlap``: :mod:`moekit.parallel.overlap`).
 
 Routing is synthetic so that its skew is controlled: ``balanced`` gives every expert exactly
 ``T*k/E`` assignments on every rank; ``zipf`` samples ``k`` distinct experts per token with
@@ -141,7 +143,13 @@ def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
     to other ranks per step."""
     from moekit.parallel import all_to_all, assignment_slots, dispatch_order, exchange_counts, row_dispatch
 
-    if module.max_tokens_per_rank is not None:  # fixed: every rank's C rows to every rank
+    if getattr(module, "overlap", False):  # rows for the other ranks only
+        from moekit.parallel.overlap import remote_rows
+
+        rr = remote_rows(assignment_slots(idx, module.tables, module.rank), module.rank, module.num_ranks,
+                         module.slots_per_rank)
+        counts, rows = rr.send_counts_P2[:, :1], rr.token_ids_V
+    elif module.max_tokens_per_rank is not None:  # fixed: every rank's C rows to every rank
         counts = torch.full((module.num_ranks, 1), module.max_tokens_per_rank, device=x.device, dtype=torch.long)
         rows = torch.arange(x.shape[0], device=x.device).repeat(module.num_ranks)
     elif module.dedup:  # one row per (token, destination rank)
@@ -189,7 +197,8 @@ def _profile(step, device, path: str | None) -> None:
 
 
 def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup, rank, world,
-             dedup: bool = True, profile_path: str | None = None, fixed: bool = False) -> dict:
+             dedup: bool = True, profile_path: str | None = None, fixed: bool = False,
+             overlap: bool = False) -> dict:
     from moekit.experts import ExpertsConfig, GroupedExperts
     from moekit.metrics import balancedness
     from moekit.parallel import ExpertParallelExperts, apply_plan
@@ -212,14 +221,15 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
     dy = torch.randn(num_tokens, dim, device=device, dtype=dtype)
     row = {"shape": name, "T_per_gpu": num_tokens, "D": dim, "F": ffn, "E": num_experts, "k": top_k,
            "ep": ep, "routing": routing, "plan": plan_rows is not None, "dedup": dedup if ep > 1 else None,
-           "fixed": fixed}
+           "fixed": fixed, "overlap": overlap}
     with torch.device(device):  # allocate (and randomly initialise) the weights on the device
         if ep == 1:
             module = GroupedExperts(cfg).to(dtype)
         else:
             layout = None if plan_rows is None else plan_rows[0]
             module = ExpertParallelExperts(cfg, group, layout, dedup=dedup,
-                                           max_tokens_per_rank=num_tokens if fixed else None).to(dtype)
+                                           max_tokens_per_rank=num_tokens if fixed else None,
+                                           overlap=overlap).to(dtype)
     if ep > 1:
         if plan_rows is not None:
             skew_p2l = plan_rows[1]
@@ -307,14 +317,17 @@ def worker(rank: int, args) -> None:
                     cases.append(("zipf", (uniform, skew), True))
                 cases.append(("balanced", None, False))
                 # the fixed-size, sync-free dispatch: balanced, and Zipf with the plan without replicas
-                cases += [("balanced", None, True, True), ("zipf", (uniform, skew), True, True)]
-            for routing, plan_rows, dedup, *fixed in cases:
-                fixed = bool(fixed and fixed[0])
+                cases += [("balanced", None, True, "fixed"), ("zipf", (uniform, skew), True, "fixed")]
+                # own tokens beside the exchange (side stream): balanced, and Zipf with the plan without replicas
+                cases += [("balanced", None, True, "overlap"), ("zipf", (uniform, skew), True, "overlap")]
+            for routing, plan_rows, dedup, *variant in cases:
+                variant = variant[0] if variant else ""
                 prof = None
-                if args.profile and routing == "balanced" and dedup and not fixed:  # EP=1 vs EP=P, same routing
-                    prof = os.path.join(args.out, f"ep_profile_{shape[0]}_ep{ep}.txt") if rank == 0 else ""
+                if args.profile and routing == "balanced" and dedup and variant != "fixed":  # EP=1 vs EP=P
+                    suffix = f"_{variant}" if variant else ""
+                    prof = os.path.join(args.out, f"ep_profile_{shape[0]}_ep{ep}{suffix}.txt") if rank == 0 else ""
                 row = run_case(shape, ep, routing, plan_rows, groups, device, dtype, args.iters, args.warmup,
-                               rank, args.world, dedup, prof, fixed)
+                               rank, args.world, dedup, prof, variant == "fixed", variant == "overlap")
                 if plan_rows is not None:
                     row["plan_balancedness_on_planning_sample"] = planned_bal[row["extra_slots"]]
                 rows.append(row)
@@ -332,7 +345,7 @@ def _plan_label(row: dict) -> str:
 
 def _fmt(row: dict) -> str:
     label = (f"{row['routing']}{_plan_label(row)}{' no-dedup' if row['dedup'] is False else ''}"
-             f"{' fixed' if row.get('fixed') else ''}")
+             f"{' fixed' if row.get('fixed') else ''}{' overlap' if row.get('overlap') else ''}")
     extra = f" a2a {row['a2a_ms']:6.2f} ms" if "a2a_ms" in row else " " * 14
     bal = f" bal {row['balancedness']:.3f}" if "balancedness" in row else ""
     return (f"{row['shape']:>18} EP={row['ep']} {label:<18} step {row['step_ms']:8.2f} ms{extra} "
@@ -344,8 +357,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Weak-scaling efficiency and plan recovery per shape and EP size."""
     out = []
     by = {(r["shape"], r["ep"], r["routing"], r.get("extra_slots", -1), r["dedup"] is not False): r
-          for r in rows if not r.get("fixed")}
+          for r in rows if not r.get("fixed") and not r.get("overlap")}
     fixed_rows = {(r["shape"], r["ep"], r["routing"]): r for r in rows if r.get("fixed")}
+    overlap_rows = {(r["shape"], r["ep"], r["routing"]): r for r in rows if r.get("overlap")}
     for (shape, ep, routing, extra, dedup), r in by.items():
         if ep == 1 or routing != "balanced" or not dedup:
             continue
@@ -384,8 +398,18 @@ def summarize(rows: list[dict]) -> list[dict]:
             if fixed_zipf:
                 s["zipf_plan_no_replicas_over_balanced_fixed"] = (fixed_zipf["tokens_per_s_per_gpu"]
                                                                   / fixed_bal["tokens_per_s_per_gpu"])
+        ovl_bal, ovl_zipf = overlap_rows.get((shape, ep, "balanced")), overlap_rows.get((shape, ep, "zipf"))
+        if base and ovl_bal:  # own tokens beside the exchange
+            s["weak_scaling_efficiency_balanced_overlap"] = (ovl_bal["tokens_per_s_per_gpu"]
+                                                             / base["tokens_per_s_per_gpu"])
+            s["weak_scaling_efficiency_balanced_overlap_fwd_only"] = (ovl_bal["fwd_tokens_per_s_per_gpu"]
+                                                                      / base["fwd_tokens_per_s_per_gpu"])
+            if ovl_zipf:
+                s["zipf_plan_no_replicas_over_balanced_overlap"] = (ovl_zipf["tokens_per_s_per_gpu"]
+                                                                    / ovl_bal["tokens_per_s_per_gpu"])
         s["goal_weak_scaling_ge_0.85"] = max(s.get("weak_scaling_efficiency_balanced", 0),
-                                             s.get("weak_scaling_efficiency_balanced_fixed", 0)) >= 0.85
+                                             s.get("weak_scaling_efficiency_balanced_fixed", 0),
+                                             s.get("weak_scaling_efficiency_balanced_overlap", 0)) >= 0.85
         best = max(s.get("zipf_plan_over_balanced", 0), s.get("zipf_plan_no_replicas_over_balanced", 0))
         s["goal_plan_recovery_ge_0.90"] = best >= 0.90
         out.append(s)
@@ -439,7 +463,8 @@ def plot(json_path: str) -> str:
         mine = [r for r in rows if r["shape"] == shape]
         labels = [f"EP={r['ep']}\n{r['routing']}{chr(10) + _plan_label(r)[1:] if r['plan'] else ''}"
                   f"{chr(10) + 'no-dedup' if r['dedup'] is False else ''}"
-                  f"{chr(10) + 'fixed' if r.get('fixed') else ''}" for r in mine]
+                  f"{chr(10) + 'fixed' if r.get('fixed') else ''}"
+                  f"{chr(10) + 'overlap' if r.get('overlap') else ''}" for r in mine]
         base = next(r for r in mine if r["ep"] == 1 and r["routing"] == "balanced")
         pos = np.arange(len(mine))
         ax.bar(pos - 0.2, [r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] for r in mine], 0.4,

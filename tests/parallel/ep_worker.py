@@ -31,8 +31,9 @@ from moekit.parallel import (
 )
 
 # the dispatch modes every scenario runs in: the deduplicated fast path, the simple
-# per-assignment one, and the fixed-size sync-free one (capacity above every batch used here)
-MODES = (dict(dedup=True), dict(dedup=False), dict(max_tokens_per_rank=100))
+# per-assignment one, the fixed-size sync-free one (capacity above every batch used here) and
+# the deduplicated one with own tokens computed beside the exchange (side stream on CUDA)
+MODES = (dict(dedup=True), dict(dedup=False), dict(max_tokens_per_rank=100), dict(overlap=True))
 
 # this process's rank and the world size: set by run() before any check runs
 RANK = int(os.environ.get("RANK", 0))

@@ -43,6 +43,11 @@ and the per-rank partial sums come back the same way and are added up (a reduce-
 It moves ``P * C`` rows per rank whatever the routing, which costs little where nearly every
 token has a choice on every rank (top-8 over 2-4 ranks) and more as ``P`` grows or ``k``
 shrinks; it is the mode for small EP groups that are bound by host latency.
+
+``overlap=True`` (deduplicated dispatch only) computes the choices of this rank's own tokens
+that fall on its own slots in place, on a side CUDA stream, while the other ranks' rows are
+counted, exchanged and computed on the main stream (:mod:`moekit.parallel.overlap`): the host
+sync no longer drains the GPU and the all-to-alls overlap expert GEMMs.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from moekit.parallel.dispatch import (
     row_dispatch,
     slot_tables,
 )
+from moekit.parallel.overlap import overlapped_forward
 from moekit.parallel.replicas import ReplicaSync, replica_sync
 from moekit.parallel.rows import collect, spread
 
@@ -88,20 +94,27 @@ class ExpertParallelExperts(nn.Module):
     expert gradients are summed by :func:`moekit.parallel.reduce_gradients`. dedup: one row per
     (token, destination rank) instead of one per (token, choice). max_tokens_per_rank: the most
     tokens any rank passes in one call (the same on every rank); when set, the fixed-size,
-    sync-free dispatch is used instead (module docstring).
+    sync-free dispatch is used instead (module docstring). overlap: with the deduplicated
+    dispatch, compute this rank's own tokens' local choices on a side stream beside the exchange
+    of the others (:mod:`moekit.parallel.overlap`; same results).
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
     """
 
     def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True,
-                 max_tokens_per_rank: int | None = None):
+                 max_tokens_per_rank: int | None = None, overlap: bool = False):
         super().__init__()
+        if overlap and (not dedup or max_tokens_per_rank is not None):
+            raise ValueError(f"overlap: expected False unless dedup=True and max_tokens_per_rank=None, got "
+                             f"overlap=True with dedup={dedup}, max_tokens_per_rank={max_tokens_per_rank}")
         if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool)
                                                 or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
             raise ValueError(f"max_tokens_per_rank: expected a positive int or None, got {max_tokens_per_rank!r}")
         self.cfg = cfg
         self.dedup = dedup
+        self.overlap = bool(overlap)
+        self._side_streams: dict = {}  # CUDA side stream per device (overlap mode)
         self.max_tokens_per_rank = max_tokens_per_rank
         self.group = group
         self.expert_dp_group = expert_dp_group
@@ -186,6 +199,8 @@ class ExpertParallelExperts(nn.Module):
         ``[T, K]`` -> ``[T, D]``. Collective: every rank of the group must call it (``T`` may be 0)."""
         if self.max_tokens_per_rank is not None:
             return self._forward_fixed(x_TD, indices_TK, weights_TK)
+        if self.overlap:
+            return overlapped_forward(self, x_TD, indices_TK, weights_TK)
         if self.dedup:
             return self._forward_dedup(x_TD, indices_TK, weights_TK)
         order = dispatch_order(indices_TK, self.tables, self.num_ranks, self.rank, self.replicated)
