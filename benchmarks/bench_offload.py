@@ -286,7 +286,8 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                                  prefetch_extra=extra, lead_chunks=lead, copy_busy_fraction=s["copy_busy_fraction"],
                                  copy_bandwidth_bytes_per_s=s["copy_bandwidth_bytes_per_s"],
                                  host_wait_s=s["host_wait_s"], prefetch_bytes=s["prefetch_bytes"],
-                                 prefetch_useful=s["prefetch_useful"], wall_s=s["wall_s"],
+                                 prefetch_useful=s["prefetch_useful"], prefetch_lead_s=s["prefetch_lead_s"],
+                                 wall_s=s["wall_s"],
                                  decode_tokens_per_s=res["decode_tokens_per_s"], decode_hit_rate=dec_hit,
                                  decode_inflight_hit_rate=dec_late, hit_rate=s["hit_rate"],
                                  inflight_hit_rate=s["inflight_hit_rate"], inflight_hits=s["inflight_hits"], prefetch_precision=s["prefetch_precision"],
@@ -475,7 +476,8 @@ def print_run(run: dict) -> None:
                  f"{run['prefetch_recall']:.2f} pcie {run['decode_pcie_utilization']:.2f} "
                  f"bound {run['copy_bound_tokens_per_s']:.1f} cpu {run['cpu_computed']} stall {run['stall_s']:.2f}s "
                  f"busy {run['copy_busy_fraction']:.2f} copyBW {run['copy_bandwidth_bytes_per_s'] / 1e9:.1f} "
-                 f"wait {run['host_wait_s']:.2f}s wall {run['wall_s']:.2f}s")
+                 f"wait {run['host_wait_s']:.2f}s wall {run['wall_s']:.2f}s "
+                 f"lead {run.get('prefetch_lead_s', float('nan')) * 1e3:.2f}ms")
     print(f"{run['name']:<40} batch {run['batch']}: {run['decode_tokens_per_s']:8.2f} tok/s{extra}", flush=True)
 
 

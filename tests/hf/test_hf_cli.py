@@ -52,6 +52,7 @@ def test_generate_cli_prints_figures_and_writes_json(model_dir, tmp_path, capsys
                "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu", "--json", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0 and "hit_rate" in printed and "pcie_utilization" in printed and "copy_busy_fraction" in printed
+    assert "inflight_hit_rate" in printed and "prefetch_lead_s" in printed
     doc = json.loads(out.read_text())
     assert len(doc["texts"]) == 2 and doc["stats"]["tokens"] > 0 and doc["stats"]["num_slots"] == 4
     assert doc["stats"]["prefetch"] == "layer_output" and doc["stats"]["lead_chunks"] == 1

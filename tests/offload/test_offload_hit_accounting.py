@@ -86,3 +86,18 @@ def test_copier_on_cpu_lands_at_once():
     assert copier.landed(0)
     copier.issue((0, 1), 0, max_chunks=1)
     assert copier.landed(0) and not copier.complete(0)
+
+
+@pytest.mark.parametrize("prefetch", ["none", "next_layer", "layer_output"])
+def test_prefetch_lead_is_measured_once_per_predicted_layer_call(prefetch):
+    model = tiny_model("mixtral", seed=44)  # 2 MoE layers: layer 1 is the only one predicted
+    handle = offload(model, cache_experts=5, device="cpu", prefetch=prefetch)
+    with torch.no_grad():
+        model.generate(torch.randint(3, 96, (2, 4), generator=torch.Generator().manual_seed(45)), max_new_tokens=5,
+                       do_sample=False)
+    c, s = handle.engine.counters, handle.stats()
+    if prefetch == "none":
+        assert c.prefetch_leads == 0 and s["prefetch_lead_s"] != s["prefetch_lead_s"]  # NaN: no prefetch
+    else:
+        assert c.prefetch_leads == len(handle.forward_log) == c.layer_calls // 2
+        assert 0.0 <= s["prefetch_lead_s"] < s["wall_s"]

@@ -57,7 +57,8 @@ def run(args) -> int:
     table = Table(title=f"offload: {handle.num_slots} GPU expert slots, policy={args.policy}, prefetch={args.prefetch}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for key in ("hit_rate", "inflight_hit_rate", "prefetch_precision", "prefetch_recall", "h2d_bytes_per_token", "stall_s",
+    for key in ("hit_rate", "inflight_hit_rate", "prefetch_precision", "prefetch_recall", "prefetch_lead_s",
+                "h2d_bytes_per_token", "stall_s",
                 "pcie_utilization", "copy_busy_fraction", "tokens_per_s", "decode_tokens_per_s", "cpu_computed",
                 "demand_copies", "prefetch_copies"):
         value = result["stats"][key]

@@ -19,6 +19,8 @@ shared experts run unchanged and ``model.generate`` works as before.
 - ``prefetch_precision`` = |P & A| / |P| and ``prefetch_recall`` = |P & A| / |A|, summed over
   the layer calls that had a prediction P (P: the experts in the predicted top-k of at least
   one token; A: the experts the layer then needed);
+- ``prefetch_lead_s``: mean host seconds from a layer's prefetch being queued to its routing
+  being known (a prefetched expert can land as a hit only if its copy fits in that time);
 - ``copy_busy_fraction``: seconds the copy stream spent copying / forward wall time, and
   ``copy_bandwidth_bytes_per_s``: bytes copied / those seconds (the copy engine alone);
 - ``h2d_bytes_per_token``: bytes copied to the device per token through the model;
@@ -183,6 +185,7 @@ class OffloadHandle:
             "inflight_hit_rate": c.inflight_hits / c.activations if c.activations else float("nan"),
             "prefetch_precision": c.predicted_used / c.predicted if c.predicted else float("nan"),
             "prefetch_recall": c.predicted_used / c.needed_after_prediction if c.needed_after_prediction else float("nan"),
+            "prefetch_lead_s": c.prefetch_lead_s / c.prefetch_leads if c.prefetch_leads else float("nan"),
             "h2d_bytes_per_token": c.h2d_bytes / c.tokens if c.tokens else float("nan"),
             "stall_s": c.stall_s,
             "host_wait_s": c.host_wait_s,

@@ -66,7 +66,10 @@ class OffloadCounters:
     prefetch started to copy; prefetch_useful: prefetched experts that were hits of the layer
     they were fetched for (landed in time).
     predicted / predicted_used: |P| and |P & A| summed over layer calls (P predicted top-k set,
-    A needed set); needed_after_prediction: |A| over the same layer calls. h2d_bytes (of which
+    A needed set); needed_after_prediction: |A| over the same layer calls. prefetch_lead_s /
+    prefetch_leads: host seconds from a layer's prefetch being queued to its routing being
+    known, summed over the layer calls that had one, and their number (how early a prefetch
+    starts: an expert copy must fit in that time to land as a hit). h2d_bytes (of which
     prefetch_bytes): bytes copied to the device. stall_s: time the computation waited for
     copies. host_wait_s: time the host waited for a layer's counts. tokens: tokens through the
     first MoE layer. wall_s: wall time of the model's forward passes.
@@ -82,6 +85,8 @@ class OffloadCounters:
     predicted: int = 0
     predicted_used: int = 0
     needed_after_prediction: int = 0
+    prefetch_lead_s: float = 0.0
+    prefetch_leads: int = 0
     h2d_bytes: int = 0
     prefetch_bytes: int = 0
     stall_s: float = 0.0
@@ -142,6 +147,7 @@ class OffloadEngine:
         self.cuda = self.device.type == "cuda"
         self._prefetched: set[tuple[int, int]] = set()  # started by prefetch, not used yet
         self._predicted: dict[int, set[int]] = {}  # layer -> predicted top-k set of its next call
+        self._queued_at: dict[int, float] = {}  # layer -> host time its prefetch was queued
         self._queue: list[tuple[int, int]] = []  # prefetch keys still to issue, best first
         self._guard: set[tuple[int, int]] = set()  # keys a prefetch must not evict
         self._host_buf: torch.Tensor | None = None  # pinned, for the per-layer counts
@@ -255,6 +261,7 @@ class OffloadEngine:
         if layer >= len(self.host_w_in):
             return
         self._predicted[layer] = {e for e in range(self.num_experts) if counts_E[e] > 0}
+        self._queued_at[layer] = time.perf_counter()
         ranked = rank_predictions(counts_E, mass_E, self.prefetch_extra)
         self._guard = set(protected) | {(layer, e) for e in ranked}
         self._queue = [(layer, e) for e in ranked]
@@ -317,6 +324,10 @@ class OffloadEngine:
         counts_E = [int(v) for v in host[:num_experts]]
         needed = [e for e in range(num_experts) if counts_E[e] > 0]
         c = self.counters
+        queued_at = self._queued_at.pop(layer, None)
+        if queued_at is not None:
+            c.prefetch_lead_s += time.perf_counter() - queued_at
+            c.prefetch_leads += 1
         c.layer_calls += 1
         if layer == 0:
             c.tokens += int(x_TD.shape[0])
