@@ -458,8 +458,8 @@ def plot(doc: dict, path: str) -> None:
     fig.suptitle(f"{model['preset']} config, {model['layers']} layers, random bf16 weights, {doc['machine']['device']} "
                  f"(pinned H2D {doc['bandwidth']['pinned_h2d_bytes_per_s'] / 1e9:.1f} GB/s)\n"
                  "blue: moekit cache, green: + CPU compute, red: transformers/accelerate offload, gray: all on GPU; "
-                 "| = PCIe copy bound at the measured hit rate; hit = weights already on the GPU when needed, "
-                 "in flight = prefetch copy still running then", fontsize=9)
+                 "| = PCIe copy bound at the measured hit rate\nhit = weights already on the GPU when needed, "
+                 "in flight = a prefetch copy still running then (neither hit nor miss)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
