@@ -17,7 +17,8 @@ rank holds ``T`` tokens (weak scaling: tokens per GPU fixed) and times the route
   balanced routing and the plan without replicas, the fixed-size sync-free dispatch
   (``fixed``: ``max_tokens_per_rank = T``, every rank's rows to every rank, no host sync), and
   the deduplicated dispatch with this rank's own tokens computed on a side CUDA stream beside
-  the exchange of the others (``overlap``: :mod:`moekit.parallel.overlap`).
+  the exchange of the others (``overlap``: :mod:`moekit.parallel.overlap`), with the
+  deduplicated exchange and with the fixed-size one (``overlap fixed``: no host sync).
 
 Routing is synthetic so that its skew is controlled: ``balanced`` gives every expert exactly
 ``T*k/E`` assignments on every rank; ``zipf`` samples ``k`` distinct experts per token with
@@ -143,7 +144,11 @@ def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
     to other ranks per step."""
     from moekit.parallel import all_to_all, assignment_slots, dispatch_order, exchange_counts, row_dispatch
 
-    if getattr(module, "overlap", False):  # rows for the other ranks only
+    if module.overlap and module.max_tokens_per_rank is not None:  # C rows to every other rank
+        counts = torch.full((module.num_ranks, 1), module.max_tokens_per_rank, device=x.device, dtype=torch.long)
+        counts[module.rank] = 0
+        rows = torch.arange(x.shape[0], device=x.device).repeat(module.num_ranks - 1)
+    elif module.overlap:  # deduplicated rows for the other ranks only
         from moekit.parallel.overlap import remote_rows
 
         rr = remote_rows(assignment_slots(idx, module.tables, module.rank), module.rank, module.num_ranks,
@@ -320,6 +325,8 @@ def worker(rank: int, args) -> None:
                 cases += [("balanced", None, True, "fixed"), ("zipf", (uniform, skew), True, "fixed")]
                 # own tokens beside the exchange (side stream): balanced, and Zipf with the plan without replicas
                 cases += [("balanced", None, True, "overlap"), ("zipf", (uniform, skew), True, "overlap")]
+                # both: own tokens beside a fixed-size exchange of the others' rows, no host sync
+                cases += [("balanced", None, True, "overlap_fixed"), ("zipf", (uniform, skew), True, "overlap_fixed")]
             for routing, plan_rows, dedup, *variant in cases:
                 variant = variant[0] if variant else ""
                 prof = None
@@ -327,7 +334,7 @@ def worker(rank: int, args) -> None:
                     suffix = f"_{variant}" if variant else ""
                     prof = os.path.join(args.out, f"ep_profile_{shape[0]}_ep{ep}{suffix}.txt") if rank == 0 else ""
                 row = run_case(shape, ep, routing, plan_rows, groups, device, dtype, args.iters, args.warmup,
-                               rank, args.world, dedup, prof, variant == "fixed", variant == "overlap")
+                               rank, args.world, dedup, prof, "fixed" in variant, "overlap" in variant)
                 if plan_rows is not None:
                     row["plan_balancedness_on_planning_sample"] = planned_bal[row["extra_slots"]]
                 rows.append(row)
@@ -358,8 +365,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     by = {(r["shape"], r["ep"], r["routing"], r.get("extra_slots", -1), r["dedup"] is not False): r
           for r in rows if not r.get("fixed") and not r.get("overlap")}
-    fixed_rows = {(r["shape"], r["ep"], r["routing"]): r for r in rows if r.get("fixed")}
-    overlap_rows = {(r["shape"], r["ep"], r["routing"]): r for r in rows if r.get("overlap")}
+    fixed_rows = {(r["shape"], r["ep"], r["routing"]): r for r in rows if r.get("fixed") and not r.get("overlap")}
+    overlap_rows = {(r["shape"], r["ep"], r["routing"], bool(r.get("fixed"))): r for r in rows if r.get("overlap")}
     for (shape, ep, routing, extra, dedup), r in by.items():
         if ep == 1 or routing != "balanced" or not dedup:
             continue
@@ -398,19 +405,23 @@ def summarize(rows: list[dict]) -> list[dict]:
             if fixed_zipf:
                 s["zipf_plan_no_replicas_over_balanced_fixed"] = (fixed_zipf["tokens_per_s_per_gpu"]
                                                                   / fixed_bal["tokens_per_s_per_gpu"])
-        ovl_bal, ovl_zipf = overlap_rows.get((shape, ep, "balanced")), overlap_rows.get((shape, ep, "zipf"))
-        if base and ovl_bal:  # own tokens beside the exchange
-            s["weak_scaling_efficiency_balanced_overlap"] = (ovl_bal["tokens_per_s_per_gpu"]
-                                                             / base["tokens_per_s_per_gpu"])
-            s["weak_scaling_efficiency_balanced_overlap_fwd_only"] = (ovl_bal["fwd_tokens_per_s_per_gpu"]
-                                                                      / base["fwd_tokens_per_s_per_gpu"])
-            if ovl_zipf:
-                s["zipf_plan_no_replicas_over_balanced_overlap"] = (ovl_zipf["tokens_per_s_per_gpu"]
-                                                                    / ovl_bal["tokens_per_s_per_gpu"])
-        s["goal_weak_scaling_ge_0.85"] = max(s.get("weak_scaling_efficiency_balanced", 0),
-                                             s.get("weak_scaling_efficiency_balanced_fixed", 0),
-                                             s.get("weak_scaling_efficiency_balanced_overlap", 0)) >= 0.85
-        best = max(s.get("zipf_plan_over_balanced", 0), s.get("zipf_plan_no_replicas_over_balanced", 0))
+        for fixed, tag in ((False, "overlap"), (True, "overlap_fixed")):  # own tokens beside the exchange
+            ovl_bal = overlap_rows.get((shape, ep, "balanced", fixed))
+            ovl_zipf = overlap_rows.get((shape, ep, "zipf", fixed))
+            if base and ovl_bal:
+                s[f"weak_scaling_efficiency_balanced_{tag}"] = (ovl_bal["tokens_per_s_per_gpu"]
+                                                                / base["tokens_per_s_per_gpu"])
+                s[f"weak_scaling_efficiency_balanced_{tag}_fwd_only"] = (ovl_bal["fwd_tokens_per_s_per_gpu"]
+                                                                         / base["fwd_tokens_per_s_per_gpu"])
+                if ovl_zipf:
+                    s[f"zipf_plan_no_replicas_over_balanced_{tag}"] = (ovl_zipf["tokens_per_s_per_gpu"]
+                                                                       / ovl_bal["tokens_per_s_per_gpu"])
+        s["goal_weak_scaling_ge_0.85"] = max(s.get(f"weak_scaling_efficiency_balanced{tag}", 0)
+                                             for tag in ("", "_fixed", "_overlap", "_overlap_fixed")) >= 0.85
+        best = max(s.get(key, 0) for key in ("zipf_plan_over_balanced", "zipf_plan_no_replicas_over_balanced",
+                                             "zipf_plan_no_replicas_over_balanced_fixed",
+                                             "zipf_plan_no_replicas_over_balanced_overlap",
+                                             "zipf_plan_no_replicas_over_balanced_overlap_fixed"))
         s["goal_plan_recovery_ge_0.90"] = best >= 0.90
         out.append(s)
     return out
@@ -513,6 +524,7 @@ def main(argv=None) -> int:
     if args.plot:
         print(f"wrote {plot(args.plot)}")
         return 0
+    os.makedirs(args.out, exist_ok=True)  # profiles are written before the result file
     args.eps = [int(e) for e in args.eps.split(",")]
     args.shapes = [s for s in args.shapes.split(",") if s]
     if args.world is None:

@@ -31,9 +31,11 @@ from moekit.parallel import (
 )
 
 # the dispatch modes every scenario runs in: the deduplicated fast path, the simple
-# per-assignment one, the fixed-size sync-free one (capacity above every batch used here) and
-# the deduplicated one with own tokens computed beside the exchange (side stream on CUDA)
-MODES = (dict(dedup=True), dict(dedup=False), dict(max_tokens_per_rank=100), dict(overlap=True))
+# per-assignment one, the fixed-size sync-free one (capacity above every batch used here), and
+# the deduplicated and fixed-size ones with own tokens computed beside the exchange (overlap:
+# a side stream on CUDA)
+MODES = (dict(dedup=True), dict(dedup=False), dict(max_tokens_per_rank=100), dict(overlap=True),
+         dict(max_tokens_per_rank=100, overlap=True))
 
 # this process's rank and the world size: set by run() before any check runs
 RANK = int(os.environ.get("RANK", 0))
@@ -205,7 +207,7 @@ def check_fresh_layer(device, dtype, **mode):
     assert out.hidden.shape == (3, 2, 8)
 
 
-def check_fixed_bad_input(device):
+def check_fixed_bad_input(device, overlap=False):
     """max_tokens_per_rank: a non-positive value, and more tokens than promised, are refused
     (on every rank, before any collective) with a ValueError naming it."""
     from moekit.experts import ExpertsConfig
@@ -219,7 +221,7 @@ def check_fixed_bad_input(device):
             assert "max_tokens_per_rank" in str(e), e
         else:
             raise AssertionError(f"max_tokens_per_rank={bad!r} accepted")
-    module = ExpertParallelExperts(cfg, dist.group.WORLD, max_tokens_per_rank=4).to(device)
+    module = ExpertParallelExperts(cfg, dist.group.WORLD, max_tokens_per_rank=4, overlap=overlap).to(device)
     x, idx, w = torch.randn(5, 8, device=device), torch.zeros(5, 1, dtype=torch.long, device=device), \
         torch.ones(5, 1, device=device)
     try:
@@ -305,10 +307,10 @@ def _run_scenario(scenario, device, f64, tol64, tol32, mode):
     if scenario == "identity":
         check_equivalence(device, f64, tol64, sizes=[6] * WORLD, shared=1, **kw)
         if "max_tokens_per_rank" in kw:  # exactly full (no padding row) and mostly padding
-            check_fixed_bad_input(device)
+            check_fixed_bad_input(device, kw.get("overlap", False))
             for cap in (6, 11):
                 check_equivalence(device, f64, tol64, sizes=[6, 2, 6, 1][:WORLD], shared=1, balance="none",
-                                  max_tokens_per_rank=cap)
+                                  max_tokens_per_rank=cap, overlap=kw.get("overlap", False))
         check_equivalence(device, torch.float32, tol32, sizes=[5] * WORLD, num_experts=2 * WORLD, top_k=1,
                           balance="none", **kw)
         check_equivalence(device, torch.float32, tol32, sizes=[3] * WORLD, num_experts=WORLD * 2,

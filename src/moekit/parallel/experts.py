@@ -44,10 +44,11 @@ It moves ``P * C`` rows per rank whatever the routing, which costs little where 
 token has a choice on every rank (top-8 over 2-4 ranks) and more as ``P`` grows or ``k``
 shrinks; it is the mode for small EP groups that are bound by host latency.
 
-``overlap=True`` (deduplicated dispatch only) computes the choices of this rank's own tokens
-that fall on its own slots in place, on a side CUDA stream, while the other ranks' rows are
-counted, exchanged and computed on the main stream (:mod:`moekit.parallel.overlap`): the host
-sync no longer drains the GPU and the all-to-alls overlap expert GEMMs.
+``overlap=True`` computes the choices of this rank's own tokens that fall on its own slots in
+place, on a side CUDA stream, while only the other ranks' rows are exchanged and computed on
+the main stream (:mod:`moekit.parallel.overlap`): the all-to-alls overlap expert GEMMs and, in
+the deduplicated mode, the host sync no longer drains the GPU. It combines with either the
+deduplicated or the fixed-size dispatch.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from moekit.parallel.dispatch import (
     row_dispatch,
     slot_tables,
 )
-from moekit.parallel.overlap import overlapped_forward
+from moekit.parallel.overlap import overlapped_fixed_forward, overlapped_forward
 from moekit.parallel.replicas import ReplicaSync, replica_sync
 from moekit.parallel.rows import collect, spread
 
@@ -94,9 +95,10 @@ class ExpertParallelExperts(nn.Module):
     expert gradients are summed by :func:`moekit.parallel.reduce_gradients`. dedup: one row per
     (token, destination rank) instead of one per (token, choice). max_tokens_per_rank: the most
     tokens any rank passes in one call (the same on every rank); when set, the fixed-size,
-    sync-free dispatch is used instead (module docstring). overlap: with the deduplicated
-    dispatch, compute this rank's own tokens' local choices on a side stream beside the exchange
-    of the others (:mod:`moekit.parallel.overlap`; same results).
+    sync-free dispatch is used instead (module docstring). overlap: compute this rank's own
+    tokens' local choices on a side stream beside the exchange of the others' rows
+    (:mod:`moekit.parallel.overlap`; same results; with the deduplicated or the fixed-size
+    dispatch).
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
@@ -105,9 +107,9 @@ class ExpertParallelExperts(nn.Module):
     def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True,
                  max_tokens_per_rank: int | None = None, overlap: bool = False):
         super().__init__()
-        if overlap and (not dedup or max_tokens_per_rank is not None):
-            raise ValueError(f"overlap: expected False unless dedup=True and max_tokens_per_rank=None, got "
-                             f"overlap=True with dedup={dedup}, max_tokens_per_rank={max_tokens_per_rank}")
+        if overlap and not dedup:
+            raise ValueError("overlap: expected False unless dedup=True (the per-assignment dispatch is the "
+                             "simple reference), got overlap=True with dedup=False")
         if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool)
                                                 or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
             raise ValueError(f"max_tokens_per_rank: expected a positive int or None, got {max_tokens_per_rank!r}")
@@ -197,6 +199,8 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """x_TD ``[T, D]``, indices_TK ``[T, K]`` logical experts (``-1`` = none), weights_TK
         ``[T, K]`` -> ``[T, D]``. Collective: every rank of the group must call it (``T`` may be 0)."""
+        if self.overlap and self.max_tokens_per_rank is not None:
+            return overlapped_fixed_forward(self, x_TD, indices_TK, weights_TK)
         if self.max_tokens_per_rank is not None:
             return self._forward_fixed(x_TD, indices_TK, weights_TK)
         if self.overlap:

@@ -1,4 +1,4 @@
-"""Deduplicated dispatch with the rank's own tokens computed beside the exchange (``overlap``).
+"""Expert-parallel dispatch with the rank's own tokens computed beside the exchange (``overlap``).
 
 The plain deduplicated forward of :class:`moekit.parallel.ExpertParallelExperts` runs, in
 order: count exchange, **host sync** (split sizes), dispatch all-to-all, the local experts on
@@ -22,6 +22,11 @@ Autograd runs each backward op on the stream of its forward op (PyTorch's stream
 backward), so in the backward the own-token expert gradients run on the side stream beside the
 all-to-alls of the remote rows' gradients, with no custom backward.
 
+With the fixed-size dispatch (``max_tokens_per_rank = C``, :func:`overlapped_fixed_forward`)
+step 2 sends this rank's ``C`` padded rows to every *other* rank (not to itself) and there is
+no host sync at all: the host queues the whole step, and the side stream's own-token experts
+run beside the all-to-alls and the other ranks' rows.
+
 The result, and every gradient, is the same sum as the other dispatch modes (the tests compare
 all of them with the single-process layer). On CPU (gloo) there are no streams: the same
 computation runs in order.
@@ -40,7 +45,7 @@ from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts
 from moekit.parallel.dispatch import _count, _cumsum_rows, assignment_slots
 from moekit.parallel.rows import collect, spread
 
-__all__ = ["RemoteRows", "overlapped_forward", "remote_rows", "row_routing"]
+__all__ = ["RemoteRows", "overlapped_fixed_forward", "overlapped_forward", "remote_rows", "row_routing"]
 
 
 class RemoteRows(NamedTuple):
@@ -107,29 +112,47 @@ def _side_stream(module, device: torch.device):
     return streams[device]
 
 
+def _own_slots(slot_TK: torch.Tensor, rank: int, slots_per_rank: int) -> torch.Tensor:
+    """``[T, K]`` this rank's local slot of each choice that lives here, ``-1`` elsewhere."""
+    own_TK = slot_TK - rank * slots_per_rank
+    return torch.where((own_TK >= 0) & (own_TK < slots_per_rank), own_TK, -1)
+
+
+def _start_own(module, x_TD: torch.Tensor, own_TK: torch.Tensor, weights_TK: torch.Tensor):
+    """Launch this rank's own choices on the expert backend: on CUDA on the side stream (after
+    the main stream's work so far), so that what the host queues next on the main stream runs
+    beside it. Returns ``(y_own_TD, streams)``; pass both to :func:`_finish`."""
+    if x_TD.device.type != "cuda":
+        return module.local(x_TD, own_TK, weights_TK), None
+    main, side = torch.cuda.current_stream(x_TD.device), _side_stream(module, x_TD.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        y_own = module.local(x_TD, own_TK, weights_TK)
+    for t in (x_TD, own_TK, weights_TK):  # read on the side stream: keep their memory until it did
+        t.record_stream(side)
+    return y_own, (main, side)
+
+
+def _finish(y_remote_TD: torch.Tensor, y_own_TD: torch.Tensor, streams) -> torch.Tensor:
+    """``y_remote + y_own`` on the main stream, after it waited for the side stream."""
+    if streams is not None:
+        main, side = streams
+        main.wait_stream(side)
+        y_own_TD.record_stream(main)
+    return y_remote_TD + y_own_TD
+
+
 def overlapped_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
                        weights_TK: torch.Tensor) -> torch.Tensor:
     """The ``overlap=True`` forward of an :class:`~moekit.parallel.ExpertParallelExperts`
-    ``module`` (module docstring): ``[T, D]``. Collective over ``module.group``."""
+    ``module`` with the deduplicated dispatch (module docstring): ``[T, D]``. Collective over
+    ``module.group``; one host sync (the split sizes)."""
     per, num_ranks, rank, group = module.slots_per_rank, module.num_ranks, module.rank, module.group
     slot_TK = assignment_slots(indices_TK, module.tables, rank, module.replicated)
-    own_TK = slot_TK - rank * per
-    own_TK = torch.where((own_TK >= 0) & (own_TK < per), own_TK, -1)
     rows = remote_rows(slot_TK, rank, num_ranks, per)
     recv_counts_P2 = exchange_counts(rows.send_counts_P2, group)
-
-    cuda = x_TD.device.type == "cuda"
-    if cuda:  # own tokens' experts on the side stream, queued before the host sync
-        main, side = torch.cuda.current_stream(x_TD.device), _side_stream(module, x_TD.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            y_own = module.local(x_TD, own_TK, weights_TK)
-        for t in (x_TD, own_TK, weights_TK):  # read on the side stream: keep their memory
-            t.record_stream(side)
-    else:
-        y_own = module.local(x_TD, own_TK, weights_TK)
-
-    # the one host sync; on CUDA it waits for the main stream only (the side stream computes)
+    # own tokens' experts queued before the host sync, which then waits for the main stream only
+    y_own, streams = _start_own(module, x_TD, _own_slots(slot_TK, rank, per), weights_TK)
     send_rows, _send_assign, recv_rows, recv_assign = torch.cat(
         [rows.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
     num_rows = sum(send_rows)
@@ -140,8 +163,46 @@ def overlapped_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
     weights_UK = all_to_all(module._sendable(weights_VK), recv_rows, send_rows, group)
     y_recv = module._compute_local(x_recv, slots_UK, weights_UK, sum(recv_assign))
     y_back = all_to_all(y_recv, send_rows, recv_rows, group)
-    y_TD = collect(y_back, token_V, rows.inv_TP)
-    if cuda:
-        main.wait_stream(side)
-        y_own.record_stream(main)
-    return y_TD + y_own
+    return _finish(collect(y_back, token_V, rows.inv_TP), y_own, streams)
+
+
+def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
+                             weights_TK: torch.Tensor) -> torch.Tensor:
+    """The ``overlap=True`` forward with the fixed-size dispatch (``max_tokens_per_rank = C``):
+    no host sync at all. The own choices run beside (side stream); this rank's ``C`` padded
+    rows, their global slots and weights go to every *other* rank (``(P - 1) * C`` rows
+    received), each rank computes the received choices on its slots (``-1`` elsewhere) and
+    returns the partial sums, which the token's rank adds to its own. ``[T, D]``."""
+    num_tokens, top_k = indices_TK.shape
+    cap, num_ranks, per, rank, group = (module.max_tokens_per_rank, module.num_ranks, module.slots_per_rank,
+                                        module.rank, module.group)
+    if num_tokens > cap:
+        raise ValueError(f"x: {num_tokens} tokens on rank {rank}, more than max_tokens_per_rank={cap}")
+    slot_TK = assignment_slots(indices_TK, module.tables, rank, module.replicated)
+    y_own, streams = _start_own(module, x_TD, _own_slots(slot_TK, rank, per), weights_TK)
+    copies = num_ranks - 1
+    if copies == 0:
+        return _finish(torch.zeros_like(y_own), y_own, streams)
+    x_CD, slot_CK, w_CK = x_TD, slot_TK, weights_TK
+    if cap > num_tokens:  # zero-padded to the fixed size (padding rows have no choices)
+        pad = cap - num_tokens
+        x_CD = torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])])
+        slot_CK = torch.cat([slot_TK, slot_TK.new_full((pad, top_k), -1)])
+        w_CK = torch.cat([weights_TK, weights_TK.new_zeros(pad, top_k)])
+    if copies > 1:  # one copy per other rank (its backward sums the copies' gradients)
+        x_CD, slot_CK, w_CK = x_CD.repeat(copies, 1), slot_CK.repeat(copies, 1), w_CK.repeat(copies, 1)
+    splits = [0 if p == rank else cap for p in range(num_ranks)]
+    x_QD = all_to_all(module._sendable(x_CD), splits, splits, group)
+    slot_QK = all_to_all_plain(slot_CK, splits, splits, group)
+    w_QK = all_to_all(module._sendable(w_CK), splits, splits, group)
+    local_QK = slot_QK - rank * per  # out of [0, S) for -1 slots and other ranks' slots
+    mine_QK = (local_QK >= 0) & (local_QK < per)
+    y_QD = module.local(x_QD, torch.where(mine_QK, local_QK, -1), w_QK)
+    # block q of what comes back: other rank q's partial sums for this rank's C rows
+    y_back = all_to_all(y_QD, splits, splits, group)
+    if copies == 1:
+        y_remote = y_back[:num_tokens]
+    else:
+        acc = torch.promote_types(x_TD.dtype, torch.float32)
+        y_remote = y_back.view(copies, cap, -1)[:, :num_tokens].sum(0, dtype=acc).to(x_TD.dtype)
+    return _finish(y_remote, y_own, streams)
