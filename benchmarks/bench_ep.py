@@ -304,7 +304,11 @@ def worker(rank: int, args) -> None:
                             device_id=device if device.type == "cuda" else None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     eps = [ep for ep in args.eps if args.world % ep == 0]
-    groups = {ep: [dist.new_group(list(range(g, g + ep))) for g in range(0, args.world, ep)] for ep in eps if ep > 1}
+    pg_options = None
+    if args.nccl_high_priority and device.type == "cuda":  # NCCL kernels get SMs before queued GEMM blocks
+        pg_options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    groups = {ep: [dist.new_group(list(range(g, g + ep)), pg_options=pg_options) for g in range(0, args.world, ep)]
+              for ep in eps if ep > 1}
     rows = []
     for shape in (QUICK_SHAPES if args.quick else SHAPES):
         if args.shapes and shape[0] not in args.shapes:
@@ -329,6 +333,8 @@ def worker(rank: int, args) -> None:
                 cases += [("balanced", None, True, "overlap_fixed"), ("zipf", (uniform, skew), True, "overlap_fixed")]
             for routing, plan_rows, dedup, *variant in cases:
                 variant = variant[0] if variant else ""
+                if (variant or "plain") not in args.variants:
+                    continue
                 prof = None
                 if args.profile and routing == "balanced" and dedup and variant != "fixed":  # EP=1 vs EP=P
                     suffix = f"_{variant}" if variant else ""
@@ -441,7 +447,8 @@ def _write(rows, args, device) -> None:
                      "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                      "python": platform.python_version()},
         "machine": {"device": gpu, "world": args.world, "host": platform.node(), "cpus": os.cpu_count()},
-        "settings": {"zipf_s": ZIPF_S, "iters": args.iters, "warmup": args.warmup,
+        "settings": {"zipf_s": ZIPF_S, "iters": args.iters, "warmup": args.warmup, "variants": args.variants,
+                     "nccl_high_priority": args.nccl_high_priority,
                      "dtype": "bfloat16" if device.type == "cuda" else "float32",
                      "peak_bf16_tflops_assumed": PEAK_BF16_TFLOPS},
         "rows": rows,
@@ -519,6 +526,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run)")
     p.add_argument("--profile", action="store_true",
                    help="also write torch.profiler operator tables (balanced routing) to --out")
+    p.add_argument("--variants", default="plain,fixed,overlap,overlap_fixed",
+                   help="EP>1 dispatch variants to run: plain (dedup, no-dedup, plans), fixed, overlap, overlap_fixed")
+    p.add_argument("--nccl-high-priority", action="store_true",
+                   help="EP groups' NCCL streams at high priority")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     if args.plot:
@@ -527,6 +538,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)  # profiles are written before the result file
     args.eps = [int(e) for e in args.eps.split(",")]
     args.shapes = [s for s in args.shapes.split(",") if s]
+    args.variants = [v for v in args.variants.split(",") if v]
     if args.world is None:
         args.world = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.world < 1 or (args.device == "cuda" and args.world > torch.cuda.device_count()):
