@@ -118,14 +118,28 @@ def _own_slots(slot_TK: torch.Tensor, rank: int, slots_per_rank: int) -> torch.T
     return torch.where((own_TK >= 0) & (own_TK < slots_per_rank), own_TK, -1)
 
 
-def _start_own(module, x_TD: torch.Tensor, own_TK: torch.Tensor, weights_TK: torch.Tensor):
-    """Launch this rank's own choices on the expert backend: on CUDA on the side stream (after
-    the main stream's work so far), so that what the host queues next on the main stream runs
-    beside it. Returns ``(y_own_TD, streams)``; pass both to :func:`_finish`."""
+def _mark(x_TD: torch.Tensor):
+    """An event recorded on the current CUDA stream now (``None`` off CUDA): where the side
+    stream may start when the main stream has queued more work since."""
+    if x_TD.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(x_TD.device))
+    return event
+
+
+def _start_own(module, x_TD: torch.Tensor, own_TK: torch.Tensor, weights_TK: torch.Tensor, after=None):
+    """Launch this rank's own choices on the expert backend: on CUDA on the side stream, after
+    the main stream's work so far (or only after the event ``after`` from :func:`_mark`: work
+    queued since, such as all-to-alls, is not waited for), so that what the main stream does
+    next runs beside it. Returns ``(y_own_TD, streams)``; pass both to :func:`_finish`."""
     if x_TD.device.type != "cuda":
         return module.local(x_TD, own_TK, weights_TK), None
     main, side = torch.cuda.current_stream(x_TD.device), _side_stream(module, x_TD.device)
-    side.wait_stream(main)
+    if after is None:
+        side.wait_stream(main)
+    else:
+        side.wait_event(after)
     with torch.cuda.stream(side):
         y_own = module.local(x_TD, own_TK, weights_TK)
     for t in (x_TD, own_TK, weights_TK):  # read on the side stream: keep their memory until it did
@@ -179,10 +193,12 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
     if num_tokens > cap:
         raise ValueError(f"x: {num_tokens} tokens on rank {rank}, more than max_tokens_per_rank={cap}")
     slot_TK = assignment_slots(indices_TK, module.tables, rank, module.replicated)
-    y_own, streams = _start_own(module, x_TD, _own_slots(slot_TK, rank, per), weights_TK)
+    own_TK = _own_slots(slot_TK, rank, per)
     copies = num_ranks - 1
     if copies == 0:
+        y_own, streams = _start_own(module, x_TD, own_TK, weights_TK)
         return _finish(torch.zeros_like(y_own), y_own, streams)
+    inputs_ready = _mark(x_TD)
     x_CD, slot_CK, w_CK = x_TD, slot_TK, weights_TK
     if cap > num_tokens:  # zero-padded to the fixed size (padding rows have no choices)
         pad = cap - num_tokens
@@ -195,6 +211,9 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
     x_QD = all_to_all(module._sendable(x_CD), splits, splits, group)
     slot_QK = all_to_all_plain(slot_CK, splits, splits, group)
     w_QK = all_to_all(module._sendable(w_CK), splits, splits, group)
+    # own choices on the side stream, launched after the all-to-alls (which so hold their SMs
+    # before the expert GEMMs fill the GPU) and not waiting for them
+    y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, after=inputs_ready)
     local_QK = slot_QK - rank * per  # out of [0, S) for -1 slots and other ranks' slots
     mine_QK = (local_QK >= 0) & (local_QK < per)
     y_QD = module.local(x_QD, torch.where(mine_QK, local_QK, -1), w_QK)
