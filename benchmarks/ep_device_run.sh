@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One device call for expert parallelism on a 2-GPU machine: the environment, the NCCL GPU
+# tests (tests/parallel, -m gpu), then benchmarks/bench_ep.py with the EP=1 baseline in the
+# same run. Everything goes under $OUT, at most 8 files (the device returns no more):
+# env.txt, gpu_tests.txt, bench.log, the result JSON, profiles.tgz.
+#
+#   OUT=/tmp/out bash benchmarks/ep_device_run.sh [extra bench_ep.py arguments]
+set -u
+export PYTHONPATH="$PWD/src" NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/ep_out}
+TESTS_S=${TESTS_S:-150}   # seconds for the GPU tests
+BENCH_S=${BENCH_S:-330}   # seconds for the benchmark (rows are printed as they finish)
+mkdir -p "$OUT"
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
+  nvidia-smi topo -m
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())"
+  echo "cpus $(nproc)"
+  git log --oneline -1
+  git status --short
+} > "$OUT/env.txt" 2>&1
+
+start=$(date +%s)
+timeout "$TESTS_S" python3 -m pytest -q -m gpu tests/parallel > "$OUT/gpu_tests.txt" 2>&1
+rc=$?
+echo "rc=$rc seconds=$(( $(date +%s) - start ))" >> "$OUT/gpu_tests.txt"
+variants=plain,fixed,overlap,overlap_fixed
+if [ "$rc" -ne 0 ]; then  # a failed check: time only the paths that were measured before
+  variants=plain,fixed
+fi
+
+res=/tmp/ep_bench_results
+rm -rf "$res"
+start=$(date +%s)
+timeout "$BENCH_S" python3 benchmarks/bench_ep.py --world 2 --eps 1,2 --variants "$variants" --out "$res" "$@" \
+  > "$OUT/bench.log" 2>&1
+echo "rc=$? seconds=$(( $(date +%s) - start )) variants=$variants" >> "$OUT/bench.log"
+cp "$res"/ep_*.json "$OUT/" 2>/dev/null
+if ls "$res"/ep_profile_*.txt > /dev/null 2>&1; then
+  (cd "$res" && tar czf "$OUT/profiles.tgz" ep_profile_*.txt)
+fi
+tail -n 5 "$OUT/gpu_tests.txt"
+grep -E "EP=|rc=" "$OUT/bench.log" | tail -n 50
