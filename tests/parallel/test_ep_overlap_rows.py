@@ -19,14 +19,12 @@ from moekit.parallel.overlap import remote_rows, row_routing
 def routed(draw):
     """A placement (``R`` slots over ``P`` ranks), a rank, routing ``[T, k]`` (``-1`` allowed)
     and routing weights."""
-    num_experts = draw(st.integers(1, 8))
-    num_ranks = draw(st.integers(1, 4))
-    extra = draw(st.integers(0, 2 * num_ranks))
-    num_slots = -(-(num_experts + extra) // num_ranks) * num_ranks
-    fill = draw(st.lists(st.integers(0, num_experts - 1), min_size=num_slots - num_experts,
-                         max_size=num_slots - num_experts))
-    perm = draw(st.permutations(list(range(num_slots))))
-    p2l = torch.tensor(list(range(num_experts)) + fill)[torch.tensor(perm)]
+    num_ranks, per_rank = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    num_slots = num_ranks * per_rank
+    num_experts = draw(st.integers(1, num_slots))  # every expert once, the spare slots replicas
+    spare = draw(st.lists(st.integers(0, num_experts - 1), min_size=num_slots - num_experts,
+                          max_size=num_slots - num_experts))
+    p2l = torch.tensor(draw(st.permutations(list(range(num_experts)) + spare)))
     num_tokens, top_k = draw(st.integers(0, 10)), min(draw(st.integers(1, 4)), num_experts)
     rank = draw(st.integers(0, num_ranks - 1))
     flat = draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_tokens * top_k,
