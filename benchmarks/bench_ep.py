@@ -333,7 +333,9 @@ def worker(rank: int, args) -> None:
                 cases += [("balanced", None, True, "overlap_fixed"), ("zipf", (uniform, skew), True, "overlap_fixed")]
             for routing, plan_rows, dedup, *variant in cases:
                 variant = variant[0] if variant else ""
-                if (variant or "plain") not in args.variants:
+                # EP=1 and the EP=P balanced deduplicated row (what the ratios divide by) always run
+                anchor = ep == 1 or (routing == "balanced" and dedup and plan_rows is None and not variant)
+                if not anchor and (variant or "plain") not in args.variants:
                     continue
                 prof = None
                 if args.profile and routing == "balanced" and dedup and variant != "fixed":  # EP=1 vs EP=P
@@ -527,7 +529,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also write torch.profiler operator tables (balanced routing) to --out")
     p.add_argument("--variants", default="plain,fixed,overlap,overlap_fixed",
-                   help="EP>1 dispatch variants to run: plain (dedup, no-dedup, plans), fixed, overlap, overlap_fixed")
+                   help="EP>1 dispatch variants to run besides the balanced deduplicated one: plain (Zipf, plans, "
+                        "no-dedup), fixed, overlap, overlap_fixed")
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="EP groups' NCCL streams at high priority")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
