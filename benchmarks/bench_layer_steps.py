@@ -76,12 +76,12 @@ def shape_steps(name, T, D, F_, E, K, gen, log) -> list[dict]:
     dact = torch.randn_like(act_out)
     cases = {
         "route_by_expert": lambda: route_by_expert(idx, E),
-        "fwd gather x": lambda: x.index_select(0, order // K),
+        "fwd gather x": lambda: steps.permute_rows(x, order, inv, x.dtype),
         "fwd gmm gate+up": lambda: _gmm(x_ND, w_in.transpose(-2, -1), offs),
         "fwd act": lambda: steps.act_forward(h_NH, offs, "swiglu"),
         "fwd gmm down": lambda: _gmm(a_NF, w_out.transpose(-2, -1), offs),
         "fwd gather_sum": lambda: steps.gather_sum(y_ND, inv, w, torch.bfloat16),
-        "bwd gather dy": lambda: dy.index_select(0, order // K),
+        "bwd gather dy": lambda: steps.permute_rows(dy, order, inv, dy.dtype),
         "bwd gmm dau": lambda: _gmm(dy_ND, w_out, offs),
         "bwd act": lambda: steps.act_backward(h_NH, dau_NF, w.reshape(-1), order, offs, "swiglu"),
         "bwd gmm dw_out": lambda: _gmm(dy_ND.t(), aw_NF, offs),
@@ -90,6 +90,8 @@ def shape_steps(name, T, D, F_, E, K, gen, log) -> list[dict]:
         "bwd gather_sum": lambda: steps.gather_sum(dx_ND, inv, None, torch.bfloat16),
         # The weight gradients with the operands swapped (transposed results), and the gate+up
         # GEMM with a row-major copy of its weight: does the operand layout matter?
+        # The permutation as torch's index_select (moekit's path before the Triton scatter).
+        "alt index_select x": lambda: x.index_select(0, order // K),
         "alt gmm dw_out^T": lambda: _gmm(aw_NF.t(), dy_ND, offs),
         "alt gmm dw_in^T": lambda: _gmm(x_ND.t(), dh_NH, offs),
         "alt gmm gate+up rm": lambda: _gmm(x_ND, w_in_t, offs),

@@ -177,6 +177,12 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         torch.testing.assert_close(tk.act_forward(h, offs, act)[:nv], steps.act_forward(h, offs, act)[:nv])
         for a, b in zip(tk.act_backward(h, dau, w, order, offs, act), steps.act_backward(h, dau, w, order, offs, act)):
             torch.testing.assert_close(a[:nv], b[:nv])
+        # permutation into expert order (the interpreter casts fp32 -> bf16 by truncation, so
+        # the cast itself is checked on the GPU only)
+        for xt in (torch.randn(T, D), torch.randn(T, D).bfloat16()):
+            want = xt.index_select(0, order // K)[:nv]
+            torch.testing.assert_close(tk.scatter_rows(xt, inv, T * K, xt.dtype)[:nv], want, rtol=0, atol=0)
+            torch.testing.assert_close(steps.permute_rows(xt, order, inv, xt.dtype)[:nv], want, rtol=0, atol=0)
         src = torch.randn(T * K, D); src[nv:] = float("nan")
         for wt in (torch.rand(T, K), None):
             torch.testing.assert_close(tk.gather_sum(src, inv, wt, torch.float32), steps.gather_sum(src, inv, wt, torch.float32))

@@ -182,3 +182,25 @@ def test_layer_picks_grouped_path_on_cuda_and_matches_sorted():
     assert _rel(out.hidden, ref.hidden) < TOL[torch.bfloat16][0]
     (out.hidden.float().sum() + out.aux_loss).backward()
     assert torch.isfinite(layer.experts.w_in.grad).all()
+
+
+@pytest.mark.parametrize("src_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                 (torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("T,D,K,E,minus_one", [(300, 7168, 8, 32, 0.0), (257, 2048, 8, 128, 0.2), (5, 96, 1, 4, 0.0)])
+def test_permute_rows_kernel_equals_index_select(src_dtype, out_dtype, T, D, K, E, minus_one):
+    """The Triton scatter that puts token rows into expert order writes exactly
+    ``src.to(out).index_select(0, order // K)`` on every live row (the cast rounds to nearest)."""
+    from moekit.experts import steps
+    from moekit.experts.grouped import route_by_expert
+
+    gen = torch.Generator().manual_seed(T)
+    idx = _routing(T, E, K, "zipf", (), gen)
+    if minus_one:
+        idx = idx.masked_fill(torch.rand(idx.shape, generator=gen) < minus_one, -1)
+    idx = idx.cuda()
+    src = torch.randn(T, D, generator=gen).to(src_dtype).cuda()
+    order, inv, offs = route_by_expert(idx, E)
+    nv = int(offs[-1])
+    got = steps.permute_rows(src, order, inv, out_dtype)
+    assert got.shape == (T * K, D) and got.dtype == out_dtype
+    assert torch.equal(got[:nv], src.to(out_dtype).index_select(0, order // K)[:nv])

@@ -6,7 +6,8 @@ Forward, for ``T`` tokens, ``K`` slots each (``N = T*K`` assignments, ``-1`` slo
    cumulative per-expert ends ``offs_E`` (int32, computed on the device with a
    ``searchsorted``: no host sync), the slot of each sorted row ``order_N`` and the sorted row
    of each slot ``inv_TK`` (``-1`` for empty slots).
-2. ``moekit::experts_grouped_fwd``: gather ``x[order // K]``, ``torch._grouped_mm`` with the
+2. ``moekit::experts_grouped_fwd``: permute ``x`` into expert order (``x[order // K]``,
+   written by a Triton scatter that reads each token row once), ``torch._grouped_mm`` with the
    fused ``[E, H, D]`` gate+up weight, SwiGLU / GELU (Triton), ``torch._grouped_mm`` with
    ``[E, D, F]``, then the weighted un-permute ``y[t] = sum_j w[t, j] * y_sorted[inv[t, j]]``
    (Triton, fp32 accumulation, deterministic). Saves the gathered input ``x_ND`` and the
@@ -93,8 +94,7 @@ def _experts_fwd(x_TD: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.T
                  order_N: torch.Tensor, inv_TK: torch.Tensor, offs_E: torch.Tensor,
                  activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``y_TD [T, D]`` and, for the backward, ``h_NH [N, H]`` and ``x_ND [N, D]``."""
-    K = inv_TK.shape[1]
-    x_ND = x_TD.index_select(0, order_N // K)
+    x_ND = steps.permute_rows(x_TD, order_N, inv_TK, x_TD.dtype)
     h_NH = _gmm(x_ND, w_in_EHD.transpose(-2, -1), offs_E)
     a_NF = steps.act_forward(h_NH, offs_E, activation)
     y_ND = _gmm(a_NF, w_out_EDF.transpose(-2, -1), offs_E)
@@ -119,8 +119,7 @@ def _experts_bwd(dy_TD: torch.Tensor, x_ND: torch.Tensor, weights_TK: torch.Tens
                  h_NH: torch.Tensor, activation: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``dx_TD``, ``dweights_TK``, ``dw_in_EHD``, ``dw_out_EDF``."""
-    K = inv_TK.shape[1]
-    dy_ND = dy_TD.to(x_ND.dtype).index_select(0, order_N // K)
+    dy_ND = steps.permute_rows(dy_TD, order_N, inv_TK, x_ND.dtype)
     # Gradient of the unweighted hidden: dout[token] @ W_out (the routing weight is applied in
     # the fused activation backward, which also yields d(weight) = <dau, a>).
     dau_NF = _gmm(dy_ND, w_out_EDF, offs_E)

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["act_forward", "act_backward", "decode_experts", "gather_sum", "use_triton"]
+__all__ = ["act_forward", "act_backward", "decode_experts", "gather_sum", "permute_rows", "use_triton"]
 
 
 @functools.cache
@@ -77,6 +77,17 @@ def act_backward(h_NH, dau_NF, weights_flat, order_N, offs_E, activation):
         dh = w * dau * (cdf + h * torch.exp(-0.5 * h * h) * (2 * torch.pi) ** -0.5)
     dw_N = (dau * a).sum(-1)
     return dh.to(h_NH.dtype), (w * a).to(h_NH.dtype), dw_N
+
+
+def permute_rows(src_TD: torch.Tensor, order_N: torch.Tensor, inv_TK: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """Token rows in expert order: ``out[n] = src[order[n] // K]`` -> ``[N, D]`` in
+    ``out_dtype``. Rows of ``-1`` slots (``n >= offs_E[-1]``) may be left unwritten."""
+    if use_triton(src_TD):
+        from moekit.experts import triton_kernels
+
+        return triton_kernels.scatter_rows(src_TD, inv_TK, order_N.shape[0], out_dtype)
+    return src_TD.to(out_dtype).index_select(0, order_N // inv_TK.shape[1])
 
 
 def gather_sum(src_ND: torch.Tensor, inv_TK: torch.Tensor, weights_TK: torch.Tensor | None,
