@@ -92,6 +92,6 @@ def test_overlap_needs_the_deduplicated_dispatch():
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
     # checked before the group is used, so no process group is needed
-    for kw in (dict(dedup=False), dict(dedup=False, max_tokens_per_rank=8)):
+    for kw in ({"dedup": False}, {"dedup": False, "max_tokens_per_rank": 8}):
         with pytest.raises(ValueError, match="overlap: expected False unless dedup=True"):
             ExpertParallelExperts(ExpertsConfig(8, 8, 2), None, overlap=True, **kw)
