@@ -255,6 +255,10 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                 ("lfu", "none", 0, 2, True, half), ("lfu", lo, 1, 2, True, half),
                 ("lru", "none", 0, 2, False, quarter), ("lfu", lo, 1, 2, False, quarter),
                 ("lru", "none", 0, 2, False, num_experts_total)]
+    if args.slots:  # tight budgets only: the caches and the prefetchers, nothing else
+        variants = [(pol, pf, 0, lead, False, n) for n in args.slots
+                    for pol, pf, lead in (("lru", "none", 2), ("lfu", "none", 2), ("lru", lo, whole),
+                                          ("lru", lo, 2), ("lru", "next_layer", whole))]
     for policy, prefetch, extra, lead, cpu, slots in variants:
         for batch in (1, 8):
             name = f"moekit {policy}"
@@ -403,6 +407,14 @@ def summarize_goals(runs: list) -> dict:
                 out[f"batch{b}_hit_or_inflight_gain_points[{pf['name']}]_over_lru"] = 100 * (
                     pf["decode_hit_rate"] + pf["decode_inflight_hit_rate"] - lru["decode_hit_rate"])
                 out[f"batch{b}_tok_s_ratio[{pf['name']}]_over_lru"] = pf["decode_tokens_per_s"] / lru["decode_tokens_per_s"]
+    for b in (1, 8):  # the same hit gains at the other budgets (``--slots``), keyed by slot count
+        for n in sorted({r["slots"] for r in ok if r.get("slots") not in (None, half)}):
+            lru = one("moekit lru", b, n)
+            for pf in [r for r in ok if r["batch"] == b and r.get("slots") == n
+                       and r.get("prefetch", "none") != "none" and not r.get("cpu_compute")]:
+                if lru:
+                    out[f"batch{b}_hit_gain_points[{pf['name']}]_over_lru@{n}_slots"] = 100 * (
+                        pf["decode_hit_rate"] - lru["decode_hit_rate"])
     copy_bound = [r for r in ok if r["name"].startswith("moekit") and r.get("decode_pcie_utilization", 0) > 0.5
                   and not r.get("cpu_compute")]
     if copy_bound:
@@ -492,6 +504,10 @@ def main(argv=None) -> int:
     p.add_argument("--hf-new-tokens", type=int, default=4)
     p.add_argument("--reserve-bytes", type=int, default=2 * 2**30, help="budget share for activations / KV cache")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/offload_<gpu>_<date>.json)")
+    p.add_argument("--slots", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                   help="comma-separated expert-slot counts: run only lru / lfu / prefetch at these budgets "
+                        "(no CPU compute, no transformers offloading); default: the full matrix at half and a "
+                        "quarter of the experts")
     p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an existing result file")
     args = p.parse_args(argv)
     if args.plot:
@@ -536,7 +552,8 @@ def main(argv=None) -> int:
     mk_runs, mem = moekit_runs(model, args, expert_bytes, num_experts_total, bw)
     runs += mk_runs
     budget = dense_bytes + (num_experts_total // 2) * expert_bytes + args.reserve_bytes
-    runs += hf_runs(model, args, budget)
+    if not args.slots:
+        runs += hf_runs(model, args, budget)
 
     # moekit computes experts in transformers' eager order: compare tokens with the eager run
     ref = {r["batch"]: r["tokens"] for r in runs if r["name"] == "all on GPU (transformers eager)"}
