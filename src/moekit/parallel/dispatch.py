@@ -22,6 +22,7 @@ __all__ = [
     "assignment_slots",
     "dispatch_order",
     "row_dispatch",
+    "local_slots",
     "received_slots",
     "received_routing",
     "combine",
@@ -144,6 +145,13 @@ def dispatch_order(indices_TK: torch.Tensor, tables: SlotTables, num_ranks: int,
     return DispatchOrder(flat_ids // top_k, flat_ids, slots, send_counts)
 
 
+def local_slots(slot_TK: torch.Tensor, rank: int, slots_per_rank: int) -> torch.Tensor:
+    """``[T, K]`` ``rank``'s local slot of each choice in ``slot_TK`` (physical slots, ``-1`` =
+    none) that lives on ``rank``, ``-1`` for every other choice."""
+    local_TK = slot_TK - rank * slots_per_rank  # out of [0, S) for -1 and other ranks' slots
+    return torch.where((local_TK >= 0) & (local_TK < slots_per_rank), local_TK, -1)
+
+
 def received_slots(recv_counts_PS: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Local slot id ``[Q]`` of each received row: rows arrive source-rank by source-rank,
     each source's rows sorted by slot. ``total`` (``Q``, when known on the host) spares a
@@ -201,6 +209,31 @@ def _cumsum_rows(m_RN: torch.Tensor) -> torch.Tensor:
     return flat_RN - before_R[:, None]
 
 
+def _rows_by_destination(dst_TK: torch.Tensor, num_ranks: int):
+    """One row per (token, destination rank) of ``dst_TK`` (``[T, K]`` rank of each choice,
+    ``num_ranks`` = no row), grouped by destination, each destination's rows in token order.
+    Counting sort over the few ranks, laid out rank-major so that every scan is one 1-D scan.
+
+    Returns ``row_in_dst_PT`` (row of (token, rank) counted within its rank), ``rows_P``,
+    ``inv_PT`` (row of (token, rank) or ``-1``), ``target_F`` (``[P*T]`` row of each rank-major
+    (rank, token) cell, ``T*P`` where there is none: scatter into ``T*P + 1`` cells and drop the
+    last) and ``token_ids_V`` (``[T*P]``, the token of each row; valid up to ``rows_P.sum()``).
+    """
+    num_tokens = dst_TK.shape[0]
+    dev = dst_TK.device
+    has_PT = torch.zeros(num_ranks + 1, num_tokens, dtype=torch.bool, device=dev).scatter_(
+        0, dst_TK.t(), True)[:num_ranks]
+    row_in_dst_PT = _cumsum_rows(has_PT) - 1
+    rows_P = has_PT.sum(1)
+    row_start_P = torch.cumsum(rows_P, 0) - rows_P
+    inv_PT = torch.where(has_PT, row_in_dst_PT + row_start_P[:, None], -1)
+    spare = num_tokens * num_ranks  # every non-row cell writes to one spare last cell
+    target_F = torch.where(has_PT, inv_PT, spare).reshape(-1)
+    token_ids = torch.zeros(spare + 1, dtype=torch.int64, device=dev).scatter_(
+        0, target_F, torch.arange(num_tokens, device=dev).repeat(num_ranks))
+    return row_in_dst_PT, rows_P, inv_PT, target_F, token_ids[:spare]
+
+
 def row_dispatch(slot_TK: torch.Tensor, num_ranks: int, slots_per_rank: int) -> RowDispatch:
     """Group the assignments of ``slot_TK`` (physical slots, ``-1`` = none, from
     :func:`assignment_slots`) into one row per (destination rank, token). Slot ``r`` lives on
@@ -212,17 +245,8 @@ def row_dispatch(slot_TK: torch.Tensor, num_ranks: int, slots_per_rank: int) -> 
     flat = slot_TK.reshape(-1)
     num = flat.shape[0]
     dst_N = torch.where(flat >= 0, flat // slots_per_rank, num_ranks)  # num_ranks = unused
-    dst_TK = dst_N.view(num_tokens, top_k)
-    has_QT = torch.zeros(num_ranks + 1, num_tokens, dtype=torch.bool, device=dev).scatter_(0, dst_TK.t(), True)
-    has_PT = has_QT[:num_ranks]
-    row_in_dst_PT = _cumsum_rows(has_PT) - 1
-    rows_P = has_PT.sum(1)
-    row_start_P = torch.cumsum(rows_P, 0) - rows_P
-    inv_PT = torch.where(has_PT, row_in_dst_PT + row_start_P[:, None], -1)
-    spare = num_tokens * num_ranks  # every non-row entry writes to one spare last cell
-    tokens_PT = torch.arange(num_tokens, device=dev).expand(num_ranks, num_tokens)
-    token_ids = torch.zeros(spare + 1, dtype=torch.int64, device=dev)
-    token_ids.scatter_(0, torch.where(has_PT, inv_PT, spare).reshape(-1), tokens_PT.reshape(-1))
+    row_in_dst_PT, rows_P, inv_PT, _, token_ids_V = _rows_by_destination(dst_N.view(num_tokens, top_k),
+                                                                          num_ranks)
     # assignments: stable counting sort by destination
     onehot_QN = torch.zeros(num_ranks + 1, num, dtype=torch.int32, device=dev).scatter_(0, dst_N[None], 1)
     assign = onehot_QN.sum(1, dtype=torch.int64)
@@ -236,7 +260,7 @@ def row_dispatch(slot_TK: torch.Tensor, num_ranks: int, slots_per_rank: int) -> 
     meta_flat = row_local_N * slots_per_rank + flat.clamp(min=0) % slots_per_rank
     perm_N = perm[:num]
     return RowDispatch(
-        token_ids_V=token_ids[:spare],
+        token_ids_V=token_ids_V,
         inv_TP=inv_PT.t().contiguous(),
         perm_N=perm_N,
         meta_N=meta_flat[perm_N],

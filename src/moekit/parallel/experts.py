@@ -73,6 +73,7 @@ from moekit.parallel.dispatch import (
     assignment_slots,
     combine,
     dispatch_order,
+    local_slots,
     received_routing,
     received_slots,
     row_dispatch,
@@ -80,7 +81,7 @@ from moekit.parallel.dispatch import (
 )
 from moekit.parallel.overlap import overlapped_fixed_forward, overlapped_forward
 from moekit.parallel.replicas import ReplicaSync, replica_sync
-from moekit.parallel.rows import collect, spread
+from moekit.parallel.rows import collect, pad_rows, spread, sum_partials
 
 __all__ = ["ExpertParallelExperts"]
 
@@ -248,29 +249,23 @@ class ExpertParallelExperts(nn.Module):
         padded rows ``[C, D]`` go to every rank; this rank computes ``Q = P * C`` received rows
         with the choices that fall on its slots (``-1`` elsewhere) and returns each rank its
         ``[C, D]`` partial sums, which the token's rank adds up."""
-        num_tokens, top_k = indices_TK.shape
+        num_tokens = indices_TK.shape[0]
         cap, num_ranks, per = self.max_tokens_per_rank, self.num_ranks, self.slots_per_rank
         if num_tokens > cap:
             raise ValueError(f"x: {num_tokens} tokens on rank {self.rank}, more than max_tokens_per_rank={cap}")
         slot_TK = assignment_slots(indices_TK, self.tables, self.rank, self.replicated)
-        pad = cap - num_tokens
-        x_CD = torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])])
-        slot_CK = torch.cat([slot_TK, slot_TK.new_full((pad, top_k), -1)])
-        w_CK = torch.cat([weights_TK, weights_TK.new_zeros(pad, top_k)])
+        x_CD, slot_CK, w_CK = pad_rows(cap, x_TD, slot_TK, weights_TK)
         splits = [cap] * num_ranks
         # an all-gather as an all-to-all of P copies: one differentiable collective that gloo
         # and NCCL both have; its backward sums the P copies' gradients (repeat's adjoint)
         x_QD = all_to_all(self._sendable(x_CD).repeat(num_ranks, 1), splits, splits, self.group)
         slot_QK = all_to_all_plain(slot_CK.repeat(num_ranks, 1), splits, splits, self.group)
         w_QK = all_to_all(self._sendable(w_CK).repeat(num_ranks, 1), splits, splits, self.group)
-        local_QK = slot_QK - self.rank * per  # negative for -1 slots and lower ranks' slots
-        mine_QK = (local_QK >= 0) & (local_QK < per)
         # entries marked -1 are skipped, their weights unused (zero gradient): no weight masking
-        y_QD = self.local(x_QD, torch.where(mine_QK, local_QK, -1), w_QK)
+        y_QD = self.local(x_QD, local_slots(slot_QK, self.rank, per), w_QK)
         # block q of what comes back: rank q's partial sums for this rank's C rows
-        y_PCD = all_to_all(y_QD, splits, splits, self.group).view(num_ranks, cap, -1)
-        acc = torch.promote_types(x_TD.dtype, torch.float32)
-        return y_PCD[:, :num_tokens].sum(0, dtype=acc).to(x_TD.dtype)
+        y_back = all_to_all(y_QD, splits, splits, self.group)
+        return sum_partials(y_back, num_ranks, cap, num_tokens, x_TD.dtype)
 
     def _sendable(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank must run the all-to-alls' backwards in the same order, also a rank whose

@@ -42,8 +42,13 @@ from typing import NamedTuple
 import torch
 
 from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts
-from moekit.parallel.dispatch import _count, _cumsum_rows, assignment_slots
-from moekit.parallel.rows import collect, spread
+from moekit.parallel.dispatch import (
+    _count,
+    _rows_by_destination,
+    assignment_slots,
+    local_slots,
+)
+from moekit.parallel.rows import collect, pad_rows, spread, sum_partials
 
 __all__ = ["RemoteRows", "overlapped_fixed_forward", "overlapped_forward", "remote_rows", "row_routing"]
 
@@ -69,25 +74,14 @@ def remote_rows(slot_TK: torch.Tensor, rank: int, num_ranks: int, slots_per_rank
     """Rows for the choices of ``slot_TK`` (physical slots, ``-1`` = none) that live on other
     ranks than ``rank`` (slot ``r`` lives on rank ``r // slots_per_rank``). Counting sort over
     the few ranks, laid out rank-major (one 1-D scan), no sort."""
-    num_tokens = slot_TK.shape[0]
-    dev = slot_TK.device
     dst_TK = torch.where(slot_TK >= 0, slot_TK // slots_per_rank, num_ranks)
     dst_TK = torch.where(dst_TK == rank, num_ranks, dst_TK)  # own choices: computed in place
-    has_PT = torch.zeros(num_ranks + 1, num_tokens, dtype=torch.bool, device=dev).scatter_(
-        0, dst_TK.t(), True)[:num_ranks]
-    row_in_dst_PT = _cumsum_rows(has_PT) - 1
-    rows_P = has_PT.sum(1)
-    row_start_P = torch.cumsum(rows_P, 0) - rows_P
-    inv_PT = torch.where(has_PT, row_in_dst_PT + row_start_P[:, None], -1)
-    spare = num_tokens * num_ranks  # non-rows all write one discarded last cell
-    target = torch.where(has_PT, inv_PT, spare).reshape(-1)
-    token_ids = torch.zeros(spare + 1, dtype=torch.int64, device=dev).scatter_(
-        0, target, torch.arange(num_tokens, device=dev).repeat(num_ranks))
-    dst_ids = torch.full((spare + 1,), num_ranks, dtype=torch.int64, device=dev).scatter_(
-        0, target, torch.arange(num_ranks, device=dev).repeat_interleave(num_tokens))
+    _, rows_P, inv_PT, target_F, token_ids_V = _rows_by_destination(dst_TK, num_ranks)
+    spare = target_F.shape[0]
+    dst_ids = torch.full((spare + 1,), num_ranks, dtype=torch.int64, device=slot_TK.device).scatter_(
+        0, target_F, torch.arange(num_ranks, device=slot_TK.device).repeat_interleave(slot_TK.shape[0]))
     assign_P = _count(dst_TK.reshape(-1), num_ranks + 1)[:num_ranks]
-    return RemoteRows(token_ids[:spare], dst_ids[:spare], inv_PT.t().contiguous(),
-                      torch.stack([rows_P, assign_P], 1))
+    return RemoteRows(token_ids_V, dst_ids[:spare], inv_PT.t().contiguous(), torch.stack([rows_P, assign_P], 1))
 
 
 def row_routing(slot_TK: torch.Tensor, weights_TK: torch.Tensor, rows: RemoteRows, num_rows: int,
@@ -110,12 +104,6 @@ def _side_stream(module, device: torch.device):
     if device not in streams:
         streams[device] = torch.cuda.Stream(device)
     return streams[device]
-
-
-def _own_slots(slot_TK: torch.Tensor, rank: int, slots_per_rank: int) -> torch.Tensor:
-    """``[T, K]`` this rank's local slot of each choice that lives here, ``-1`` elsewhere."""
-    own_TK = slot_TK - rank * slots_per_rank
-    return torch.where((own_TK >= 0) & (own_TK < slots_per_rank), own_TK, -1)
 
 
 def _mark(x_TD: torch.Tensor):
@@ -166,7 +154,7 @@ def overlapped_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
     rows = remote_rows(slot_TK, rank, num_ranks, per)
     recv_counts_P2 = exchange_counts(rows.send_counts_P2, group)
     # own tokens' experts queued before the host sync, which then waits for the main stream only
-    y_own, streams = _start_own(module, x_TD, _own_slots(slot_TK, rank, per), weights_TK)
+    y_own, streams = _start_own(module, x_TD, local_slots(slot_TK, rank, per), weights_TK)
     send_rows, _send_assign, recv_rows, recv_assign = torch.cat(
         [rows.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
     num_rows = sum(send_rows)
@@ -187,24 +175,19 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
     rows, their global slots and weights go to every *other* rank (``(P - 1) * C`` rows
     received), each rank computes the received choices on its slots (``-1`` elsewhere) and
     returns the partial sums, which the token's rank adds to its own. ``[T, D]``."""
-    num_tokens, top_k = indices_TK.shape
+    num_tokens = indices_TK.shape[0]
     cap, num_ranks, per, rank, group = (module.max_tokens_per_rank, module.num_ranks, module.slots_per_rank,
                                         module.rank, module.group)
     if num_tokens > cap:
         raise ValueError(f"x: {num_tokens} tokens on rank {rank}, more than max_tokens_per_rank={cap}")
     slot_TK = assignment_slots(indices_TK, module.tables, rank, module.replicated)
-    own_TK = _own_slots(slot_TK, rank, per)
+    own_TK = local_slots(slot_TK, rank, per)
     copies = num_ranks - 1
     if copies == 0:
         y_own, streams = _start_own(module, x_TD, own_TK, weights_TK)
         return _finish(torch.zeros_like(y_own), y_own, streams)
     inputs_ready = _mark(x_TD)
-    x_CD, slot_CK, w_CK = x_TD, slot_TK, weights_TK
-    if cap > num_tokens:  # zero-padded to the fixed size (padding rows have no choices)
-        pad = cap - num_tokens
-        x_CD = torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])])
-        slot_CK = torch.cat([slot_TK, slot_TK.new_full((pad, top_k), -1)])
-        w_CK = torch.cat([weights_TK, weights_TK.new_zeros(pad, top_k)])
+    x_CD, slot_CK, w_CK = pad_rows(cap, x_TD, slot_TK, weights_TK)
     if copies > 1:  # one copy per other rank (its backward sums the copies' gradients)
         x_CD, slot_CK, w_CK = x_CD.repeat(copies, 1), slot_CK.repeat(copies, 1), w_CK.repeat(copies, 1)
     splits = [0 if p == rank else cap for p in range(num_ranks)]
@@ -214,14 +197,7 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
     # own choices on the side stream, launched after the all-to-alls (which so hold their SMs
     # before the expert GEMMs fill the GPU) and not waiting for them
     y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, after=inputs_ready)
-    local_QK = slot_QK - rank * per  # out of [0, S) for -1 slots and other ranks' slots
-    mine_QK = (local_QK >= 0) & (local_QK < per)
-    y_QD = module.local(x_QD, torch.where(mine_QK, local_QK, -1), w_QK)
+    y_QD = module.local(x_QD, local_slots(slot_QK, rank, per), w_QK)
     # block q of what comes back: other rank q's partial sums for this rank's C rows
     y_back = all_to_all(y_QD, splits, splits, group)
-    if copies == 1:
-        y_remote = y_back[:num_tokens]
-    else:
-        acc = torch.promote_types(x_TD.dtype, torch.float32)
-        y_remote = y_back.view(copies, cap, -1)[:, :num_tokens].sum(0, dtype=acc).to(x_TD.dtype)
-    return _finish(y_remote, y_own, streams)
+    return _finish(sum_partials(y_back, copies, cap, num_tokens, x_TD.dtype), y_own, streams)

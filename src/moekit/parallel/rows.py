@@ -20,7 +20,7 @@ import torch
 
 from moekit.experts import steps
 
-__all__ = ["collect", "gather_sum_rows", "spread"]
+__all__ = ["collect", "gather_sum_rows", "pad_rows", "spread", "sum_partials"]
 
 
 def gather_sum_rows(src_VD: torch.Tensor, inv_TP: torch.Tensor) -> torch.Tensor:
@@ -71,3 +71,27 @@ def collect(y_VD: torch.Tensor, token_V: torch.Tensor, inv_TP: torch.Tensor) -> 
     """``[T, D]`` sum of each token's rows (the adjoint of :func:`spread`). Differentiable
     in ``y_VD``: the gradient is ``grad[token_V]``."""
     return _Collect.apply(y_VD, token_V, inv_TP)
+
+
+def pad_rows(cap: int, x_TD: torch.Tensor, slot_TK: torch.Tensor,
+             weights_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed-size dispatch's ``C = cap`` rows of this rank: ``x_CD``, ``slot_CK``,
+    ``weights_CK``, the ``T`` token rows then zero rows with no choice (slot ``-1``, weight 0);
+    the inputs themselves when ``T = C``."""
+    pad = cap - x_TD.shape[0]
+    if pad == 0:
+        return x_TD, slot_TK, weights_TK
+    return (torch.cat([x_TD, x_TD.new_zeros(pad, x_TD.shape[1])]),
+            torch.cat([slot_TK, slot_TK.new_full((pad, slot_TK.shape[1]), -1)]),
+            torch.cat([weights_TK, weights_TK.new_zeros(pad, weights_TK.shape[1])]))
+
+
+def sum_partials(y_BD: torch.Tensor, num_blocks: int, cap: int, num_tokens: int,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """``[T, D]`` in ``out_dtype``: the sum over ``num_blocks`` blocks of ``cap`` rows (``y_BD``,
+    ``B = num_blocks * cap``, each block one rank's partial sums for this rank's rows) of their
+    first ``num_tokens`` rows, accumulated in at least fp32."""
+    if num_blocks == 1:  # one partial: the sum is the block itself
+        return y_BD[:num_tokens].to(out_dtype)
+    acc = torch.promote_types(out_dtype, torch.float32)
+    return y_BD.view(num_blocks, cap, -1)[:, :num_tokens].sum(0, dtype=acc).to(out_dtype)
