@@ -376,6 +376,29 @@ def print_table(rows):
               + (f"  T={r['T']}" if "decode" in r["shape"] else ""))
 
 
+def run_log() -> tuple:
+    """``(log, lines)``: ``log(msg)`` prints at once and keeps the line for the result file."""
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    return log, lines
+
+
+def result_path(out: str, what: str, info: dict, tag: str) -> str:
+    """``<out>/<what>_<gpu>_<date>[_<tag>].json`` (the folder is made)."""
+    os.makedirs(out, exist_ok=True)
+    suffix = f"_{tag}" if tag else ""
+    return os.path.join(out, f"{what}_{gpu_slug(info)}_{datetime.date.today().isoformat()}{suffix}.json")
+
+
+def command_line(argv) -> str:
+    """The command as run, for the result file."""
+    return "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+
+
 def write_json(path: str, payload: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -397,12 +420,7 @@ def main(argv=None) -> int:
         print("bench_layer: error: needs a CUDA device", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
-    lines = []
-
-    def log(msg):
-        print(msg, flush=True)
-        lines.append(msg)
-
+    log, lines = run_log()
     gen = torch.Generator(device="cuda").manual_seed(0)
     peak, copy_gbs = dense_peak_tflops(), copy_bandwidth_gbs()
     log(f"dense bf16 peak {peak:.1f} TFLOP/s, copy bandwidth {copy_gbs:.0f} GB/s")
@@ -411,9 +429,7 @@ def main(argv=None) -> int:
         shapes = shapes[:1]
     info = machine_info()
     slug = gpu_slug(info)
-    os.makedirs(args.out, exist_ok=True)
-    tag = f"_{args.tag}" if args.tag else ""
-    path = os.path.join(args.out, f"layer_{slug}_{datetime.date.today().isoformat()}{tag}.json")
+    path = result_path(args.out, "layer", info, args.tag)
     version, why = sonic_status() if not args.no_sonic else (None, "--no-sonic")
     if version is None:
         log(f"sonic: column skipped, SonicMoE does not import here ({why})")
@@ -423,7 +439,7 @@ def main(argv=None) -> int:
     rows = []
 
     def save():  # after every shape, so that a run cut short still leaves its figures
-        write_json(path, dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        write_json(path, dict(command=command_line(argv),
                               machine=info, dense_bf16_peak_tflops=peak, copy_bandwidth_gbs=copy_gbs,
                               flops_definition="6*T*k*D*F forward, 3x for forward+backward (DESIGN.md)",
                               rows=rows, log=lines))

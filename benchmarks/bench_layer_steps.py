@@ -23,8 +23,6 @@ work), but they show which steps the whole-call gap to the bound comes from. Wri
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 
 import torch
@@ -32,10 +30,12 @@ import torch.nn.functional as F
 from bench_layer import (
     PREFILL,
     bmm_bound_fn,
-    gpu_slug,
+    command_line,
     machine_info,
     make_weights,
+    result_path,
     routing,
+    run_log,
     step,
     time_ms,
     write_json,
@@ -134,25 +134,16 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_layer_steps: error: needs a CUDA device", file=sys.stderr)
         return 2
-    lines = []
-
-    def log(msg):
-        print(msg, flush=True)
-        lines.append(msg)
-
+    log, lines = run_log()
     gen = torch.Generator(device="cuda").manual_seed(0)
     info = machine_info()
-    slug = gpu_slug(info)
     rows = []
     for name, T, D, F_, E, K in PREFILL:
         if not args.shapes or name in args.shapes.split(","):
             rows += shape_steps(name, T, D, F_, E, K, gen, log)
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    tag = f"_{args.tag}" if args.tag else ""
-    path = os.path.join(args.out, f"layer_steps_{slug}_{datetime.date.today().isoformat()}{tag}.json")
-    write_json(path, dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-                          machine=info, rows=rows, log=lines))
+    path = result_path(args.out, "layer_steps", info, args.tag)
+    write_json(path, dict(command=command_line(argv), machine=info, rows=rows, log=lines))
     print(f"wrote {path}")
     return 0
 
