@@ -179,9 +179,7 @@ class OffloadEngine:
                 if placed is None:  # every slot it may take is guarded: nothing more to prefetch
                     self._queue.clear()
                     return
-                self._forget(placed[1])
-                slot = placed[0]
-                self.copier.assign(slot)
+                slot = self._occupy(placed)
                 self._prefetched.add(key)
                 self.counters.prefetch_copies += 1
             before = self.copier.chunks_issued
@@ -367,10 +365,8 @@ class OffloadEngine:
                 placed = self.cache.insert(key, protected)
                 if placed is None:  # every slot holds an expert this layer still needs
                     continue
-                self._forget(placed[1])
-                slot_of[e] = placed[0]
-                self.copier.assign(placed[0])
-                self._demand(key, placed[0])
+                slot_of[e] = self._occupy(placed)
+                self._demand(key, slot_of[e])
                 copy_s += self.costs.copy_s()
         c.cpu_computed += len(on_cpu)
         if predictor is not None:
@@ -410,12 +406,10 @@ class OffloadEngine:
                 placed = (self.cache.insert(key, protected) or self.cache.insert(key, protected, borrow=True)
                           or self.cache.insert(key))
                 evicted = placed[1]
-                self._forget(evicted)
                 if evicted is not None and evicted[0] == layer:
                     slot_of.pop(evicted[1], None)
-                slot_of[e] = placed[0]
-                self.copier.assign(placed[0])
-                self._demand(key, placed[0])
+                slot_of[e] = self._occupy(placed)
+                self._demand(key, slot_of[e])
             slot = slot_of[e]
             if self.cuda:
                 self._wait_ready(slot)
@@ -430,6 +424,15 @@ class OffloadEngine:
     def _expert(self, x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor) -> torch.Tensor:
         gate_NF, up_NF = F.linear(x_ND, w_in_HD).chunk(2, dim=-1)
         return F.linear(self.act_fn(gate_NF) * up_NF, w_out_DF)
+
+    def _occupy(self, placed: tuple[int, tuple[int, int] | None]) -> int:
+        """Take the slot the cache just gave (``placed = (slot, evicted key or None)``): the
+        evicted expert's prefetch bookkeeping goes, the slot's copy state starts afresh.
+        Returns the slot."""
+        slot, evicted = placed
+        self._forget(evicted)
+        self.copier.assign(slot)
+        return slot
 
     def _forget(self, evicted: tuple[int, int] | None) -> None:
         if evicted is not None:
