@@ -1,7 +1,7 @@
 """MoE expert-compute speed on one GPU: moekit's grouped path against transformers' own
 experts implementations, the balanced ``torch.bmm`` bound and the dense bf16 peak, in one run.
 
-    python benchmarks/bench_layer.py [--out DIR] [--quick] [--shapes a,b] [--no-decode] [--breakdown]
+    python benchmarks/bench_layer.py [--out DIR] [--quick] [--shapes a,b] [--no-decode] [--no-prefill]
 
 For every prefill shape (OLMoE-like, Qwen3-30B-A3B-like, Mixtral-like, a DeepSeek-V3 slice),
 uniform and Zipf(1.2) routing, forward and forward+backward, it times:
@@ -27,6 +27,9 @@ copy bandwidth measured in the same run.
 Useful FLOPs follow DESIGN.md: ``6*T*k*D*F`` forward, 3x for forward+backward. Times are
 medians of CUDA-event-timed repetitions run back to back after warm-up (the host is not
 synchronised between repetitions, as in a training loop); inputs are random (never zeros).
+Prefill contenders other than transformers' are timed in three interleaved rounds (order
+reversed every other round) and reported as the median of the round medians, with the
+per-round figures in ``ms_rounds``.
 Writes ``layer_<gpu>_<date>.json`` with the exact command, versions and machine.
 """
 
@@ -81,6 +84,38 @@ def time_ms(fn, budget_s: float = 0.6, max_reps: int = 50, warmup: int = 3) -> f
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+ROUNDS = 3  # rounds of the close contenders (moekit, the bound, SonicMoE), alternating order
+SLOW = ("hf_eager", "hf_grouped_mm")  # 2-40x slower than the rest: timed once
+
+
+def time_in_rounds(fns: dict, on_error) -> dict[str, list[float]]:
+    """``{impl: [ms per round]}``: the transformers implementations once, the others in
+    ``ROUNDS`` rounds in alternating order (forward, reversed, forward), so that a drift of
+    the GPU's clocks over the run lands on every contender alike rather than on whichever
+    runs last. An implementation that raises is reported through ``on_error`` and left out."""
+    out: dict[str, list[float]] = {}
+    close = [k for k in fns if k not in SLOW]
+    plan = [[k] for k in fns if k in SLOW] + [close if r % 2 == 0 else close[::-1] for r in range(ROUNDS)]
+    failed: set[str] = set()
+    for batch in plan:
+        for impl in batch:
+            if impl in failed:
+                continue
+            slow = impl == "hf_eager"
+            try:
+                ms = time_ms(fns[impl], budget_s=0.2 if slow else 0.35 / (1 if impl in SLOW else 2),
+                             warmup=1 if slow else 3)
+            except Exception as e:
+                failed.add(impl)
+                out.pop(impl, None)
+                on_error(impl, e)
+                continue
+            finally:
+                torch.cuda.empty_cache()
+            out.setdefault(impl, []).append(ms)
+    return out
 
 
 def dense_peak_tflops() -> float:
@@ -237,17 +272,12 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False):
     rows = []
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         flops = 6 * T * K * D * F * (3 if backward else 1)
-        res = {}
-        for impl, (fn, inputs, g) in impls.items():
-            slow = impl == "hf_eager"
-            try:
-                res[impl] = time_ms(step(fn, inputs, backward, g), budget_s=0.2 if slow else 0.35,
-                                    warmup=1 if slow else 3)
-            except Exception as e:
-                log(f"  {impl} {mode} failed: {e!r}")
-            torch.cuda.empty_cache()
+        rounds = time_in_rounds({k: step(fn, inputs, backward, g) for k, (fn, inputs, g) in impls.items()},
+                                lambda impl, e: log(f"  {impl} {mode} failed: {e!r}"))
+        res = {impl: statistics.median(r) for impl, r in rounds.items()}
         for impl, ms in res.items():
             rows.append(dict(shape=name, T=T, D=D, F=F, E=E, K=K, routing=kind, mode=mode, impl=impl, ms=ms,
+                             ms_rounds=rounds[impl],
                              tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak,
                              speedup_vs_hf_grouped_mm=res.get("hf_grouped_mm", float("nan")) / ms,
                              speedup_vs_hf_eager=res.get("hf_eager", float("nan")) / ms,
@@ -413,6 +443,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="", help="comma-separated prefill shape names (default: all)")
     p.add_argument("--profile", action="store_true", help="also write a kernel-time breakdown (OLMoE fwd+bwd)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode shapes")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill shapes")
     p.add_argument("--no-sonic", action="store_true", help="skip the SonicMoE column")
     p.add_argument("--tag", default="", help="suffix of the result file name (layer_<gpu>_<date>_<tag>.json)")
     args = p.parse_args(argv)
@@ -424,7 +455,7 @@ def main(argv=None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     peak, copy_gbs = dense_peak_tflops(), copy_bandwidth_gbs()
     log(f"dense bf16 peak {peak:.1f} TFLOP/s, copy bandwidth {copy_gbs:.0f} GB/s")
-    shapes = [s for s in PREFILL if not args.shapes or s[0] in args.shapes.split(",")]
+    shapes = [s for s in PREFILL if not args.no_prefill and (not args.shapes or s[0] in args.shapes.split(","))]
     if args.quick:
         shapes = shapes[:1]
     info = machine_info()
