@@ -11,6 +11,7 @@ Runs under ``torchrun`` with gloo (CPU) or NCCL (GPUs). Typical use::
     report = moekit.parallel.apply_plan(layer, plan.phy2log, optimizer)  # move experts to a new plan
 """
 
+from moekit.parallel.carveout import carved_out, sm_carveout
 from moekit.parallel.comm import (
     all_to_all,
     all_to_all_plain,
@@ -53,6 +54,7 @@ __all__ = [
     "all_to_all_plain",
     "apply_plan",
     "assignment_slots",
+    "carved_out",
     "broadcast_dense_parameters",
     "collect",
     "combine",
@@ -70,5 +72,6 @@ __all__ = [
     "resolve_group",
     "row_dispatch",
     "slot_tables",
+    "sm_carveout",
     "spread",
 ]

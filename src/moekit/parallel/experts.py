@@ -62,6 +62,7 @@ from moekit.experts.grouped import (  # also registers the moekit:: ops
     grouped_mm_supported,
     route_by_expert,
 )
+from moekit.parallel.carveout import carved_out, check_sm_carveout
 from moekit.parallel.comm import (
     all_to_all,
     all_to_all_plain,
@@ -99,15 +100,18 @@ class ExpertParallelExperts(nn.Module):
     sync-free dispatch is used instead (module docstring). overlap: compute this rank's own
     tokens' local choices on a side stream beside the exchange of the others' rows
     (:mod:`moekit.parallel.overlap`; same results; with the deduplicated or the fixed-size
-    dispatch).
+    dispatch). sm_carveout: SMs the layer's GEMMs leave free, in its forward and backward, so
+    that the NCCL kernels running beside them (``overlap``) get SMs at once
+    (:mod:`moekit.parallel.carveout`; ``None``: every SM; results unchanged).
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
     """
 
     def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True,
-                 max_tokens_per_rank: int | None = None, overlap: bool = False):
+                 max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None):
         super().__init__()
+        self.sm_carveout = check_sm_carveout(sm_carveout)
         if overlap and not dedup:
             raise ValueError("overlap: expected False unless dedup=True (the per-assignment dispatch is the "
                              "simple reference), got overlap=True with dedup=False")
@@ -200,6 +204,13 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """x_TD ``[T, D]``, indices_TK ``[T, K]`` logical experts (``-1`` = none), weights_TK
         ``[T, K]`` -> ``[T, D]``. Collective: every rank of the group must call it (``T`` may be 0)."""
+        if self.sm_carveout is None:
+            return self._forward_mode(x_TD, indices_TK, weights_TK)
+        check_sm_carveout(self.sm_carveout, x_TD.device)  # fewer than this device's SMs
+        return carved_out(self._forward_mode, self.sm_carveout, x_TD, indices_TK, weights_TK)
+
+    def _forward_mode(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """The forward of the configured dispatch mode."""
         if self.overlap and self.max_tokens_per_rank is not None:
             return overlapped_fixed_forward(self, x_TD, indices_TK, weights_TK)
         if self.max_tokens_per_rank is not None:
