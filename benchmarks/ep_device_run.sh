@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# One device call for expert parallelism on a 2-GPU machine: the environment, the NCCL GPU
-# tests (tests/parallel, -m gpu), then benchmarks/bench_ep.py with the EP=1 baseline in the
-# same run. Everything goes under $OUT, at most 8 files (the device returns no more):
-# env.txt, gpu_tests.txt, bench.log, the result JSON, profiles.tgz (and bench2.log and its JSON
-# when SECOND_ARGS asks for a second benchmark pass and the call's time allows it).
+# One device call for expert parallelism on a 2-GPU machine: the environment (and whether the
+# grouped GEMM honours torch's SM carveout), the NCCL GPU tests (tests/parallel, -m gpu), then
+# benchmarks/bench_ep.py with the EP=1 baseline in the same run, then up to two more benchmark
+# passes while the call's time allows. Everything goes under $OUT, at most 8 files (the device
+# returns no more): env.txt, gpu_tests.txt, bench.log (every pass), the result JSON of each pass
+# (ep_*.json, ep_*_pass2.json, ep_*_pass3.json), profiles.tgz.
 #
-#   OUT=/tmp/out [SECOND_ARGS="--shapes ... --variants ..."] bash benchmarks/ep_device_run.sh [bench_ep.py args]
+#   OUT=/tmp/out VARIANTS=fixed,overlap_fixed [PASS2_ARGS="--shapes ... --variants ..."] \
+#     [PASS3_ARGS="... --profile"] bash benchmarks/ep_device_run.sh [more bench_ep.py args for pass 1]
 set -u
 export PYTHONPATH="$PWD/src" NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/ep_out}
 TESTS_S=${TESTS_S:-150}   # seconds for the GPU tests
-BENCH_S=${BENCH_S:-330}   # seconds for the benchmark (rows are printed as they finish)
-# VARIANTS: bench_ep.py --variants (default all); the overlap ones are dropped if a GPU test fails
+BENCH_S=${BENCH_S:-330}   # seconds for the first benchmark pass (rows are printed as they finish)
 mkdir -p "$OUT"
 call_start=$(date +%s)
 {
@@ -21,6 +22,27 @@ call_start=$(date +%s)
   echo "cpus $(nproc)"
   git log --oneline -1
   git status --short
+  # does torch._grouped_mm (bf16, persistent CUTLASS kernel) honour the SM carveout? A GEMM
+  # that leaves half the SMs free must take clearly longer if it does.
+  python3 - <<'EOF'
+import torch
+a = torch.randn(32 * 2048, 2048, device="cuda", dtype=torch.bfloat16)
+b = torch.randn(32, 2048, 2048, device="cuda", dtype=torch.bfloat16).transpose(-2, -1)
+offs = torch.arange(1, 33, device="cuda", dtype=torch.int32) * 2048
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+for carve in (None, 16, sms // 2):
+    torch._C._set_sm_carveout_experimental(carve)
+    for _ in range(3):
+        torch._grouped_mm(a, b, offs=offs)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        torch._grouped_mm(a, b, offs=offs)
+    end.record()
+    end.synchronize()
+    print(f"grouped_mm 32x[2048x2048x2048] bf16, SM carveout {carve} of {sms}: {start.elapsed_time(end) / 10:.3f} ms")
+torch._C._set_sm_carveout_experimental(None)
+EOF
 } > "$OUT/env.txt" 2>&1
 
 start=$(date +%s)
@@ -34,25 +56,33 @@ if [ "$rc" -ne 0 ]; then  # a failed check: time only the paths that were measur
 fi
 
 res=/tmp/ep_bench_results
-rm -rf "$res"
-start=$(date +%s)
-timeout "$BENCH_S" python3 benchmarks/bench_ep.py --world 2 --eps 1,2 --variants "$variants" --out "$res" "$@" \
-  > "$OUT/bench.log" 2>&1
-echo "rc=$? seconds=$(( $(date +%s) - start )) variants=$variants" >> "$OUT/bench.log"
-cp "$res"/ep_*.json "$OUT/" 2>/dev/null
-if ls "$res"/ep_profile_*.txt > /dev/null 2>&1; then
-  (cd "$res" && tar czf "$OUT/profiles.tgz" ep_profile_*.txt)
-fi
-# an optional second pass (e.g. other NCCL settings) while the call's time allows
-if [ -n "${SECOND_ARGS:-}" ] && [ $(( $(date +%s) - call_start )) -lt "${SECOND_BEFORE_S:-330}" ]; then
+# one benchmark pass: its label, its time limit, bench_ep.py arguments
+bench_pass() {
+  local label=$1 limit=$2
+  shift 2
   rm -rf "$res"
-  start=$(date +%s)
+  local t0
+  t0=$(date +%s)
+  echo "=== pass $label: $*" >> "$OUT/bench.log"
+  timeout "$limit" python3 benchmarks/bench_ep.py --world 2 --eps 1,2 --out "$res" "$@" >> "$OUT/bench.log" 2>&1
+  echo "rc=$? seconds=$(( $(date +%s) - t0 )) pass=$label" >> "$OUT/bench.log"
+  for f in "$res"/ep_*.json; do
+    [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" .json)${label:+_$label}.json"
+  done
+  if ls "$res"/ep_profile_*.txt > /dev/null 2>&1; then
+    (cd "$res" && tar czf "$OUT/profiles.tgz" ep_profile_*.txt)
+  fi
+}
+bench_pass "" "$BENCH_S" --variants "$variants" "$@"
+# more passes (another sample of the same code for the spread, profiles) while time allows
+if [ -n "${PASS2_ARGS:-}" ] && [ $(( $(date +%s) - call_start )) -lt "${PASS2_BEFORE_S:-330}" ]; then
   # shellcheck disable=SC2086
-  timeout "${SECOND_S:-150}" python3 benchmarks/bench_ep.py --world 2 --eps 1,2 --out "$res" $SECOND_ARGS \
-    > "$OUT/bench2.log" 2>&1
-  echo "rc=$? seconds=$(( $(date +%s) - start )) args=$SECOND_ARGS" >> "$OUT/bench2.log"
-  for f in "$res"/ep_*.json; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" .json)_pass2.json"; done
-  grep -E "EP=|rc=" "$OUT/bench2.log" | tail -n 30
+  bench_pass pass2 "${PASS2_S:-150}" $PASS2_ARGS
+fi
+if [ -n "${PASS3_ARGS:-}" ] && [ $(( $(date +%s) - call_start )) -lt "${PASS3_BEFORE_S:-400}" ]; then
+  # shellcheck disable=SC2086
+  bench_pass pass3 "${PASS3_S:-60}" $PASS3_ARGS
 fi
 tail -n 5 "$OUT/gpu_tests.txt"
-grep -E "EP=|rc=" "$OUT/bench.log" | tail -n 50
+grep -E "SM carveout" "$OUT/env.txt"
+grep -E "EP=|rc=|===" "$OUT/bench.log" | tail -n 80
