@@ -86,7 +86,8 @@ class OffloadHandle:
     """What :func:`offload` returns: the engine, its measured costs, and the figures."""
 
     def __init__(self, model: nn.Module, engine: OffloadEngine, layers: list[OffloadedExperts],
-                 predictors: dict, policy: str, prefetch: str, dense_bytes: int, out_modules: list):
+                 predictors: dict, policy: str, prefetch: str, dense_bytes: int, out_modules: list,
+                 poll_modules: list = ()):
         self.model = model
         self.engine = engine
         self.layers = layers
@@ -103,12 +104,20 @@ class OffloadHandle:
         for i, module in enumerate(out_modules):
             if module is not None:
                 self._hooks.append(module.register_forward_hook(self._layer_output_hook(i)))
+        # between the host's launches inside each decoder layer: start an arrived prediction's
+        # prefetch and keep prefetch chunks queued (OffloadEngine.poll)
+        for module in poll_modules:
+            for child in module.children():
+                self._hooks.append(child.register_forward_pre_hook(self._poll_hook))
 
     def _layer_output_hook(self, layer: int):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
             self.engine.predict_from_output(layer, h.reshape(-1, h.shape[-1]))
         return hook
+
+    def _poll_hook(self, module, args) -> None:
+        self.engine.poll()
 
     def _sync(self) -> None:
         if self.engine.cuda:
@@ -297,13 +306,15 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     cpu_fixed, cpu_per_token = measure_cpu_expert(w_in[0], w_out[0]) if cpu_compute else (float("inf"), 0.0)
     costs = TransferCosts(bandwidth, expert_bytes, cpu_fixed, cpu_per_token)
     predictors, out_modules = _predictors(model, blocks)
+    modules = dict(model.named_modules())
+    poll_modules = [m for m in (modules.get(b.name.rpartition(".")[0]) for b in blocks) if m is not None]
     engine = OffloadEngine(host_in, host_out, int(num_slots), policy, device, act_fn, costs, cpu_compute,
                            predictors.get(prefetch), predictors.get(f"{prefetch}:out"), chunk_bytes,
                            lead_chunks, prefetch_extra)
     layers = [OffloadedExperts(engine, i) for i in range(len(blocks))]
     for b, layer in zip(blocks, layers):
         b.module.experts = layer
-    return OffloadHandle(model, engine, layers, predictors, policy, prefetch, dense_bytes, out_modules)
+    return OffloadHandle(model, engine, layers, predictors, policy, prefetch, dense_bytes, out_modules, poll_modules)
 
 
 def _predictors(model: nn.Module, blocks: list) -> tuple[dict, list]:

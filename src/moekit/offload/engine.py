@@ -150,6 +150,7 @@ class OffloadEngine:
         self._queued_at: dict[int, float] = {}  # layer -> host time its prefetch was queued
         self._queue: list[tuple[int, int]] = []  # prefetch keys still to issue, best first
         self._guard: set[tuple[int, int]] = set()  # keys a prefetch must not evict
+        self._mass: dict[tuple[int, int], float] = {}  # predicted router mass of the prefetch's layer
         self._host_buf: torch.Tensor | None = None  # pinned, for the per-layer counts
         self._pred_buf: torch.Tensor | None = None  # pinned, for a layer_output prediction
         # (target layer, host values, arrival event or None) of a layer_output prediction not read yet
@@ -174,8 +175,8 @@ class OffloadEngine:
         while room > 0 and self._queue:
             key = self._queue[0]
             slot = self.cache.lookup(key)
-            if slot is None:
-                placed = self.cache.insert(key, self._guard, recent=False)
+            if slot is None:  # the victim: the target layer's resident expert least likely needed now
+                placed = self.cache.insert(key, self._guard, recent=False, scores=self._mass)
                 if placed is None:  # every slot it may take is guarded: nothing more to prefetch
                     self._queue.clear()
                     return
@@ -189,6 +190,20 @@ class OffloadEngine:
             self.counters.prefetch_bytes += nbytes
             if self.copier.complete(slot):
                 self._queue.pop(0)
+
+    def poll(self) -> None:
+        """Called between the host's launches (pre-hooks on the modules of every decoder layer,
+        :func:`moekit.offload.offload`): start the prefetch of a ``layer_output`` prediction as
+        soon as it has arrived, and keep ``lead_chunks`` prefetch chunks queued. Without it both
+        happened only while the host waited for a layer's counts, i.e. when the routing they
+        guess was about to be known: where the host, not the copy engine, sets the pace (a layer
+        whose experts are all resident) a prediction sat unread and the copy stream ran dry
+        while the host launched the next attention."""
+        pending = self._pending
+        if pending is not None and (pending[2] is None or pending[2].query()):
+            self._take_prediction(prefetch=True)
+        if self._queue:
+            self.pump()
 
     def _to_host(self, t: torch.Tensor) -> list:
         """``t.tolist()`` for a 1-D float32 ``t``, feeding prefetch chunks to the copy stream
@@ -261,6 +276,7 @@ class OffloadEngine:
         self._predicted[layer] = {e for e in range(self.num_experts) if counts_E[e] > 0}
         self._queued_at[layer] = time.perf_counter()
         ranked = rank_predictions(counts_E, mass_E, self.prefetch_extra)
+        self._mass = {(layer, e): mass_E[e] for e in range(self.num_experts)}
         self._guard = set(protected) | {(layer, e) for e in ranked}
         self._queue = [(layer, e) for e in ranked]
         self.pump()
@@ -362,12 +378,14 @@ class OffloadEngine:
                 on_cpu.append(e)  # list scheduling: the expert goes where it finishes first
                 cpu_s += self.costs.cpu_s(counts_E[e])
             else:
+                # copied now or, when every slot holds an expert this layer still needs, streamed
+                # through a slot later: either way it is copy work the CPU can take over
+                copy_s += self.costs.copy_s()
                 placed = self.cache.insert(key, protected)
-                if placed is None:  # every slot holds an expert this layer still needs
+                if placed is None:
                     continue
                 slot_of[e] = self._occupy(placed)
                 self._demand(key, slot_of[e])
-                copy_s += self.costs.copy_s()
         c.cpu_computed += len(on_cpu)
         if predictor is not None:
             e = num_experts
@@ -383,20 +401,16 @@ class OffloadEngine:
             rows = order[starts[e]:starts[e + 1]]
             return rows // k, rows % k  # token and top-k position of each assignment to e
 
-        # CPU experts now, while the copy engine works: the compute stream holds nothing yet
-        # that waits on a copy, so moving their rows to the host does not wait for the copies
-        from_cpu = {}
-        for e in on_cpu:
-            tok, _ = rows_of(e)
-            from_cpu[e] = self._expert(x_TD[tok].to("cpu"), self.host_w_in[layer][e],
-                                       self.host_w_out[layer][e]).to(self.device, non_blocking=True)
+        # the CPU experts' rows go to the host first: the compute stream holds nothing yet that
+        # waits on a copy, so this read-back does not wait for the copies
+        x_cpu = {e: x_TD[rows_of(e)[0]].to("cpu") for e in on_cpu}
 
-        # compute, ascending expert order (transformers' eager loop order)
+        # queue every copy and GPU expert, ascending expert order (transformers' eager loop order);
+        # with CPU experts the sums are deferred until those are done, and made in the same order
         out_TD = torch.zeros_like(x_TD)
+        deferred: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e in needed:
-            if e in from_cpu:
-                tok, pos = rows_of(e)
-                out_TD[tok] += (from_cpu[e] * weights_TK[tok, pos, None]).to(out_TD.dtype)
+            if e in x_cpu:
                 continue
             if e not in slot_of:  # more experts than free slots: stream through the slots
                 # a slot of an expert this layer has computed already, else one borrowed from
@@ -415,9 +429,26 @@ class OffloadEngine:
                 self._wait_ready(slot)
             tok, pos = rows_of(e)
             y = self._expert(x_TD[tok], self.slot_in[slot], self.slot_out[slot]) * weights_TK[tok, pos, None]
-            out_TD[tok] += y.to(out_TD.dtype)  # rows are distinct: same sums as index_add_, far cheaper on CPU
+            if on_cpu:
+                deferred[e] = (tok, y)
+            else:
+                out_TD[tok] += y.to(out_TD.dtype)  # rows are distinct: same sums as index_add_, far cheaper on CPU
             self.copier.mark_read(slot)
             protected.discard((layer, e))
+
+        # the CPU experts now, while the copy engine and the device work through what is queued
+        # (computing them before queueing the rest left the copy stream idle for the streamed
+        # misses, whose copies the host issues only when its loop reaches them)
+        for e in on_cpu:
+            tok, pos = rows_of(e)
+            y = self._expert(x_cpu[e], self.host_w_in[layer][e], self.host_w_out[layer][e])
+            if self.cuda:
+                y = y.pin_memory()  # an asynchronous copy back, behind the queued work
+            deferred[e] = (tok, y.to(self.device, non_blocking=True) * weights_TK[tok, pos, None])
+        for e in needed:
+            if e in deferred:
+                tok, y = deferred[e]
+                out_TD[tok] += y.to(out_TD.dtype)
         self.pump()
         return out_TD
 

@@ -1,0 +1,352 @@
+"""Where the time of an offloaded decode step goes: copy engine, device compute, host.
+
+Builds the model of ``bench_offload.py`` (Mixtral-8x7B config, 4 layers, random bf16 weights),
+offloads it with ``--slots`` expert slots and, for each variant below,
+
+1. times greedy decoding ``--repeats`` times, the variants interleaved (A B C A B C ...) so that
+   drift of the machine hits them alike; reports the median and the spread of decode tokens/s
+   with the strict hit rate, in-flight hit rate, bytes per token and PCIe utilisation;
+2. profiles ``--profile-tokens`` decode steps with ``torch.profiler`` (host and device timeline)
+   and splits each step's wall time into: the copy stream busy (host-to-device memcpy), the
+   device computing while the copy stream idles, and both idle, the last attributed to what the
+   host was doing then (waiting for a layer's counts, the engine's own work, the
+   ``layer_output`` prediction, or ``transformers``' code such as launching the attention).
+
+Variants toggle the engine's prefetch behaviour of this session against the third session's
+(``s3``: a ``layer_output`` prediction read and prefetch chunks issued only while the host
+waits for a layer's counts, prefetch victims by the cache policy alone):
+
+- ``poll``: pre-hooks on the decoder layers' modules start an arrived prediction's prefetch and
+  keep chunks queued while the host launches work (:meth:`OffloadEngine.poll`);
+- ``victim``: a prefetch evicts the resident expert of its layer with the lowest predicted
+  router mass (ties by the policy) instead of the policy's victim.
+
+Writes a JSON summary (``--out``) and the gzipped Chrome traces (``--trace-dir``).
+
+    python benchmarks/profile_offload.py --out $OUT/profile.json --trace-dir $OUT/traces
+    python benchmarks/profile_offload.py --preset tiny --device cpu --repeats 1   # dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_offload as bench  # noqa: E402
+
+# (name, batch, policy, prefetch, prefetch_extra, lead_chunks, cpu_compute, poll, victim by prediction)
+VARIANTS = [
+    ("lru", 1, "lru", "none", 0, 2, False, True, True),
+    ("lfu", 1, "lfu", "none", 0, 2, False, True, True),
+    ("lru +layer_output s3", 1, "lru", "layer_output", 0, 2, False, False, False),
+    ("lru +layer_output +poll", 1, "lru", "layer_output", 0, 2, False, True, False),
+    ("lru +layer_output +poll +victim", 1, "lru", "layer_output", 0, 2, False, True, True),
+    ("lru +layer_output+1 +poll +victim", 1, "lru", "layer_output", 1, 2, False, True, True),
+    ("lru +next_layer s3", 1, "lru", "next_layer", 0, 2, False, False, False),
+    ("lru +next_layer +poll +victim", 1, "lru", "next_layer", 0, 2, False, True, True),
+    ("lfu +layer_output +poll +victim", 1, "lfu", "layer_output", 0, 2, False, True, True),
+    ("lru", 8, "lru", "none", 0, 2, False, True, True),
+    ("lfu +cpu", 8, "lfu", "none", 0, 2, True, True, True),
+]
+
+
+# ----------------------------------------------------------------------------- intervals
+def merge(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Union of ``(start, end)`` intervals, sorted and disjoint."""
+    out: list[list[float]] = []
+    for a, b in sorted(i for i in iv if i[1] > i[0]):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def intersect(x: list, y: list) -> list[tuple[float, float]]:
+    """Intersection of two disjoint sorted interval lists."""
+    out, i, j = [], 0, 0
+    while i < len(x) and j < len(y):
+        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if a < b:
+            out.append((a, b))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(x: list, y: list) -> list[tuple[float, float]]:
+    """``x`` minus ``y`` (both disjoint and sorted)."""
+    out = []
+    for a, b in x:
+        cur = a
+        for c, d in y:
+            if d <= cur or c >= b:
+                continue
+            if c > cur:
+                out.append((cur, c))
+            cur = max(cur, d)
+        if cur < b:
+            out.append((cur, b))
+    return out
+
+
+def total(iv: list) -> float:
+    return sum(b - a for a, b in iv)
+
+
+# ----------------------------------------------------------------------------- trace analysis
+HOST_LABELS = ("offload.wait_counts", "offload.prediction", "offload.engine")
+
+
+def analyse_trace(events: list[dict], skip_first: int = 1) -> dict:
+    """Per decode step (``decode_step`` annotations, the first ``skip_first`` skipped: the
+    prefill), milliseconds of: the copy stream busy (``bus``), the device computing while the
+    copy stream idles (``compute_only``), both idle split by the host's activity then, the
+    number and bytes of host-to-device copies, and the delay from a layer's counts reaching the
+    host to its first copy starting. Means over the steps; ``events`` are Chrome-trace events
+    (``ph == "X"``, microsecond ``ts`` / ``dur``)."""
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+    def iv(pred):
+        return merge([(e["ts"], e["ts"] + e["dur"]) for e in spans if pred(e)])
+
+    h2d_events = [e for e in spans if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+    bus = merge([(e["ts"], e["ts"] + e["dur"]) for e in h2d_events])
+    device = iv(lambda e: e.get("cat") in ("kernel", "gpu_memset")
+                or (e.get("cat") == "gpu_memcpy" and "HtoD" not in e.get("name", "")))
+    host = {label: iv(lambda e, n=label: e.get("cat") == "user_annotation" and e.get("name") == n)
+            for label in HOST_LABELS}
+    steps = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans
+                   if e.get("cat") == "user_annotation" and e.get("name") == "decode_step")[skip_first:]
+    waits = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans
+                   if e.get("cat") == "user_annotation" and e.get("name") == "offload.wait_counts")
+    starts = sorted(e["ts"] for e in h2d_events)
+    rows = []
+    for a, b in steps:
+        win = [(a, b)]
+        s_bus = intersect(bus, win)
+        s_dev = intersect(device, win)
+        idle_bus = subtract(win, s_bus)
+        both_idle = subtract(idle_bus, s_dev)
+        row = {"step_ms": (b - a) / 1e3, "bus_ms": total(s_bus) / 1e3,
+               "compute_only_ms": total(intersect(idle_bus, s_dev)) / 1e3,
+               "both_idle_ms": total(both_idle) / 1e3}
+        rest = both_idle
+        for label in HOST_LABELS:  # wait first: it nests inside the engine's span
+            part = intersect(rest, host[label])
+            row[f"both_idle_host_in_{label.split('.')[1]}_ms"] = total(part) / 1e3
+            rest = subtract(rest, host[label])
+        row["both_idle_host_elsewhere_ms"] = total(rest) / 1e3
+        inside = [e for e in h2d_events if a <= e["ts"] < b]
+        row["h2d_copies"] = len(inside)
+        row["h2d_bytes"] = sum(int(e.get("args", {}).get("bytes", 0)) for e in inside)
+        delays = []
+        for wa, wb in waits:
+            if a <= wb < b:
+                nxt = next((t for t in starts if t >= wb), None)
+                if nxt is not None and nxt - wb < 2000:  # a copy issued right after the counts
+                    delays.append((nxt - wb) / 1e3)
+        row["counts_to_first_copy_ms"] = statistics.mean(delays) if delays else float("nan")
+        row["layers_with_copy_after_counts"] = len(delays)
+        rows.append(row)
+    if not rows:
+        return {"steps": 0}
+    out = {"steps": len(rows)}
+    for key in rows[0]:
+        vals = [r[key] for r in rows if r[key] == r[key]]
+        out[key] = statistics.mean(vals) if vals else float("nan")
+    out["per_step"] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- variants
+def apply_variant(handle, variant: tuple) -> None:
+    """Reconfigure ``handle`` for ``variant``; ``poll`` / ``victim`` False restore the third
+    session's behaviour on this engine instance (no poll; prefetch victims by policy)."""
+    _, _, policy, prefetch, extra, lead, cpu, poll, victim = variant
+    handle.reconfigure(policy=policy, prefetch=prefetch, prefetch_extra=extra, lead_chunks=lead, cpu_compute=cpu)
+    engine = handle.engine
+    if not poll:
+        engine.poll = lambda: None
+    if not victim:
+        insert = engine.cache.insert
+        engine.cache.insert = lambda key, protected=frozenset(), borrow=False, recent=True, scores=None: insert(
+            key, protected, borrow, recent)
+
+
+def annotate(handle, model) -> list:
+    """``record_function`` spans around the engine's phases and each forward pass (instance
+    attributes wrapping the bound methods; removed by calling the returned undo functions)."""
+    from torch.profiler import record_function
+
+    engine = handle.engine
+    undo = []
+
+    def wrap(name, label):
+        fn = getattr(engine, name)
+
+        def wrapped(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+        setattr(engine, name, wrapped)
+        undo.append(lambda: engine.__dict__.pop(name, None) if engine.__dict__.get(name) is wrapped else None)
+
+    wrap("forward", "offload.engine")
+    wrap("_to_host", "offload.wait_counts")
+    wrap("predict_from_output", "offload.prediction")
+    wrap("_take_prediction", "offload.prediction")
+    state = {}
+
+    def pre(module, args):
+        state["rf"] = record_function("decode_step")
+        state["rf"].__enter__()
+
+    def post(module, args, out):
+        state.pop("rf").__exit__(None, None, None)
+
+    hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    undo += [h.remove for h in hooks]
+    return undo
+
+
+def run_once(model, handle, ids, args) -> dict:
+    bench.decode(model, ids, args.warmup_tokens, args.device)
+    handle.reset_stats()
+    res = bench.decode(model, ids, args.new_tokens, args.device)
+    dec = handle.forward_log[1:]
+    act = sum(r.activations for r in dec)
+    nbytes, secs = sum(r.h2d_bytes for r in dec), sum(r.seconds for r in dec)
+    s = handle.stats()
+    return {"tok_s": res["decode_tokens_per_s"], "hit": sum(r.hits for r in dec) / act if act else float("nan"),
+            "inflight": sum(r.inflight_hits for r in dec) / act if act else float("nan"),
+            "bytes_per_token": nbytes / max(1, ids.shape[0] * len(dec)),
+            "pcie": nbytes / secs / handle.engine.costs.h2d_bytes_per_s if secs else float("nan"),
+            "precision": s["prefetch_precision"], "recall": s["prefetch_recall"], "lead_ms": s["prefetch_lead_s"] * 1e3,
+            "prefetch_copies": s["prefetch_copies"], "demand_copies": s["demand_copies"],
+            "cpu_computed": s["cpu_computed"], "tokens": res["tokens"]}
+
+
+def profile_once(model, handle, ids, args, trace_path: str | None) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    bench.decode(model, ids, args.warmup_tokens, args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    undo = annotate(handle, model)
+    try:
+        with profile(activities=activities) as prof:
+            bench.decode(model, ids, args.profile_tokens, args.device)
+    finally:
+        for fn in undo:
+            fn()
+    fd, tmp = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    prof.export_chrome_trace(tmp)
+    with open(tmp) as fh:
+        trace = json.load(fh)
+    if trace_path:
+        with open(tmp, "rb") as src, gzip.open(trace_path, "wb") as dst:
+            dst.write(src.read())
+    os.remove(tmp)
+    return analyse_trace(trace.get("traceEvents", []))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="mixtral-8x7b", choices=sorted(bench.PRESETS))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--slots", type=int, default=None, help="expert slots (default: half the experts)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--profile-tokens", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    p.add_argument("--out", default=None, help="JSON summary path")
+    p.add_argument("--trace-dir", default=None, help="folder for gzipped Chrome traces")
+    args = p.parse_args(argv)
+    from moekit.offload import offload
+
+    torch.manual_seed(0)
+    bw = bench.measure_bandwidth(args.device)["pinned_h2d_bytes_per_s"]
+    model = bench.build_model(bench.PRESETS[args.preset], args.layers, args.device)
+    n_total = sum(b.mlp.experts.gate_up_proj.shape[0] for b in model.model.layers)
+    model.to("cpu")
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    slots = args.slots or n_total // 2
+    handle = offload(model, cache_experts=slots, device=args.device)
+    variants = [v for v in VARIANTS if args.only is None or v[0] in args.only.split(",")]
+    results: dict = {f"{v[0]} @b{v[1]}": {"runs": []} for v in variants}
+    ref_tokens: dict = {}
+    t0 = time.perf_counter()
+    for rep in range(args.repeats):
+        for v in variants:
+            key = f"{v[0]} @b{v[1]}"
+            apply_variant(handle, v)
+            ids = bench.prompts(v[1], args.prompt_len, model.config.vocab_size)
+            run = run_once(model, handle, ids, args)
+            tokens = run.pop("tokens")
+            if not v[6]:  # every variant without CPU compute must decode the same tokens
+                ref = ref_tokens.setdefault(v[1], tokens)
+                run["tokens_identical"] = bool(torch.equal(ref, tokens))
+            results[key]["runs"].append(run)
+            print(f"[{time.perf_counter() - t0:6.1f}s] rep {rep} {key:<42} {run['tok_s']:7.2f} tok/s hit {run['hit']:.3f} "
+                  f"inflight {run['inflight']:.3f} pcie {run['pcie']:.2f} lead {run['lead_ms']:.2f}ms", flush=True)
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
+    for v in variants:
+        key = f"{v[0]} @b{v[1]}"
+        apply_variant(handle, v)
+        ids = bench.prompts(v[1], args.prompt_len, model.config.vocab_size)
+        name = "".join(ch if ch.isalnum() else "_" for ch in key).strip("_")
+        try:
+            results[key]["profile"] = profile_once(
+                model, handle, ids, args, os.path.join(args.trace_dir, f"{name}.json.gz") if args.trace_dir else None)
+        except Exception as exc:  # keep the timings of a one-shot device run
+            results[key]["profile"] = {"error": repr(exc)}
+        prof = results[key]["profile"]
+        print(f"profile {key}: " + " ".join(f"{k}={val:.2f}" for k, val in prof.items()
+                                            if isinstance(val, float)), flush=True)
+    for key, r in results.items():
+        runs = r["runs"]
+        for field in ("tok_s", "hit", "inflight", "bytes_per_token", "pcie"):
+            vals = [x[field] for x in runs]
+            r[f"{field}_median"] = statistics.median(vals)
+            r[f"{field}_min"], r[f"{field}_max"] = min(vals), max(vals)
+    doc = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "pinned_h2d_bytes_per_s": bw,
+           "slots": slots, "versions": bench._versions(), "variants": [list(v) for v in variants], "results": results}
+    print(f"\n{'variant':<46} {'tok/s med [min-max]':>22} {'hit':>6} {'infl':>5} {'pcie':>5} {'bus':>6} {'cmp':>6} "
+          f"{'idle':>6} {'wait':>5} {'eng':>5} {'pred':>5} {'else':>5} {'react':>6}")
+    for key, r in results.items():
+        pr = r.get("profile", {})
+        cols = [pr.get(c, float("nan")) for c in ("step_ms", "bus_ms", "compute_only_ms", "both_idle_ms",
+                                                  "both_idle_host_in_wait_counts_ms", "both_idle_host_in_engine_ms",
+                                                  "both_idle_host_in_prediction_ms", "both_idle_host_elsewhere_ms",
+                                                  "counts_to_first_copy_ms")]
+        print(f"{key:<46} {r['tok_s_median']:7.2f} [{r['tok_s_min']:6.2f}-{r['tok_s_max']:6.2f}] {r['hit_median']:6.3f} "
+              f"{r['inflight_median']:5.3f} {r['pcie_median']:5.2f} " + " ".join(f"{c:5.2f}" for c in cols[1:]))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=2, default=float)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
