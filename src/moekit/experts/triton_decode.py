@@ -65,22 +65,22 @@ def _token_down_kernel(a_ptr, idx_ptr, wt_ptr, w_ptr, y_ptr, K: tl.constexpr, D:
     t = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(K):
-        s = t * K + j
+    NF: tl.constexpr = (F + BLOCK_F - 1) // BLOCK_F
+    # One flat loop over (slot, block of F): with F <= BLOCK_F a nested loop would have one
+    # iteration per slot and the software pipeliner could not overlap the K slots' loads.
+    for it in range(K * NF):
+        s = t * K + it // NF
+        cols = (it % NF) * BLOCK_F + tl.arange(0, BLOCK_F)
         e = tl.load(idx_ptr + s)
         live = e >= 0
         # A -1 slot reads nothing and adds nothing (its routing weight is not trusted either).
         wt = tl.where(live, tl.load(wt_ptr + s).to(tl.float32), 0.0)
         w_e = w_ptr + tl.maximum(e, 0).to(tl.int64) * D * F
+        in_f = cols < F
         in_d = (rows < D) & live
-        part = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for f0 in range(0, F, BLOCK_F):
-            cols = f0 + tl.arange(0, BLOCK_F)
-            in_f = cols < F
-            av = tl.load(a_ptr + s.to(tl.int64) * F + cols, mask=in_f & live, other=0.0).to(tl.float32)
-            wv = tl.load(w_e + rows[:, None] * F + cols[None, :], mask=in_d[:, None] & in_f[None, :], other=0.0)
-            part += tl.sum(wv.to(tl.float32) * av[None, :], axis=1)
-        acc += wt * part
+        av = tl.load(a_ptr + s.to(tl.int64) * F + cols, mask=in_f & live, other=0.0).to(tl.float32)
+        wv = tl.load(w_e + rows[:, None] * F + cols[None, :], mask=in_d[:, None] & in_f[None, :], other=0.0)
+        acc += wt * tl.sum(wv.to(tl.float32) * av[None, :], axis=1)
     tl.store(y_ptr + t.to(tl.int64) * D + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < D)
 
 
