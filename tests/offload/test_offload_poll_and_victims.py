@@ -129,3 +129,25 @@ def test_cpu_computed_experts_keep_greedy_tokens_with_mixtral(prefetch):
         torch.testing.assert_close(model.generate(ids, max_new_tokens=6, do_sample=False),
                                    ref.generate(ids, max_new_tokens=6, do_sample=False), rtol=0, atol=0)
     assert handle.engine.counters.cpu_computed > 0
+
+
+def test_next_layer_then_layer_output_replaces_the_early_guesses_and_keeps_tokens():
+    model, handle = _offloaded(prefetch="next_layer+layer_output", seed=60)
+    ref = copy.deepcopy(tiny_model("mixtral", seed=60))
+    engine = handle.engine
+    assert all(p is not None for p in engine.predictors[:-1]) and all(p is not None for p in engine.out_predictors[:-1])
+    replaced = []
+    take = engine._take_prediction
+
+    def spy(prefetch):
+        replaced.append(list(engine._queue))  # the early guesses still queued when the late ones arrive
+        return take(prefetch)
+
+    engine._take_prediction = spy
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(61))
+    with torch.no_grad():
+        torch.testing.assert_close(model.generate(ids, max_new_tokens=8, do_sample=False),
+                                   ref.generate(ids, max_new_tokens=8, do_sample=False), rtol=0, atol=0)
+    s = handle.stats()
+    assert replaced and s["prefetch_copies"] > 0 and 0 <= s["prefetch_precision"] <= 1
+    assert s["prefetch_lead_s"] > 0

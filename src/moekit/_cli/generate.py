@@ -22,7 +22,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--policy", default="lru", help="cache policy: lru | lfu (default lru)")
     p.add_argument("--prefetch", default="none",
                    help="none | next_layer (next router on this layer's input) | layer_output (next router on "
-                        "the decoder layer's output: later, more often right) (default none)")
+                        "the decoder layer's output: later, more often right) | next_layer+layer_output (the first, "
+                        "replaced by the second when it arrives) (default none)")
     p.add_argument("--lead-chunks", type=int, default=2,
                    help="prefetch chunks kept queued on the copy stream; a large value queues whole guesses "
                         "at once (default 2)")

@@ -33,7 +33,9 @@ Prefetch modes: ``"next_layer"`` runs the next MoE layer's router on this layer'
 (known when this layer's routing is, i.e. early); ``"layer_output"`` runs the next layer's
 post-attention norm and router on the output of the decoder layer holding this MoE layer
 (the residual stream the next layer starts from: later, but only the next attention is
-missing from it, so it is right more often).
+missing from it, so it is right more often); ``"next_layer+layer_output"`` starts with the
+former and replaces its guesses by the latter's when they arrive (a guess the second prediction
+drops stops being copied and is the first expert a later prefetch evicts).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from moekit.offload.engine import OffloadEngine
 
 __all__ = ["OffloadedExperts", "OffloadHandle", "ForwardRecord", "offload", "PREFETCH"]
 
-PREFETCH = ("none", "next_layer", "layer_output")
+PREFETCH = ("none", "next_layer", "layer_output", "next_layer+layer_output")
 
 
 class OffloadedExperts(nn.Module):
@@ -336,7 +338,8 @@ def _predictors(model: nn.Module, blocks: list) -> tuple[dict, list]:
         if parent is not None and norm is not None:
             late[i] = lambda h_TD, b=nxt, n=norm: predict_block(b, n(h_TD))
             out_modules[i] = parent
-    return {"next_layer": early, "layer_output:out": late}, out_modules
+    return {"next_layer": early, "layer_output:out": late, "next_layer+layer_output": early,
+            "next_layer+layer_output:out": late}, out_modules
 
 
 def _check_choices(policy: str, prefetch: str) -> None:

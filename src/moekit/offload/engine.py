@@ -274,7 +274,7 @@ class OffloadEngine:
         if layer >= len(self.host_w_in):
             return
         self._predicted[layer] = {e for e in range(self.num_experts) if counts_E[e] > 0}
-        self._queued_at[layer] = time.perf_counter()
+        self._queued_at.setdefault(layer, time.perf_counter())  # a second prediction keeps the first's lead
         ranked = rank_predictions(counts_E, mass_E, self.prefetch_extra)
         self._mass = {(layer, e): mass_E[e] for e in range(self.num_experts)}
         self._guard = set(protected) | {(layer, e) for e in ranked}
