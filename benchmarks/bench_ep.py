@@ -21,7 +21,9 @@ rank holds ``T`` tokens (weak scaling: tokens per GPU fixed) and times the route
   deduplicated exchange and with the fixed-size one (``overlap fixed``: no host sync).
   ``--variants`` picks them; ``fixed`` / ``overlap`` / ``overlap_fixed`` take the options
   ``:cN`` (the layer's GEMMs leave ``N`` SMs to the NCCL kernels, ``sm_carveout=N``) and
-  ``:hp`` (the EP group's NCCL streams at high priority), e.g. ``overlap_fixed:c16:hp``.
+  ``:hp`` (the EP group's NCCL streams at high priority), and the overlap modes ``:rf``
+  (``remote_first``: the exchanged rows' path on a high-priority stream), e.g.
+  ``overlap_fixed:c16:hp:rf``.
 
 Routing is synthetic so that its skew is controlled: ``balanced`` gives every expert exactly
 ``T*k/E`` assignments on every rank; ``zipf`` samples ``k`` distinct experts per token with
@@ -155,23 +157,27 @@ BASE_VARIANTS = ("plain", "fixed", "overlap", "overlap_fixed")
 
 
 def parse_variant(label: str) -> dict:
-    """``base[:cN][:hp]`` -> settings. base: ``plain`` (Zipf without and with plans, and the
+    """``base[:cN][:hp][:rf]`` -> settings. base: ``plain`` (Zipf without and with plans, and the
     per-assignment dispatch, all deduplicated otherwise), ``fixed`` (fixed-size sync-free
     dispatch), ``overlap`` (own tokens on a side stream beside the deduplicated exchange),
     ``overlap_fixed`` (both); ``cN``: the layer's GEMMs leave ``N`` SMs free
-    (``sm_carveout=N``); ``hp``: the EP group's NCCL streams at high priority."""
+    (``sm_carveout=N``); ``hp``: the EP group's NCCL streams at high priority; ``rf``
+    (overlap modes): the exchanged rows' path on a high-priority stream (``remote_first``)."""
     base, *opts = label.split(":")
     out = {"label": label, "fixed": "fixed" in base, "overlap": base.startswith("overlap"), "sm_carveout": None,
-           "high_priority": False}
+           "high_priority": False, "remote_first": False}
     if base not in BASE_VARIANTS:
         raise ValueError(f"--variants: unknown dispatch {base!r} in {label!r}; expected one of {BASE_VARIANTS}")
     for opt in opts:
         if opt == "hp":
             out["high_priority"] = True
+        elif opt == "rf" and out["overlap"]:
+            out["remote_first"] = True
         elif opt[:1] == "c" and opt[1:].isdigit():
             out["sm_carveout"] = int(opt[1:])
         else:
-            raise ValueError(f"--variants: unknown option {opt!r} in {label!r}; expected cN (SM carveout) or hp")
+            raise ValueError(f"--variants: unknown option {opt!r} in {label!r}; expected cN (SM carveout), hp, "
+                             f"or rf (overlap modes only)")
     if base == "plain" and opts:
         raise ValueError(f"--variants: {label!r}: options apply to fixed / overlap / overlap_fixed only")
     return out
@@ -275,7 +281,7 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
     else:
         idx = zipf_routing(num_tokens, num_experts, top_k, gen, popularity)
     counts = torch.bincount(idx.reshape(-1), minlength=num_experts).to(device)
-    variant = variant or {"label": "", "fixed": False, "overlap": False, "sm_carveout": None, "high_priority": False}
+    variant = variant or parse_variant("plain") | {"label": ""}
     fixed, overlap = variant["fixed"], variant["overlap"]
     group = groups["hp" if variant["high_priority"] else "normal"][ep][rank // ep] if ep > 1 else None
     if ep > 1:
@@ -287,7 +293,8 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
     row = {"shape": name, "T_per_gpu": num_tokens, "D": dim, "F": ffn, "E": num_experts, "k": top_k,
            "ep": ep, "routing": routing, "plan": plan_rows is not None, "dedup": dedup if ep > 1 else None,
            "fixed": fixed, "overlap": overlap, "variant": variant["label"] if ep > 1 else "",
-           "sm_carveout": variant["sm_carveout"], "nccl_high_priority": variant["high_priority"]}
+           "sm_carveout": variant["sm_carveout"], "nccl_high_priority": variant["high_priority"],
+           "remote_first": variant["remote_first"]}
     with torch.device(device):  # allocate (and randomly initialise) the weights on the device
         if ep == 1:
             module = GroupedExperts(cfg).to(dtype)
@@ -295,7 +302,8 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
             layout = None if plan_rows is None else plan_rows[0]
             module = ExpertParallelExperts(cfg, group, layout, dedup=dedup,
                                            max_tokens_per_rank=num_tokens if fixed else None,
-                                           overlap=overlap, sm_carveout=variant["sm_carveout"]).to(dtype)
+                                           overlap=overlap, sm_carveout=variant["sm_carveout"],
+                                           remote_first=variant["remote_first"]).to(dtype)
     if ep > 1:
         if plan_rows is not None:
             skew_p2l = plan_rows[1]
@@ -618,7 +626,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="plain,fixed,overlap,overlap_fixed",
                    help="EP>1 dispatch variants to run besides the balanced deduplicated one: plain (Zipf, plans, "
                         "no-dedup), fixed, overlap, overlap_fixed; the last three take options ':cN' (the layer's "
-                        "GEMMs leave N SMs free) and ':hp' (NCCL streams at high priority), e.g. overlap_fixed:c16:hp")
+                        "GEMMs leave N SMs free), ':hp' (NCCL streams at high priority) and, for the overlap modes, "
+                        "':rf' (remote path on a high-priority stream), e.g. overlap_fixed:c16:hp:rf")
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="EP groups' NCCL streams at high priority")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

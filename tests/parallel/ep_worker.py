@@ -36,9 +36,12 @@ from moekit.parallel import (
 # a side stream on CUDA)
 MODES = (dict(dedup=True), dict(dedup=False), dict(max_tokens_per_rank=100), dict(overlap=True),
          dict(max_tokens_per_rank=100, overlap=True))
-# on GPUs also with SMs left free of the expert GEMMs in forward and backward (on CPU the
-# setting reaches no kernel: the identity scenario checks its scoping keeps results once)
-GPU_MODES = (dict(max_tokens_per_rank=100, overlap=True, sm_carveout=8),)
+# on GPUs also with SMs left free of the expert GEMMs in forward and backward and the remote
+# path on a high-priority stream (on CPU these settings reach no kernel: the identity scenario
+# checks once that they keep results)
+GPU_MODES = (dict(max_tokens_per_rank=100, overlap=True, sm_carveout=8),
+             dict(max_tokens_per_rank=100, overlap=True, sm_carveout=8, remote_first=True),
+             dict(overlap=True, remote_first=True))
 
 # this process's rank and the world size: set by run() before any check runs
 RANK = int(os.environ.get("RANK", 0))
@@ -316,7 +319,7 @@ def _run_scenario(scenario, device, f64, tol64, tol32, mode):
                                   max_tokens_per_rank=cap, overlap=kw.get("overlap", False))
         if kw.get("overlap") and "sm_carveout" not in kw and device.type == "cpu":  # scoping keeps results
             check_equivalence(device, f64, tol64, sizes=[6, 0, 3, 6][:WORLD], shared=1, balance="none",
-                              sm_carveout=2, **kw)
+                              sm_carveout=2, remote_first=True, **kw)
             assert torch._C._get_sm_carveout_experimental() is None, "sm_carveout leaked past backward"
         check_equivalence(device, torch.float32, tol32, sizes=[5] * WORLD, num_experts=2 * WORLD, top_k=1,
                           balance="none", **kw)

@@ -102,15 +102,22 @@ class ExpertParallelExperts(nn.Module):
     (:mod:`moekit.parallel.overlap`; same results; with the deduplicated or the fixed-size
     dispatch). sm_carveout: SMs the layer's GEMMs leave free, in its forward and backward, so
     that the NCCL kernels running beside them (``overlap``) get SMs at once
-    (:mod:`moekit.parallel.carveout`; ``None``: every SM; results unchanged).
+    (:mod:`moekit.parallel.carveout`; ``None``: every SM; results unchanged). remote_first
+    (with ``overlap``): the exchanged rows' path runs on a high-priority stream, so that its
+    return all-to-all is not left alone at the end of the forward or backward.
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
     """
 
     def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True,
-                 max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None):
+                 max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None,
+                 remote_first: bool = False):
         super().__init__()
+        if remote_first and not overlap:
+            raise ValueError("remote_first: expected False unless overlap=True (it orders the two streams of the "
+                             "overlap), got remote_first=True with overlap=False")
+        self.remote_first = bool(remote_first)
         self.sm_carveout = check_sm_carveout(sm_carveout)
         if overlap and not dedup:
             raise ValueError("overlap: expected False unless dedup=True (the per-assignment dispatch is the "
@@ -121,7 +128,7 @@ class ExpertParallelExperts(nn.Module):
         self.cfg = cfg
         self.dedup = dedup
         self.overlap = bool(overlap)
-        self._side_streams: dict = {}  # CUDA side stream per device (overlap mode)
+        self._side_streams: dict = {}  # CUDA side (and remote-path) streams per device (overlap mode)
         self.max_tokens_per_rank = max_tokens_per_rank
         self.group = group
         self.expert_dp_group = expert_dp_group

@@ -35,9 +35,9 @@ class ExpertParallelMoE(MoE):
     rank passes in one call; set, the dispatch has fixed sizes and no host sync (see
     :class:`ExpertParallelExperts`). overlap: compute this rank's own tokens' local choices
     beside the exchange of the others (side CUDA stream; see :class:`ExpertParallelExperts`).
-    sm_carveout: SMs the expert GEMMs leave to communication (see
-    :class:`ExpertParallelExperts`). seed: expert ``e`` is initialised from a generator seeded with
-    ``(seed, e)``, so replicas agree without communication. Dense parameters (router, shared
+    sm_carveout, remote_first: SMs the expert GEMMs leave to communication, the exchanged rows'
+    path ahead of the own tokens' (see :class:`ExpertParallelExperts`). seed: expert ``e`` is
+    initialised from a generator seeded with ``(seed, e)``, so replicas agree without communication. Dense parameters (router, shared
     experts) come from the global RNG: seed it equally on every rank or call
     :func:`moekit.parallel.broadcast_dense_parameters`.
 
@@ -47,9 +47,11 @@ class ExpertParallelMoE(MoE):
 
     def __init__(self, cfg: MoEConfig, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
                  dp_group=None, expert_dp_group=None, seed: int = 0, dedup: bool = True,
-                 max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None):
+                 max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None,
+                 remote_first: bool = False):
         experts = ExpertParallelExperts(_experts_config(cfg), resolve_group(group, mesh_dim), phy2log,
-                                        expert_dp_group, dedup, max_tokens_per_rank, overlap, sm_carveout)
+                                        expert_dp_group, dedup, max_tokens_per_rank, overlap, sm_carveout,
+                                        remote_first)
         experts.init_logical(seed)
         super().__init__(cfg, dp_group=dp_group, experts=experts)  # allocates only the local slots
 
@@ -57,14 +59,14 @@ class ExpertParallelMoE(MoE):
 def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
                 expert_dp_group=None, dedup: bool = True,
                 max_tokens_per_rank: int | None = None, overlap: bool = False,
-                sm_carveout: int | None = None) -> list[ExpertParallelExperts]:
+                sm_carveout: int | None = None, remote_first: bool = False) -> list[ExpertParallelExperts]:
     """Shard the routed experts of every :class:`moekit.MoE` in ``model``, in place.
 
     Each layer keeps its router and shared experts; its ``experts`` become an
     :class:`ExpertParallelExperts` holding this rank's slots, copied from the layer's full
     weights (identical on every rank, e.g. loaded from the same checkpoint). phy2log:
     ``[L, R]`` (or a ``Plan``), one row per MoE layer in ``model.modules()`` order, or
-    ``None`` for one slot per expert. dedup, max_tokens_per_rank, overlap, sm_carveout: see
+    ``None`` for one slot per expert. dedup, max_tokens_per_rank, overlap, sm_carveout, remote_first: see
     :class:`ExpertParallelExperts`. Returns the new expert modules in layer order.
     """
     ep_group = resolve_group(group, mesh_dim)
@@ -77,7 +79,7 @@ def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | i
     for i, layer in enumerate(layers):
         full = layer.experts
         ep = ExpertParallelExperts(full.cfg, ep_group, None if phy2log is None else phy2log[i], expert_dp_group,
-                                   dedup, max_tokens_per_rank, overlap, sm_carveout)
+                                   dedup, max_tokens_per_rank, overlap, sm_carveout, remote_first)
         ep.to(device=full.w_in.device, dtype=full.w_in.dtype)
         ep.load_logical(full.w_in.detach(), full.w_out.detach())
         layer.experts = ep

@@ -27,6 +27,14 @@ step 2 sends this rank's ``C`` padded rows to every *other* rank (not to itself)
 no host sync at all: the host queues the whole step, and the side stream's own-token experts
 run beside the all-to-alls and the other ranks' rows.
 
+With ``remote_first`` (both dispatches) the exchanged rows' path (all-to-alls, the experts on
+the received rows, the combine) runs on a third, **high-priority** CUDA stream instead of the
+main one. Two streams of equal priority share the SMs block by block, so the own tokens'
+experts (the bigger share for ``P = 2``) may finish first and leave the return all-to-all
+alone at the end; with the remote path ahead at every kernel boundary, its return
+all-to-all runs while the own tokens' experts are still computing. Autograd runs the
+backward on the same streams, so the same holds there.
+
 The result, and every gradient, is the same sum as the other dispatch modes (the tests compare
 all of them with the single-process layer). On CPU (gloo) there are no streams: the same
 computation runs in order.
@@ -106,6 +114,34 @@ def _side_stream(module, device: torch.device):
     return streams[device]
 
 
+def _remote_stream(module, x_TD: torch.Tensor, read: tuple[torch.Tensor, ...]):
+    """With ``module.remote_first`` on CUDA: the module's high-priority stream for the
+    exchanged rows' path, made to wait for the main stream's work so far; ``read`` (tensors of
+    the main stream it reads) kept alive until it did. Otherwise ``None`` (the main stream:
+    ``torch.cuda.stream(None)`` is a no-op)."""
+    if not module.remote_first or x_TD.device.type != "cuda":
+        return None
+    key = (x_TD.device, "remote")
+    if key not in module._side_streams:
+        # negative = above the default priority 0 of the main and the side stream
+        module._side_streams[key] = torch.cuda.Stream(x_TD.device, priority=-1)
+    remote = module._side_streams[key]
+    remote.wait_stream(torch.cuda.current_stream(x_TD.device))
+    for t in read:
+        t.record_stream(remote)
+    return remote
+
+
+def _join_remote(y_TD: torch.Tensor, remote) -> torch.Tensor:
+    """The main stream waits for the remote path's stream (``None``: it ran on the main one),
+    whose output ``y_TD`` it then reads."""
+    if remote is not None:
+        main = torch.cuda.current_stream(y_TD.device)
+        main.wait_stream(remote)
+        y_TD.record_stream(main)
+    return y_TD
+
+
 def _mark(x_TD: torch.Tensor):
     """An event recorded on the current CUDA stream now (``None`` off CUDA): where the side
     stream may start when the main stream has queued more work since."""
@@ -159,13 +195,16 @@ def overlapped_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
         [rows.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
     num_rows = sum(send_rows)
     token_V = rows.token_ids_V[:num_rows]
-    slots_VK, weights_VK = row_routing(slot_TK, weights_TK, rows, num_rows, per)
-    x_recv = all_to_all(module._sendable(spread(x_TD, token_V, rows.inv_TP)), recv_rows, send_rows, group)
-    slots_UK = all_to_all_plain(slots_VK, recv_rows, send_rows, group)
-    weights_UK = all_to_all(module._sendable(weights_VK), recv_rows, send_rows, group)
-    y_recv = module._compute_local(x_recv, slots_UK, weights_UK, sum(recv_assign))
-    y_back = all_to_all(y_recv, send_rows, recv_rows, group)
-    return _finish(collect(y_back, token_V, rows.inv_TP), y_own, streams)
+    remote = _remote_stream(module, x_TD, (x_TD, slot_TK, weights_TK, rows.token_ids_V, rows.dst_V, rows.inv_TP))
+    with torch.cuda.stream(remote):
+        slots_VK, weights_VK = row_routing(slot_TK, weights_TK, rows, num_rows, per)
+        x_recv = all_to_all(module._sendable(spread(x_TD, token_V, rows.inv_TP)), recv_rows, send_rows, group)
+        slots_UK = all_to_all_plain(slots_VK, recv_rows, send_rows, group)
+        weights_UK = all_to_all(module._sendable(weights_VK), recv_rows, send_rows, group)
+        y_recv = module._compute_local(x_recv, slots_UK, weights_UK, sum(recv_assign))
+        y_back = all_to_all(y_recv, send_rows, recv_rows, group)
+        y_remote = collect(y_back, token_V, rows.inv_TP)
+    return _finish(_join_remote(y_remote, remote), y_own, streams)
 
 
 def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
@@ -187,17 +226,21 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
         y_own, streams = _start_own(module, x_TD, own_TK, weights_TK)
         return _finish(torch.zeros_like(y_own), y_own, streams)
     inputs_ready = _mark(x_TD)
-    x_CD, slot_CK, w_CK = pad_rows(cap, x_TD, slot_TK, weights_TK)
-    if copies > 1:  # one copy per other rank (its backward sums the copies' gradients)
-        x_CD, slot_CK, w_CK = x_CD.repeat(copies, 1), slot_CK.repeat(copies, 1), w_CK.repeat(copies, 1)
-    splits = [0 if p == rank else cap for p in range(num_ranks)]
-    x_QD = all_to_all(module._sendable(x_CD), splits, splits, group)
-    slot_QK = all_to_all_plain(slot_CK, splits, splits, group)
-    w_QK = all_to_all(module._sendable(w_CK), splits, splits, group)
+    remote = _remote_stream(module, x_TD, (x_TD, slot_TK, weights_TK))
+    with torch.cuda.stream(remote):
+        x_CD, slot_CK, w_CK = pad_rows(cap, x_TD, slot_TK, weights_TK)
+        if copies > 1:  # one copy per other rank (its backward sums the copies' gradients)
+            x_CD, slot_CK, w_CK = x_CD.repeat(copies, 1), slot_CK.repeat(copies, 1), w_CK.repeat(copies, 1)
+        splits = [0 if p == rank else cap for p in range(num_ranks)]
+        x_QD = all_to_all(module._sendable(x_CD), splits, splits, group)
+        slot_QK = all_to_all_plain(slot_CK, splits, splits, group)
+        w_QK = all_to_all(module._sendable(w_CK), splits, splits, group)
     # own choices on the side stream, launched after the all-to-alls (which so hold their SMs
     # before the expert GEMMs fill the GPU) and not waiting for them
     y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, after=inputs_ready)
-    y_QD = module.local(x_QD, local_slots(slot_QK, rank, per), w_QK)
-    # block q of what comes back: other rank q's partial sums for this rank's C rows
-    y_back = all_to_all(y_QD, splits, splits, group)
-    return _finish(sum_partials(y_back, copies, cap, num_tokens, x_TD.dtype), y_own, streams)
+    with torch.cuda.stream(remote):
+        y_QD = module.local(x_QD, local_slots(slot_QK, rank, per), w_QK)
+        # block q of what comes back: other rank q's partial sums for this rank's C rows
+        y_back = all_to_all(y_QD, splits, splits, group)
+        y_remote = sum_partials(y_back, copies, cap, num_tokens, x_TD.dtype)
+    return _finish(_join_remote(y_remote, remote), y_own, streams)
