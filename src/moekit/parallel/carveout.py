@@ -72,8 +72,8 @@ def sm_carveout(num_sms: int | None, device: torch.device | None = None) -> Iter
 
 
 class _Scope:
-    """One call's carveout in the backward: set by :class:`_EnterInBackward`, undone by
-    :class:`_ExitInBackward` (once each, in that order)."""
+    """One call's carveout in the backward: :meth:`enter` when the backward reaches the
+    function's output, :meth:`exit` once its input's gradient is done (each once, in order)."""
 
     def __init__(self, num_sms: int):
         self.num_sms = num_sms
@@ -89,33 +89,18 @@ class _Scope:
             _set(self.previous.pop())
 
 
-class _EnterInBackward(torch.autograd.Function):
-    """Identity on the function's output; its backward (the first of the function's) sets
-    the carveout."""
+class _OnBackward(torch.autograd.Function):
+    """Identity whose backward first calls ``action()`` (on the host, when the autograd engine
+    reaches this node: after every op that produces the gradient it receives)."""
 
     @staticmethod
-    def forward(ctx, y, scope):
-        ctx.scope = scope
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.scope.enter()
-        return grad, None
-
-
-class _ExitInBackward(torch.autograd.Function):
-    """Identity on the function's input; its backward (when the input's gradient is complete,
-    i.e. after every op of the function's backward that produces it) restores the setting."""
-
-    @staticmethod
-    def forward(ctx, x, scope):
-        ctx.scope = scope
-        return x.view_as(x)
+    def forward(ctx, t, action):
+        ctx.action = action
+        return t.view_as(t)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.scope.exit()
+        ctx.action()
         return grad, None
 
 
@@ -133,7 +118,7 @@ def carved_out(fn: Callable[..., torch.Tensor], num_sms: int | None, x: torch.Te
     tracked = torch.is_grad_enabled() and x.requires_grad
     scope = _Scope(num_sms)
     if tracked:
-        x = _ExitInBackward.apply(x, scope)
+        x = _OnBackward.apply(x, scope.exit)
     with sm_carveout(num_sms):
         y = fn(x, *args)
-    return _EnterInBackward.apply(y, scope) if tracked and y.requires_grad else y
+    return _OnBackward.apply(y, scope.enter) if tracked and y.requires_grad else y
