@@ -252,6 +252,7 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                 ("lfu", lo, 0, whole, False, half),
                 ("lru", "next_layer", 0, 2, False, half), ("lru", lo, 0, 2, False, half),
                 ("lru", lo, 1, 2, False, half), ("lfu", lo, 1, 2, False, half),
+                ("lru", "next_layer+layer_output", 0, 2, False, half), ("lfu", "next_layer+layer_output", 0, 2, False, half),
                 ("lfu", "none", 0, 2, True, half), ("lfu", lo, 1, 2, True, half),
                 ("lru", "none", 0, 2, False, quarter), ("lfu", lo, 1, 2, False, quarter),
                 ("lru", "none", 0, 2, False, num_experts_total)]

@@ -50,7 +50,6 @@ VARIANTS = [
     ("lru +layer_output s3", 1, "lru", "layer_output", 0, 2, False, False, False),
     ("lru +layer_output +poll", 1, "lru", "layer_output", 0, 2, False, True, False),
     ("lru +layer_output +poll +victim", 1, "lru", "layer_output", 0, 2, False, True, True),
-    ("lru +layer_output+1 +poll +victim", 1, "lru", "layer_output", 1, 2, False, True, True),
     ("lru +next_layer s3", 1, "lru", "next_layer", 0, 2, False, False, False),
     ("lru +next_layer +poll +victim", 1, "lru", "next_layer", 0, 2, False, True, True),
     ("lfu +layer_output +poll +victim", 1, "lfu", "layer_output", 0, 2, False, True, True),
@@ -59,7 +58,6 @@ VARIANTS = [
     ("lru", 8, "lru", "none", 0, 2, False, True, True),
     ("lfu", 8, "lfu", "none", 0, 2, False, True, True),
     ("lfu +cpu", 8, "lfu", "none", 0, 2, True, True, True),
-    ("lfu +layer_output+1 +cpu", 8, "lfu", "layer_output", 1, 2, True, True, True),
 ]
 
 
@@ -274,7 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--warmup-tokens", type=int, default=8)
-    p.add_argument("--profile-tokens", type=int, default=6)
+    p.add_argument("--profile-tokens", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--out", default=None, help="JSON summary path")
