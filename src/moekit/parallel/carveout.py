@@ -10,8 +10,10 @@ slower with the overlap than without it (OLMoE-like shape, 2x H100).
 
 PyTorch's SM carveout (``torch._C._set_sm_carveout_experimental``, read at launch time by
 cuBLAS and by the CUTLASS grouped GEMM) makes those kernels target ``SMs - n`` SMs, so ``n``
-stay free for the communication kernels. It is a process-wide setting, so this module only
-ever sets it around launches and puts the previous value back:
+stay free for the communication kernels. With ``overlap`` two streams run GEMMs at once, and
+the SMs one leaves free the other may take: the carveout is a scheduling hint, measured in
+``benchmarks/bench_ep.py`` (variant option ``:cN``), not a guarantee. It is a process-wide
+setting, so this module only ever sets it around launches and puts the previous value back:
 
 - :func:`sm_carveout`: a context manager for the kernels launched inside it;
 - :func:`carved_out`: runs a function with the carveout in its forward launches *and* in its
