@@ -638,7 +638,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)  # profiles are written before the result file
     args.eps = [int(e) for e in args.eps.split(",")]
     args.shapes = [s for s in args.shapes.split(",") if s]
-    args.variants = [v for v in args.variants.split(",") if v]
+    args.variants = list(dict.fromkeys(v for v in args.variants.split(",") if v))  # each once
     try:
         for v in args.variants:
             parse_variant(v)

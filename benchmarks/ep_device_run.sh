@@ -8,6 +8,7 @@
 #
 #   OUT=/tmp/out VARIANTS=fixed,overlap_fixed [PASS2_ARGS="--shapes ... --variants ..."] \
 #     [PASS3_ARGS="... --profile"] bash benchmarks/ep_device_run.sh [more bench_ep.py args for pass 1]
+# (in PASS2_ARGS / PASS3_ARGS, @BEST@ and @TOP2@ stand for pass 1's best variant(s))
 set -u
 export PYTHONPATH="$PWD/src" NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/ep_out}
@@ -74,6 +75,25 @@ bench_pass() {
   fi
 }
 bench_pass "" "$BENCH_S" --variants "$variants" "$@"
+# @BEST@ / @TOP2@ in PASS2_ARGS / PASS3_ARGS: the variant(s) of pass 1 with the highest mean
+# fwd+bwd weak scaling over the shapes (another sample of them, or their profile)
+ranked=$(python3 - "$OUT" <<'EOF'
+import glob, json, statistics, sys
+files = [f for f in glob.glob(sys.argv[1] + "/ep_*.json") if "_pass" not in f]
+score = {}
+for s in (json.load(open(files[0]))["summary"] if files else []):
+    for label, v in s.get("variants", {}).items():
+        score.setdefault(label, []).append(v["weak_scaling_efficiency_balanced"])
+print(",".join(sorted(score, key=lambda k: -statistics.mean(score[k]))) or "overlap_fixed")
+EOF
+)
+best=${ranked%%,*}
+top2=$(echo "$ranked" | cut -d, -f1-2)
+echo "variants ranked by pass 1: $ranked" >> "$OUT/bench.log"
+PASS2_ARGS=${PASS2_ARGS//@BEST@/$best}
+PASS2_ARGS=${PASS2_ARGS//@TOP2@/$top2}
+PASS3_ARGS=${PASS3_ARGS//@BEST@/$best}
+PASS3_ARGS=${PASS3_ARGS//@TOP2@/$top2}
 # more passes (another sample of the same code for the spread, profiles) while time allows
 if [ -n "${PASS2_ARGS:-}" ] && [ $(( $(date +%s) - call_start )) -lt "${PASS2_BEFORE_S:-330}" ]; then
   # shellcheck disable=SC2086
@@ -85,4 +105,4 @@ if [ -n "${PASS3_ARGS:-}" ] && [ $(( $(date +%s) - call_start )) -lt "${PASS3_BE
 fi
 tail -n 5 "$OUT/gpu_tests.txt"
 grep -E "SM carveout" "$OUT/env.txt"
-grep -E "EP=|rc=|===" "$OUT/bench.log" | tail -n 80
+grep -E "EP=|rc=|===|ranked" "$OUT/bench.log" | tail -n 80
