@@ -282,6 +282,15 @@ def check_host_syncs(device, **mode):
                                     + "\n".join(syncs))
 
 
+def _modes(backend: str) -> tuple[dict, ...]:
+    """The dispatch modes to run: ``MODES`` (and ``GPU_MODES`` on NCCL); the environment
+    variable ``EP_MODES`` = ``base`` / ``gpu`` keeps only the first / the second set."""
+    which = os.environ.get("EP_MODES", "all")
+    base = MODES if which in ("all", "base") else ()
+    extra = GPU_MODES if backend == "nccl" and which in ("all", "gpu") else ()
+    return base + extra
+
+
 def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) -> None:
     """Join a group of ``world`` ranks on 127.0.0.1:``port`` and run ``scenarios``."""
     global RANK, WORLD
@@ -299,7 +308,7 @@ def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) ->
     tol32 = 1e-3 if backend == "nccl" else 1e-4
     try:
         for scenario in scenarios:
-            for mode in MODES + (GPU_MODES if backend == "nccl" else ()):
+            for mode in _modes(backend):
                 _run_scenario(scenario, device, f64, tol64, tol32, mode)
             dist.barrier()
             if RANK == 0:

@@ -24,7 +24,17 @@ pytestmark = [
 _ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+SCENARIOS = ["identity", "zero_tokens", "replicas", "grouped", "apply_plan", "fresh", "bf16", "syncs"]
+
+
 def test_nccl_two_gpus_equal_single_gpu_layer():
-    scenarios = ["identity", "zero_tokens", "replicas", "grouped", "apply_plan", "fresh", "bf16", "syncs"]
-    out = ep_launch.launch_subprocess(2, "nccl", scenarios, timeout=300, extra_env=_ENV)
-    assert all(f"ok {s} world=2" in out for s in scenarios), out
+    """The five dispatch modes (ep_worker.MODES)."""
+    out = ep_launch.launch_subprocess(2, "nccl", SCENARIOS, timeout=300, extra_env=dict(_ENV, EP_MODES="base"))
+    assert all(f"ok {s} world=2" in out for s in SCENARIOS), out
+
+
+def test_nccl_overlap_with_sm_carveout_and_remote_first():
+    """The overlap modes with SMs left to NCCL and the remote path on a high-priority stream
+    (ep_worker.GPU_MODES): a separate test, so that a failure here names these settings."""
+    out = ep_launch.launch_subprocess(2, "nccl", SCENARIOS, timeout=300, extra_env=dict(_ENV, EP_MODES="gpu"))
+    assert all(f"ok {s} world=2" in out for s in SCENARIOS), out
