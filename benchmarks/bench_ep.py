@@ -39,9 +39,13 @@ Figures: median step time over ranks' CUDA-event timings (the slowest rank sets 
 the step includes their gradient all-reduce, also timed alone as ``replica_grad_sync_ms``,
 and ``step_ms_sync_once_per_4_micro`` is the step time per micro-batch when the gradients of
 4 micro-batches accumulate before the one replica sum of the optimizer step),
-``step_ms_back_to_back`` the mean over 20 steps queued without a sync between them (the
-host runs ahead of the GPU as in a training loop; ``step_ms`` waits for every step, so it also
-counts the GPU idling while the host launches the start of a step),
+``compute_only_ms_one_call`` / ``_two_calls`` (fixed-size modes, balanced): this rank's
+expert work of a step with no communication (one call over the group's rows as ``fixed``
+computes them; two calls, own rows and the others', as ``overlap fixed``), so EP=1's step
+time over it is the weak scaling the mode could reach if communication and synchronisation
+were free; ``step_ms_back_to_back`` the mean over the steps queued without a sync between
+them (the host runs ahead of the GPU as in a training loop; ``step_ms`` waits for every
+step, so it also counts the GPU idling while the host launches the start of a step),
 tokens/s per GPU, useful TFLOP/s per GPU (``18*T*k*D*F`` for forward+backward, DESIGN.md)
 and the fraction of the dense bf16 peak; ``a2a_ms``: the four all-to-alls of a step (dispatch
 and combine, forward and backward) timed alone with the same split sizes. Goals: EP=2 weak
@@ -98,6 +102,17 @@ def zipf_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Gener
     logp = -ZIPF_S * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float64))[popularity]
     gumbel = -torch.log(-torch.log(torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64)))
     return torch.topk(logp + gumbel, top_k, dim=1).indices
+
+
+def rank_routing(shape, routing: str, rank: int) -> torch.Tensor:
+    """``[T, k]`` the routing rank ``rank`` uses in every case of ``shape`` (any rank can
+    rebuild any other's)."""
+    _, num_tokens, _, _, num_experts, top_k = shape
+    gen = torch.Generator().manual_seed(1000 + rank)
+    if routing == "balanced":
+        return balanced_routing(num_tokens, num_experts, top_k, gen)
+    popularity = torch.randperm(num_experts, generator=torch.Generator().manual_seed(7))
+    return zipf_routing(num_tokens, num_experts, top_k, gen, popularity)
 
 
 # ------------------------------------------------------------------------------ timing
@@ -241,6 +256,42 @@ def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
     return ms, 4 * remote_rows * x.shape[1] * x.element_size()
 
 
+def _compute_only_ms(module, shape, routing, rank, device, dtype, iters, warmup) -> tuple[float, float]:
+    """This rank's expert work per fwd+bwd step in the fixed-size modes with no communication
+    at all (the other ranks' routing is rebuilt locally): one call over the group's ``P * C``
+    rows (as ``fixed`` computes them) and two calls, this rank's rows then the others' (as
+    ``overlap fixed`` does, one stream, their weight gradients summed). ms, this rank."""
+    from moekit.parallel import assignment_slots
+    from moekit.parallel.dispatch import local_slots
+
+    num_tokens, dim, top_k = shape[1], shape[2], shape[5]
+    first = rank - module.rank
+    slots = [local_slots(assignment_slots(rank_routing(shape, routing, first + q).to(device), module.tables, q,
+                                          module.replicated), module.rank, module.slots_per_rank)
+             for q in range(module.num_ranks)]
+    own_TK = slots[module.rank]
+    rest_QK = torch.cat([t for q, t in enumerate(slots) if q != module.rank])
+    rows = module.num_ranks * num_tokens
+    x = torch.randn(rows, dim, device=device, dtype=dtype, requires_grad=True)
+    w = torch.softmax(torch.randn(rows, top_k, device=device), -1).to(dtype).requires_grad_()
+    dy = torch.randn(rows, dim, device=device, dtype=dtype)
+    x_own, x_rest = x.detach()[:num_tokens].requires_grad_(), x.detach()[num_tokens:].requires_grad_()
+    w_own, w_rest = w.detach()[:num_tokens].requires_grad_(), w.detach()[num_tokens:].requires_grad_()
+
+    def one_call():
+        for p in module.parameters():
+            p.grad = None
+        module.local(x, torch.cat([own_TK, rest_QK]), w).backward(dy)
+
+    def two_calls():
+        for p in module.parameters():
+            p.grad = None
+        module.local(x_own, own_TK, w_own).backward(dy[:num_tokens])
+        module.local(x_rest, rest_QK, w_rest).backward(dy[num_tokens:])
+
+    return _timed(one_call, device, iters, warmup), _timed(two_calls, device, iters, warmup)
+
+
 def _profile(step, device, path: str | None) -> None:
     """Profile a few steps (every rank runs them: they are collective); rank 0 writes the
     operator table sorted by device time to ``path``."""
@@ -274,12 +325,7 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
 
     name, num_tokens, dim, ffn, num_experts, top_k = shape
     cfg = ExpertsConfig(dim, ffn, num_experts)
-    gen = torch.Generator().manual_seed(1000 + rank)
-    popularity = torch.randperm(num_experts, generator=torch.Generator().manual_seed(7))
-    if routing == "balanced":
-        idx = balanced_routing(num_tokens, num_experts, top_k, gen)
-    else:
-        idx = zipf_routing(num_tokens, num_experts, top_k, gen, popularity)
+    idx = rank_routing(shape, routing, rank)
     counts = torch.bincount(idx.reshape(-1), minlength=num_experts).to(device)
     variant = variant or parse_variant("plain") | {"label": ""}
     fixed, overlap = variant["fixed"], variant["overlap"]
@@ -331,6 +377,10 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
         # gradient accumulation: the replica sum once per optimizer step of MICRO micro-batches
         accum_ms = _timed(_step_fn(module, x, idx, w, dy, True, MICRO), device, max(iters // 2, 3), 2)
         row[f"step_ms_sync_once_per_{MICRO}_micro"] = _max_over(accum_ms, device) / MICRO
+    if ep > 1 and fixed and routing == "balanced" and variant["label"] in ("fixed", "overlap_fixed"):
+        one, two = _compute_only_ms(module, shape, routing, rank, device, dtype, iters, warmup)
+        row["compute_only_ms_one_call"] = _max_over(one, device)
+        row["compute_only_ms_two_calls"] = _max_over(two, device)
     if ep > 1:
         a2a_ms, remote_bytes = _a2a_ms(module, idx, x, device, iters, warmup)  # plain launches: no carveout
         row["a2a_ms"] = _max_over(a2a_ms, device)
@@ -460,7 +510,14 @@ def _fmt(row: dict) -> str:
     bal = f" bal {row['balancedness']:.3f}" if "balancedness" in row else ""
     return (f"{row['shape']:>18} EP={row['ep']} {label:<40} step {row['step_ms']:8.2f} ms "
             f"(b2b {row['step_ms_back_to_back']:7.2f}){extra} {row['tokens_per_s_per_gpu'] / 1e3:8.1f} ktok/s/GPU "
-            f"{row['tflops_per_gpu']:6.1f} TFLOP/s | fwd {row['fwd_ms']:7.2f} ms{bal}")
+            f"{row['tflops_per_gpu']:6.1f} TFLOP/s | fwd {row['fwd_ms']:7.2f} ms{bal}{_compute_only(row)}")
+
+
+def _compute_only(row: dict) -> str:
+    if "compute_only_ms_one_call" not in row:
+        return ""
+    return (f" | no comm: 1 call {row['compute_only_ms_one_call']:.2f} ms, "
+            f"2 calls {row['compute_only_ms_two_calls']:.2f} ms")
 
 
 def _ratio(num: dict, den: dict, key: str) -> float:
@@ -511,6 +568,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             if (v_shape, v_ep, routing_v, plan_v) != (shape, ep, "balanced", False) or not base:
                 continue
             v = {"weak_scaling_efficiency_balanced": _ratio(bal, base, tps),
+                 **{f"ceiling_without_communication_{n}": base["step_ms"] / bal[f"compute_only_ms_{n}"]
+                    for n in ("one_call", "two_calls") if f"compute_only_ms_{n}" in bal},
                  "weak_scaling_efficiency_balanced_back_to_back": _ratio(bal, base, b2b),
                  "weak_scaling_efficiency_balanced_fwd_only": _ratio(bal, base, fwd)}
             zipf = by_variant.get((shape, ep, "zipf", True, label))

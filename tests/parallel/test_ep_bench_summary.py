@@ -54,7 +54,9 @@ def test_summary_divides_the_right_rows():
             _row(2, "zipf", 66, variant="plain", plan=True, extra=0),
             _row(2, "zipf", 50, variant="plain", plan=True, extra=2),
             _row(2, "balanced", 40, variant="plain", dedup=False),
-            _row(2, "balanced", 80, variant="fixed"), _row(2, "zipf", 76, variant="fixed", plan=True, extra=0),
+            _row(2, "balanced", 80, variant="fixed") | {"compute_only_ms_one_call": 8.0,
+                                                        "compute_only_ms_two_calls": 12.5},
+            _row(2, "zipf", 76, variant="fixed", plan=True, extra=0),
             _row(2, "balanced", 86, variant="overlap_fixed:c16:hp", fwd=45, b2b=108),
             _row(2, "zipf", 77.4, variant="overlap_fixed:c16:hp", plan=True, extra=0)]
     (s,) = _bench().summarize(rows)
@@ -72,6 +74,10 @@ def test_summary_divides_the_right_rows():
     assert best["weak_scaling_efficiency_balanced_fwd_only"] == pytest.approx(45 / 50)
     assert best["zipf_plan_no_replicas_over_balanced"] == pytest.approx(0.90)
     assert s["variants"]["fixed"]["zipf_plan_no_replicas_over_balanced"] == pytest.approx(0.95)
+    # EP=1's 10 ms step over the EP=2 expert work without communication
+    assert s["variants"]["fixed"]["ceiling_without_communication_one_call"] == pytest.approx(10 / 8.0)
+    assert s["variants"]["fixed"]["ceiling_without_communication_two_calls"] == pytest.approx(10 / 12.5)
+    assert "ceiling_without_communication_one_call" not in best
     assert s["goal_weak_scaling_ge_0.85"] is True and s["goal_plan_recovery_ge_0.90"] is True
     (s,) = _bench().summarize([r for r in rows if r["variant"] not in ("overlap_fixed:c16:hp", "fixed")])
     assert s["variants"] == {} and s["goal_weak_scaling_ge_0.85"] is False
