@@ -106,15 +106,15 @@ def gather_sum(src_ND: torch.Tensor, inv_TK: torch.Tensor, weights_TK: torch.Ten
 
 def decode_experts(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
     """Expert outputs for a few slots without sorting: each slot ``(t, j)`` runs its own
-    expert's MLP (matrix-vector products), then ``y[t] = sum_j w[t, j] * y_slot`` in fp32
-    (the expert outputs are not rounded before the weighted sum). ``[T, D]``.
+    expert's MLP (matrix-vector products), then ``y[t] = sum_j w[t, j] * y_slot``. ``[T, D]``.
     Forward only (the decode path of :mod:`moekit.experts.grouped`)."""
     T, K = indices_TK.shape
     if use_triton(x_TD):
-        from moekit.experts import triton_decode
+        from moekit.experts import triton_decode, triton_kernels
 
         a_SF = triton_decode.slot_gate_up(x_TD, indices_TK, w_in_EHD, activation)
-        return triton_decode.token_down(a_SF, indices_TK, weights_TK, w_out_EDF, x_TD.dtype)
+        y_SD = triton_decode.slot_down(a_SF, indices_TK, w_out_EDF)
+        return triton_kernels.gather_sum(y_SD, None, weights_TK, x_TD.dtype, shape_TK=(T, K))
     live = (indices_TK >= 0).reshape(-1, 1)
     e_S = indices_TK.reshape(-1).clamp(min=0)
     x_SD = x_TD.float().repeat_interleave(K, dim=0)
@@ -126,5 +126,5 @@ def decode_experts(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation
         a_SF = F.gelu(h_SH)
     a_SF = a_SF.to(x_TD.dtype).float()  # same rounding point as the kernels
     y_SD = torch.where(live, torch.einsum("sf,sdf->sd", a_SF, w_out_EDF.float()[e_S]), 0.0)
-    y_SD = torch.where(live, y_SD * weights_TK.float().reshape(-1, 1), 0.0)
+    y_SD = y_SD.to(x_TD.dtype).float() * weights_TK.float().reshape(-1, 1)
     return y_SD.view(T, K, -1).sum(1).to(x_TD.dtype)

@@ -6,10 +6,8 @@ these kernels work per slot, straight from ``indices_TK``:
 
 1. :func:`slot_gate_up`: ``a[s] = act(W_in[e_s] @ x[t_s])``, one program per (slot,
    block of ``F``), gate and up rows read together, fp32 accumulation, activation fused;
-2. :func:`token_down`: ``y[t] = sum_j w[t, j] * W_out[e_tj] @ a[t*K + j]``, one program per
-   (token, block of ``D``) that walks the token's ``K`` slots, so the routing-weighted sum is
-   fused (one fp32 accumulator, one rounding) and no ``[T*K, D]`` intermediate or third
-   launch is needed: at ``T = 1`` the gather-sum launch was about 4 us of a 39 us call.
+2. :func:`slot_down`: ``y[s] = W_out[e_s] @ a[s]``, one program per (slot, block of ``D``);
+3. the weighted sum over each token's slots is :func:`moekit.experts.triton_kernels.gather_sum`.
 
 A slot with index ``-1`` reads no weight and yields a zero row. Each slot reads its expert's
 weights once; a token's ``K`` experts are distinct, so at ``T = 1`` every active expert is read
@@ -24,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["slot_gate_up", "token_down"]
+__all__ = ["slot_gate_up", "slot_down"]
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
@@ -60,28 +58,22 @@ def _slot_gate_up_kernel(x_ptr, idx_ptr, w_ptr, a_ptr, K: tl.constexpr, D: tl.co
 
 
 @triton.jit
-def _token_down_kernel(a_ptr, idx_ptr, wt_ptr, w_ptr, y_ptr, K: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-    t = tl.program_id(0)
+def _slot_down_kernel(a_ptr, idx_ptr, w_ptr, y_ptr, D: tl.constexpr, F: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    s = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    e = tl.load(idx_ptr + s)
+    live = e >= 0
+    w_e = w_ptr + tl.maximum(e, 0).to(tl.int64) * D * F
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    NF: tl.constexpr = (F + BLOCK_F - 1) // BLOCK_F
-    # One flat loop over (slot, block of F): with F <= BLOCK_F a nested loop would have one
-    # iteration per slot and the software pipeliner could not overlap the K slots' loads.
-    for it in range(K * NF):
-        s = t * K + it // NF
-        cols = (it % NF) * BLOCK_F + tl.arange(0, BLOCK_F)
-        e = tl.load(idx_ptr + s)
-        live = e >= 0
-        # A -1 slot reads nothing and adds nothing (its routing weight is not trusted either).
-        wt = tl.where(live, tl.load(wt_ptr + s).to(tl.float32), 0.0)
-        w_e = w_ptr + tl.maximum(e, 0).to(tl.int64) * D * F
+    in_d = (rows < D) & live
+    for f0 in range(0, F, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
         in_f = cols < F
-        in_d = (rows < D) & live
-        av = tl.load(a_ptr + s.to(tl.int64) * F + cols, mask=in_f & live, other=0.0).to(tl.float32)
+        av = tl.load(a_ptr + s.to(tl.int64) * F + cols, mask=in_f, other=0.0).to(tl.float32)
         wv = tl.load(w_e + rows[:, None] * F + cols[None, :], mask=in_d[:, None] & in_f[None, :], other=0.0)
-        acc += wt * tl.sum(wv.to(tl.float32) * av[None, :], axis=1)
-    tl.store(y_ptr + t.to(tl.int64) * D + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < D)
+        acc += tl.sum(wv.to(tl.float32) * av[None, :], axis=1)
+    tl.store(y_ptr + s.to(tl.int64) * D + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < D)
 
 
 def _tuned(kernel, block_rows: str, block_cols: str):
@@ -90,13 +82,13 @@ def _tuned(kernel, block_rows: str, block_cols: str):
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
     shapes = [(16, 256, 4, 3), (8, 512, 4, 3), (32, 128, 4, 3), (16, 512, 8, 3), (32, 256, 8, 4), (8, 256, 2, 4),
-              (4, 1024, 4, 3), (4, 512, 2, 4), (2, 1024, 2, 4)]
+              (4, 1024, 4, 3)]
     configs = [triton.Config({block_rows: r, block_cols: c}, num_warps=w, num_stages=st) for r, c, w, st in shapes]
     return triton.autotune(configs, key=["D", "F", "K"] if "K" in kernel.arg_names else ["D", "F"])(kernel)
 
 
 _GATE_UP_TUNED = _tuned(_slot_gate_up_kernel, "BLOCK_F", "BLOCK_D")
-_DOWN_TUNED = _tuned(_token_down_kernel, "BLOCK_D", "BLOCK_F")
+_DOWN_TUNED = _tuned(_slot_down_kernel, "BLOCK_D", "BLOCK_F")
 
 
 def slot_gate_up(x_TD: torch.Tensor, indices_TK: torch.Tensor, w_in_EHD: torch.Tensor, activation: str) -> torch.Tensor:
@@ -117,19 +109,16 @@ def slot_gate_up(x_TD: torch.Tensor, indices_TK: torch.Tensor, w_in_EHD: torch.T
     return a_SF
 
 
-def token_down(a_SF: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, w_out_EDF: torch.Tensor,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """``a_SF [T*K, F]``, ``[T, K]``, ``weights_TK [T, K]``, ``[E, D, F]`` -> ``y_TD [T, D]`` in
-    ``out_dtype``: the routing-weighted sum of each token's expert outputs, fp32 throughout."""
-    T, K = indices_TK.shape
-    F = a_SF.shape[1]
+def slot_down(a_SF: torch.Tensor, indices_TK: torch.Tensor, w_out_EDF: torch.Tensor) -> torch.Tensor:
+    """``[S, F]``, ``[T, K]``, ``[E, D, F]`` -> ``y_SD [S, D]`` (unweighted expert outputs)."""
+    S, F = a_SF.shape
     D = w_out_EDF.shape[1]
-    y_TD = torch.empty(T, D, dtype=out_dtype, device=a_SF.device)
+    y_SD = torch.empty(S, D, dtype=a_SF.dtype, device=a_SF.device)
     if _DOWN_TUNED is not None:
-        grid = lambda meta: (T, triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
-        _DOWN_TUNED[grid](a_SF, indices_TK, weights_TK, w_out_EDF, y_TD, K=K, D=D, F=F)
-        return y_TD
+        grid = lambda meta: (S, triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
+        _DOWN_TUNED[grid](a_SF, indices_TK, w_out_EDF, y_SD, D=D, F=F)
+        return y_SD
     block_d, block_f = 16, min(256, triton.next_power_of_2(F))
-    _token_down_kernel[(T, triton.cdiv(D, block_d))](
-        a_SF, indices_TK, weights_TK, w_out_EDF, y_TD, K=K, D=D, F=F, BLOCK_D=block_d, BLOCK_F=block_f, num_warps=4)
-    return y_TD
+    _slot_down_kernel[(S, triton.cdiv(D, block_d))](
+        a_SF, indices_TK, w_out_EDF, y_SD, D=D, F=F, BLOCK_D=block_d, BLOCK_F=block_f, num_warps=4)
+    return y_SD

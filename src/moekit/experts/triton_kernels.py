@@ -96,13 +96,16 @@ def _act_bwd_kernel(h_ptr, dau_ptr, w_ptr, order_ptr, offs_ptr, last,
 
 @triton.jit
 def _gather_sum_kernel(src_ptr, inv_ptr, w_ptr, out_ptr, K: tl.constexpr, D, stride_src, stride_out,
-                       HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
+                       HAS_W: tl.constexpr, DIRECT: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j in range(0, K):
-        r = tl.load(inv_ptr + t * K + j)
+        if DIRECT:  # src rows are the slots themselves (decode path)
+            r = t * K + j
+        else:
+            r = tl.load(inv_ptr + t * K + j)
         v = tl.load(src_ptr + r.to(tl.int64) * stride_src + cols, mask=in_d & (r >= 0), other=0.0)
         v = v.to(tl.float32)
         if HAS_W:
@@ -171,19 +174,22 @@ def act_backward(h_NH, dau_NF, weights_flat, order_N, offs_E, activation):
     return dh_NH, aw_NF, dw_N
 
 
-def gather_sum(src_ND: torch.Tensor, inv_TK: torch.Tensor, weights_TK: torch.Tensor | None,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """``out[t] = sum_j w[t, j] * src[inv[t, j]]`` (``inv = -1`` skipped) -> ``[T, D]``."""
-    T, K = inv_TK.shape
+def gather_sum(src_ND: torch.Tensor, inv_TK: torch.Tensor | None, weights_TK: torch.Tensor | None,
+               out_dtype: torch.dtype, shape_TK: tuple[int, int] | None = None) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] * src[inv[t, j]]`` (``inv = -1`` skipped) -> ``[T, D]``.
+    ``inv_TK=None`` means ``inv[t, j] = t*K + j`` with ``(T, K) = shape_TK``."""
+    T, K = inv_TK.shape if inv_TK is not None else shape_TK
     D = src_ND.shape[1]
     out_TD = torch.empty(T, D, dtype=out_dtype, device=src_ND.device)
     if T == 0:
         return out_TD
     block = _block(D, 2048)
     grid = (T, triton.cdiv(D, block))
-    w = weights_TK if weights_TK is not None else inv_TK  # placeholder pointer when switched off
-    _gather_sum_kernel[grid](src_ND, inv_TK, w, out_TD, K, D, src_ND.stride(0), out_TD.stride(0),
-                             HAS_W=weights_TK is not None, BLOCK_D=block, num_warps=_warps(block))
+    inv = inv_TK if inv_TK is not None else src_ND  # placeholder pointers for switched-off inputs
+    w = weights_TK if weights_TK is not None else inv
+    _gather_sum_kernel[grid](src_ND, inv, w, out_TD, K, D, src_ND.stride(0), out_TD.stride(0),
+                             HAS_W=weights_TK is not None, DIRECT=inv_TK is None, BLOCK_D=block,
+                             num_warps=_warps(block))
     return out_TD
 
 
