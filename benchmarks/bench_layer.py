@@ -19,7 +19,10 @@ uniform and Zipf(1.2) routing, forward and forward+backward, it times:
   with a note in the log, where it does not import.
 
 Decode shapes (T in {1, 8, 64}, forward) add ``moekit_graph`` (the same call replayed from a
-CUDA graph, as a server runs decode), ``moekit_op`` (where the backend takes its decode path:
+CUDA graph, as a server runs decode), ``moekit_graph_layers`` (the time of one call inside a
+graph of eight calls over four layers' weights: a served model replays all its layers from one
+graph, so the graph's launch is not paid per layer, and other layers' weights keep the L2 from
+serving this one's), ``moekit_op`` (where the backend takes its decode path:
 the same kernels called through the ``moekit::experts_decode`` custom op, which eager calls
 skip) and the bound of reading every active expert's weights once at the device-to-device
 copy bandwidth measured in the same run.
@@ -288,6 +291,37 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False):
     return rows
 
 
+GRAPH_LAYERS, GRAPH_CALLS = 4, 8
+
+
+def layers_graph_ms(x, idx, w, D, F, E, gen) -> float:
+    """Per-call time of ``GRAPH_CALLS`` decode calls captured in one CUDA graph, cycling over
+    ``GRAPH_LAYERS`` layers' own weights, as a served model's graph replays its layers.
+
+    A one-call graph also times the graph's launch (a few us, paid once per model step, not
+    per layer), and calling one layer's weights back to back would serve part of them from the
+    50 MB L2; four layers' active experts (>= 300 MB here) do not fit in it."""
+    layers = [tuple(t.detach() for t in make_weights(D, F, E, gen)) for _ in range(GRAPH_LAYERS)]
+
+    def calls():
+        for i in range(GRAPH_CALLS):
+            w_in, w_out = layers[i % GRAPH_LAYERS]
+            experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    ms = time_ms(graph.replay) / GRAPH_CALLS
+    del graph, layers
+    torch.cuda.empty_cache()
+    return ms
+
+
 def run_decode(name, D, F, E, K, T, kind, gen, copy_gbs, log):
     w_in, w_out = make_weights(D, F, E, gen)
     w_in, w_out = w_in.detach(), w_out.detach()
@@ -315,6 +349,10 @@ def run_decode(name, D, F, E, K, T, kind, gen, copy_gbs, log):
             res["moekit_graph"] = time_ms(graph.replay)
         except Exception as e:
             log(f"  moekit_graph failed: {e!r}")
+        try:  # a served model replays all its layers from one graph: time a call inside one
+            res["moekit_graph_layers"] = layers_graph_ms(x, idx, w, D, F, E, gen)
+        except Exception as e:
+            log(f"  moekit_graph_layers failed: {e!r}")
         try:  # the per-slot decode kernels at every T (auto uses them up to DECODE_MAX_SLOTS)
             slots = torch.cuda.CUDAGraph()
             op = torch.ops.moekit.experts_decode
