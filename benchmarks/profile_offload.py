@@ -55,6 +55,7 @@ VARIANTS = [
     ("lfu +layer_output +poll +victim", 1, "lfu", "layer_output", 0, 2, False, True, True),
     ("lru +next_layer+layer_output", 1, "lru", "next_layer+layer_output", 0, 2, False, True, True),
     ("lfu +next_layer+layer_output", 1, "lfu", "next_layer+layer_output", 0, 2, False, True, True),
+    ("lru +next_layer+layer_output lead 4", 1, "lru", "next_layer+layer_output", 0, 4, False, True, True),
     ("lru", 8, "lru", "none", 0, 2, False, True, True),
     ("lfu", 8, "lfu", "none", 0, 2, False, True, True),
     ("lfu +cpu", 8, "lfu", "none", 0, 2, True, True, True),
