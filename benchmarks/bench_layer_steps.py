@@ -1,9 +1,9 @@
 """Where the time of moekit's grouped expert path goes, step by step, against the balanced
 ``torch.bmm`` bound's own steps, on one GPU.
 
-    python benchmarks/bench_layer_steps.py [--out DIR] [--shapes a,b] [--tag TAG]
+    python benchmarks/bench_layer_steps.py [--out DIR] [--shapes a,b] [--routing uniform|zipf] [--tag TAG]
 
-For every prefill shape of ``bench_layer.py`` (uniform routing, bf16) it times, each on its
+For every prefill shape of ``bench_layer.py`` (uniform routing unless ``--routing zipf``, bf16) it times, each on its
 own (CUDA events, median of back-to-back repetitions after warm-up):
 
 - moekit's forward steps: the routing sort, the gather of ``x``, the gate+up grouped GEMM, the
@@ -49,14 +49,14 @@ def _gmm(a, b, offs):
     return torch._grouped_mm(a, b, offs=offs)
 
 
-def shape_steps(name, T, D, F_, E, K, gen, log) -> list[dict]:
+def shape_steps(name, T, D, F_, E, K, gen, log, kind: str = "uniform") -> list[dict]:
     """Times of each step of moekit's path and of the bound, in ms, for one shape."""
     H, M = 2 * F_, T * K // E
     w_in, w_out = make_weights(D, F_, E, gen)
     w_in, w_out = w_in.detach(), w_out.detach()
     x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
     dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    idx, w = routing(T, E, K, "uniform", gen)
+    idx, w = routing(T, E, K, kind, gen)
     w = w.bfloat16()
     order, inv, offs = route_by_expert(idx, E)
     tok = order // K
@@ -114,7 +114,7 @@ def shape_steps(name, T, D, F_, E, K, gen, log) -> list[dict]:
     rows = []
     for what, fn in cases.items():
         ms = time_ms(fn, budget_s=0.15, warmup=2)
-        rows.append(dict(shape=name, T=T, D=D, F=F_, E=E, K=K, step=what, ms=ms))
+        rows.append(dict(shape=name, T=T, D=D, F=F_, E=E, K=K, routing=kind, step=what, ms=ms))
         log(f"  {name:18s} {what:18s} {ms:8.4f} ms")
     gemms = ["gate+up", "down", "dau", "dw_out", "dw_in", "dx"]
     ms = {r["step"]: r["ms"] for r in rows}
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results", help="folder for layer_steps_<gpu>_<date>.json")
     p.add_argument("--shapes", default="", help="comma-separated prefill shape names (default: all)")
+    p.add_argument("--routing", default="uniform", choices=("uniform", "zipf"),
+                   help="moekit's routing (the bound is always balanced)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
     rows = []
     for name, T, D, F_, E, K in PREFILL:
         if not args.shapes or name in args.shapes.split(","):
-            rows += shape_steps(name, T, D, F_, E, K, gen, log)
+            rows += shape_steps(name, T, D, F_, E, K, gen, log, args.routing)
             torch.cuda.empty_cache()
     path = result_path(args.out, "layer_steps", info, args.tag)
     write_json(path, dict(command=command_line(argv), machine=info, rows=rows, log=lines))
