@@ -1,8 +1,9 @@
 """Session-4 engine behaviour on a CPU "device": a ``layer_output`` prediction starts its
 prefetch at the first poll between the host's launches (not only while the host waits for the
-next layer's counts); a prefetch evicts the resident expert its prediction deems least likely;
-misses that must stream through the slots count as copy work when CPU computation is weighed;
-CPU-computed experts are summed in ascending expert order after the device work is queued."""
+next layer's counts); the combined ``next_layer+layer_output`` prefetch; misses that must stream
+through the slots count as copy work when CPU computation is weighed; CPU-computed experts are
+summed in ascending expert order after the device work is queued, and their observed times
+refine the cost model."""
 
 import copy
 import sys
@@ -14,25 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 from tiny_models import tiny_model  # noqa: E402
 
-from moekit.offload import ExpertCache, TransferCosts, offload  # noqa: E402
-
-
-def test_victim_by_scores_takes_the_lowest_scored_candidate_ties_by_policy():
-    cache = ExpertCache(3, "lru")
-    for e in range(3):
-        cache.insert((0, e))
-    scores = {(0, 0): 0.9, (0, 1): 0.1, (0, 2): 0.5}
-    assert cache.victim(0) == (0, 0)  # plain LRU
-    assert cache.victim(0, scores=scores) == (0, 1)
-    assert cache.victim(0, protected={(0, 1)}, scores=scores) == (0, 2)
-    assert cache.victim(0, scores={(0, 0): 0.2, (0, 1): 0.2, (0, 2): 0.9}) == (0, 0)  # tie: least recent
-    lfu = ExpertCache(2, "lfu")
-    for key, uses in (((0, 0), 3), ((0, 1), 1)):
-        lfu.insert(key)
-        for _ in range(uses):
-            lfu.use(key)
-    assert lfu.victim(0, scores={(0, 0): 0.3, (0, 1): 0.3}) == (0, 1)  # tie: least frequent
-    assert lfu.insert((0, 2), scores={(0, 0): 0.1, (0, 1): 0.3}) == (0, (0, 0))
+from moekit.offload import TransferCosts, offload  # noqa: E402
 
 
 def _offloaded(prefetch="layer_output", seed=50, slots=5):
@@ -75,27 +58,6 @@ def test_without_poll_the_prediction_waits_for_the_counts_and_tokens_do_not_chan
         ref = ref_model.generate(ids, max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert any(pending_at_layer)  # predictions were still unread when their layer started
-
-
-def test_prefetch_evicts_the_resident_expert_with_the_lowest_predicted_mass():
-    model, handle = _offloaded(seed=54, slots=4)  # 2 layers x 2 slots, 4 experts each
-    engine = handle.engine
-    assert engine.num_experts == 4
-    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(55))
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, do_sample=False)
-    resident = [k for k in engine.cache.resident() if k[0] == 1]
-    assert len(resident) == 2
-    missing = [e for e in range(engine.num_experts) if (1, e) not in engine.cache]
-    guess = missing[0]
-    mass = [0.5] * engine.num_experts
-    lowest = resident[-1]  # the most recently used one: LRU would keep it
-    mass[lowest[1]] = 0.01
-    counts = [0.0] * engine.num_experts
-    counts[guess] = 1.0
-    engine._set_prefetch(1, counts, mass, set())
-    assert (1, guess) in engine.cache and lowest not in engine.cache
-    assert all(k in engine.cache for k in resident if k != lowest)
 
 
 def test_streamed_misses_count_as_copy_work_so_the_cpu_takes_some():
@@ -151,3 +113,31 @@ def test_next_layer_then_layer_output_replaces_the_early_guesses_and_keeps_token
     s = handle.stats()
     assert replaced and s["prefetch_copies"] > 0 and 0 <= s["prefetch_precision"] <= 1
     assert s["prefetch_lead_s"] > 0
+
+
+def test_observed_cpu_times_move_the_cost_model_only_when_adapting():
+    fixed = TransferCosts(h2d_bytes_per_s=1e9, expert_bytes=10**6, cpu_s_fixed=0.010, cpu_s_per_token=0.001)
+    fixed.observe_cpu(0.050, 2)
+    assert fixed.cpu_s_fixed == 0.010  # cpu_adapt 0: the measured model stays
+    costs = TransferCosts(1e9, 10**6, 0.010, 0.001, cpu_adapt=0.5)
+    costs.observe_cpu(0.032, 2)  # fixed part of this sample: 0.030
+    assert costs.cpu_s_fixed == pytest.approx(0.020) and costs.cpu_s_per_token == 0.001
+    for _ in range(30):
+        costs.observe_cpu(0.032, 2)
+    assert costs.cpu_s_fixed == pytest.approx(0.030)
+    assert not costs.prefer_cpu(1, backlog_s=0.0)  # 31 ms on the CPU vs a 1 ms copy
+
+
+def test_offload_refines_the_cpu_cost_from_the_cpu_experts_it_computes():
+    model = tiny_model("olmoe", seed=62)
+    handle = offload(model, cache_experts=2, device="cpu", cpu_compute=True)
+    eb = handle.engine.expert_bytes
+    assert handle.engine.costs.cpu_adapt > 0
+    # a made-up 1.5 s per CPU expert (copy 1 s): a miss goes to the CPU once two copies are
+    # queued, and the real (sub-millisecond) times of those CPU experts then pull the figure down
+    handle.engine.costs = TransferCosts(float(eb), eb, cpu_s_fixed=1.5, cpu_s_per_token=0.0, cpu_adapt=0.5)
+    ids = torch.randint(3, 96, (4, 4), generator=torch.Generator().manual_seed(63))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert handle.engine.counters.cpu_computed > 0
+    assert handle.engine.costs.cpu_s_fixed < 0.1

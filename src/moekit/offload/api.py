@@ -54,6 +54,7 @@ from moekit.offload.engine import OffloadEngine
 __all__ = ["OffloadedExperts", "OffloadHandle", "ForwardRecord", "offload", "PREFETCH"]
 
 PREFETCH = ("none", "next_layer", "layer_output", "next_layer+layer_output")
+CPU_ADAPT = 0.25  # weight of each observed CPU expert time in the cost model (TransferCosts.observe_cpu)
 
 
 class OffloadedExperts(nn.Module):
@@ -157,7 +158,7 @@ class OffloadHandle:
         costs = old.costs
         if cpu_compute and costs.cpu_s_fixed == float("inf"):
             fixed, per_token = measure_cpu_expert(old.host_w_in[0][0], old.host_w_out[0][0])
-            costs = TransferCosts(costs.h2d_bytes_per_s, costs.expert_bytes, fixed, per_token)
+            costs = TransferCosts(costs.h2d_bytes_per_s, costs.expert_bytes, fixed, per_token, CPU_ADAPT)
         if old.cuda:
             old.resolve_stalls()
         old.slot_in = old.slot_out = None  # free the old slots before allocating the new ones
@@ -255,8 +256,9 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     cache_experts: number of device expert slots; or gpu_memory: total device budget (bytes or
     "20GB"), the slots being what is left after the dense weights and ``reserve`` (activations,
     KV cache; default 10% of the budget). policy: "lru" | "lfu". prefetch: "none" |
-    "next_layer" | "layer_output" (module doc). cpu_compute: compute a missing expert on the
-    CPU when the measured cost model says it finishes sooner than its copy. device: default
+    "next_layer" | "layer_output" | "next_layer+layer_output" (module doc). cpu_compute:
+    compute a missing expert on the CPU when the measured cost model says it finishes sooner
+    than its copy (the CPU figure follows the CPU experts' own times while decoding). device: default
     CUDA when available, else the CPU (tests). prefetch_extra: experts prefetched beyond the
     predicted top-k set, by predicted probability mass (they take only slots of experts ranked
     below them). lead_chunks: prefetch chunks kept queued on the copy stream (a wrong guess
@@ -306,7 +308,7 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
 
     bandwidth = measure_h2d_bandwidth(device, nbytes=min(64 * 2**20, max(expert_bytes, 2**20)))
     cpu_fixed, cpu_per_token = measure_cpu_expert(w_in[0], w_out[0]) if cpu_compute else (float("inf"), 0.0)
-    costs = TransferCosts(bandwidth, expert_bytes, cpu_fixed, cpu_per_token)
+    costs = TransferCosts(bandwidth, expert_bytes, cpu_fixed, cpu_per_token, CPU_ADAPT)
     predictors, out_modules = _predictors(model, blocks)
     modules = dict(model.named_modules())
     poll_modules = [m for m in (modules.get(b.name.rpartition(".")[0]) for b in blocks) if m is not None]

@@ -74,12 +74,10 @@ class ExpertCache:
             self._slot_of.move_to_end(key)
 
     def victim(self, layer: int, protected: set[Key] | frozenset[Key] = frozenset(),
-               borrow: bool = False, scores: dict[Key, float] | None = None) -> Key | None:
+               borrow: bool = False) -> Key | None:
         """The key ``insert`` would evict now for an expert of ``layer`` (None if a slot is
         free, or if every candidate is protected). ``borrow``: ignore the quota (any
-        unprotected key; for a layer call that needs more experts than its quota). ``scores``:
-        when given, the candidate with the lowest score goes (a key without one scores 0; ties
-        by the policy), e.g. a prefetch evicting the expert its prediction deems least likely."""
+        unprotected key; for a layer call that needs more experts than its quota)."""
         if self._free:
             return None
         if borrow:
@@ -91,28 +89,23 @@ class ExpertCache:
             candidates = [k for k in unprotected if self._per_layer[k[0]] > self.quota] or unprotected
         if not candidates:  # (least recent first)
             return None
-        if scores:
-            if self.policy == "lfu":
-                return min(candidates, key=lambda k: (scores.get(k, 0.0), self._freq.get(k, 0)))
-            return min(candidates, key=lambda k: scores.get(k, 0.0))  # min is stable: LRU among ties
         if self.policy == "lru":
             return candidates[0]
         return min(candidates, key=lambda k: self._freq.get(k, 0))  # min is stable: LRU among ties
 
     def insert(self, key: Key, protected: set[Key] | frozenset[Key] = frozenset(),
-               borrow: bool = False, recent: bool = True,
-               scores: dict[Key, float] | None = None) -> tuple[int, Key | None] | None:
+               borrow: bool = False, recent: bool = True) -> tuple[int, Key | None] | None:
         """Give ``key`` a slot (evicting a victim if needed); None if no slot may be taken.
         The new key counts as most recently used, or with ``recent=False`` (a prefetch, not a
         use) as least recently used: a wrong guess is then the next victim instead of pushing
-        out experts that were used. ``borrow``, ``scores``: see :meth:`victim`."""
+        out experts that were used. ``borrow``: see :meth:`victim`."""
         if key in self._slot_of:
             raise ValueError(f"key: {key} is already resident in slot {self._slot_of[key]}")
         evicted = None
         if self._free:
             slot = self._free.pop()
         else:
-            evicted = self.victim(key[0], protected, borrow, scores)
+            evicted = self.victim(key[0], protected, borrow)
             if evicted is None:
                 return None
             slot = self._slot_of.pop(evicted)

@@ -49,13 +49,16 @@ class TransferCosts:
 
     h2d_bytes_per_s: pinned host-to-device bandwidth (bytes/s). expert_bytes: bytes of one
     expert's weights. cpu_s_fixed / cpu_s_per_token: CPU time of one expert's MLP,
-    ``cpu_s_fixed + n * cpu_s_per_token`` seconds for ``n`` tokens.
+    ``cpu_s_fixed + n * cpu_s_per_token`` seconds for ``n`` tokens. cpu_adapt: weight of each
+    CPU expert time observed while decoding in a moving average of ``cpu_s_fixed``
+    (:meth:`observe_cpu`; 0 keeps the measured model fixed).
     """
 
     h2d_bytes_per_s: float
     expert_bytes: int
     cpu_s_fixed: float
     cpu_s_per_token: float
+    cpu_adapt: float = 0.0
 
     def copy_s(self) -> float:
         """Seconds to copy one expert to the device."""
@@ -64,6 +67,17 @@ class TransferCosts:
     def cpu_s(self, num_tokens: int) -> float:
         """Seconds to compute one expert on the CPU for ``num_tokens`` tokens."""
         return self.cpu_s_fixed + num_tokens * self.cpu_s_per_token
+
+    def observe_cpu(self, seconds: float, num_tokens: int) -> None:
+        """Fold one CPU expert's measured ``seconds`` for ``num_tokens`` tokens into
+        ``cpu_s_fixed`` (moving average, weight ``cpu_adapt``; the per-token slope is kept).
+        The figure measured once at ``offload`` time sees an idle host; while decoding the CPU
+        shares host memory with the copies, and one H100 run found the experts taking longer
+        than measured, so the list scheduling sent the CPU more misses than it could finish
+        before the copies."""
+        if self.cpu_adapt > 0:
+            fixed = max(seconds - num_tokens * self.cpu_s_per_token, 0.0)
+            self.cpu_s_fixed += self.cpu_adapt * (fixed - self.cpu_s_fixed)
 
     def prefer_cpu(self, num_tokens: int, backlog_s: float, cpu_backlog_s: float = 0.0) -> bool:
         """Whether a missing expert finishes sooner on the CPU than through a copy, when the

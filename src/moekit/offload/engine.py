@@ -150,7 +150,6 @@ class OffloadEngine:
         self._queued_at: dict[int, float] = {}  # layer -> host time its prefetch was queued
         self._queue: list[tuple[int, int]] = []  # prefetch keys still to issue, best first
         self._guard: set[tuple[int, int]] = set()  # keys a prefetch must not evict
-        self._mass: dict[tuple[int, int], float] = {}  # predicted router mass of the prefetch's layer
         self._host_buf: torch.Tensor | None = None  # pinned, for the per-layer counts
         self._pred_buf: torch.Tensor | None = None  # pinned, for a layer_output prediction
         # (target layer, host values, arrival event or None) of a layer_output prediction not read yet
@@ -175,8 +174,8 @@ class OffloadEngine:
         while room > 0 and self._queue:
             key = self._queue[0]
             slot = self.cache.lookup(key)
-            if slot is None:  # the victim: the target layer's resident expert least likely needed now
-                placed = self.cache.insert(key, self._guard, recent=False, scores=self._mass)
+            if slot is None:
+                placed = self.cache.insert(key, self._guard, recent=False)
                 if placed is None:  # every slot it may take is guarded: nothing more to prefetch
                     self._queue.clear()
                     return
@@ -276,7 +275,6 @@ class OffloadEngine:
         self._predicted[layer] = {e for e in range(self.num_experts) if counts_E[e] > 0}
         self._queued_at.setdefault(layer, time.perf_counter())  # a second prediction keeps the first's lead
         ranked = rank_predictions(counts_E, mass_E, self.prefetch_extra)
-        self._mass = {(layer, e): mass_E[e] for e in range(self.num_experts)}
         self._guard = set(protected) | {(layer, e) for e in ranked}
         self._queue = [(layer, e) for e in ranked]
         self.pump()
@@ -441,7 +439,9 @@ class OffloadEngine:
         # misses, whose copies the host issues only when its loop reaches them)
         for e in on_cpu:
             tok, pos = rows_of(e)
+            t0 = time.perf_counter()
             y = self._expert(x_cpu[e], self.host_w_in[layer][e], self.host_w_out[layer][e])
+            self.costs.observe_cpu(time.perf_counter() - t0, counts_E[e])
             if self.cuda:
                 y = y.pin_memory()  # an asynchronous copy back, behind the queued work
             deferred[e] = (tok, y.to(self.device, non_blocking=True) * weights_TK[tok, pos, None])
