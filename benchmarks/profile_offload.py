@@ -256,6 +256,61 @@ def profile_once(model, handle, ids, args, trace_path: str | None) -> dict:
     return analyse_trace(trace.get("traceEvents", []))
 
 
+def step_split(doc: dict) -> list[dict]:
+    """Per batch-1 variant of a result ``doc``, from the timed (unprofiled) runs' medians: ms
+    per decode step, of which the copy stream spends ``needed_copy_ms`` on the misses (8 expert
+    activations per token on the 4-layer top-2 config: ``8 * (1 - hit)`` copies),
+    ``wasted_copy_ms`` on prefetch bytes beyond them, and ``not_overlapped_ms`` with no copy
+    running."""
+    bw = doc["pinned_h2d_bytes_per_s"]
+    rows = []
+    for key, r in doc["results"].items():
+        if not key.endswith("@b1"):
+            continue
+        runs = r["runs"]
+        med = {f: statistics.median([x[f] for x in runs]) for f in ("tok_s", "hit", "bytes_per_token")}
+        step = 1e3 / med["tok_s"]
+        bus = med["bytes_per_token"] / bw * 1e3
+        needed = 8 * (1 - med["hit"]) * doc["expert_bytes"] / bw * 1e3
+        rows.append(dict(name=key[:-4], step_ms=step, needed_copy_ms=needed, wasted_copy_ms=max(bus - needed, 0.0),
+                         not_overlapped_ms=step - bus, hit=med["hit"], tok_s=med["tok_s"],
+                         tok_s_min=r["tok_s_min"], tok_s_max=r["tok_s_max"]))
+    return rows
+
+
+def plot(doc: dict, path: str) -> None:
+    """Stacked bars: where a batch-1 decode step's time goes per variant (:func:`step_split`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = step_split(doc)
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 2))
+    left = [0.0] * len(rows)
+    for field, color, label in (("needed_copy_ms", "tab:blue", "copy stream: misses"),
+                                ("wasted_copy_ms", "tab:red", "copy stream: prefetch bytes beyond the misses"),
+                                ("not_overlapped_ms", "tab:gray", "no copy running")):
+        vals = [r[field] for r in rows]
+        ax.barh(range(len(rows)), vals, left=left, color=color, label=label)
+        left = [a + b for a, b in zip(left, vals)]
+    for i, r in enumerate(rows):
+        ax.text(left[i] + 0.3, i, f"{r['tok_s']:.1f} tok/s [{r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}]  "
+                f"hit {r['hit']:.3f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r["name"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(left) * 1.45)
+    ax.set_xlabel("ms per decode step (batch 1; medians of the interleaved repeats)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, fontsize=8)
+    ax.set_title(f"Where a decode step goes: {doc['device']}, {doc['slots']} expert slots, pinned H2D "
+                 f"{doc['pinned_h2d_bytes_per_s'] / 1e9:.1f} GB/s\n(s3 = prefetch read only while the host waits "
+                 "for the counts; others poll between the host's launches)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mixtral-8x7b", choices=sorted(bench.PRESETS))
@@ -270,7 +325,12 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--out", default=None, help="JSON summary path")
     p.add_argument("--trace-dir", default=None, help="folder for gzipped Chrome traces")
+    p.add_argument("--plot", default=None, metavar="JSON", help="only draw the PNG of an existing result file")
     args = p.parse_args(argv)
+    if args.plot:
+        with open(args.plot) as fh:
+            plot(json.load(fh), os.path.splitext(args.plot)[0] + ".png")
+        return 0
     from moekit.offload import offload
 
     torch.manual_seed(0)
@@ -324,7 +384,7 @@ def main(argv=None) -> int:
             r[f"{field}_min"], r[f"{field}_max"] = min(vals), max(vals)
     doc = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "pinned_h2d_bytes_per_s": bw,
-           "slots": slots, "versions": bench._versions(), "variants": [list(v) for v in variants], "results": results}
+           "slots": slots, "expert_bytes": handle.engine.expert_bytes, "versions": bench._versions(), "variants": [list(v) for v in variants], "results": results}
     print(f"\n{'variant':<46} {'tok/s med [min-max]':>22} {'hit':>6} {'infl':>5} {'pcie':>5} {'bus':>6} {'cmp':>6} "
           f"{'idle':>6} {'wait':>5} {'eng':>5} {'pred':>5} {'else':>5} {'react':>6}")
     for key, r in results.items():
