@@ -20,10 +20,17 @@ One engine serves every MoE layer of a model. For each layer call it
    often right. Its result is not waited for there (that would be a second host
    synchronisation per layer, leaving the device idle while the host launches the next
    attention): it is copied to the host asynchronously and read, and its prefetch issued,
-   as soon as it has arrived while the host waits for the next layer's counts (step 1);
+   at the first :meth:`OffloadEngine.poll` after it has arrived (pre-hooks on every module of
+   the decoder layers call it between the host's launches; it also keeps prefetch chunks
+   queued there) or while the host waits for the next layer's counts (step 1);
+   ``prefetch="next_layer+layer_output"`` queues the first and replaces it by the second;
 4. computes each needed expert once for all the tokens of the batch routed to it, in ascending
    expert order, exactly like ``transformers``' eager expert loop (so results are the plain
    model's), the compute stream waiting on a slot's copy only when it reaches that expert.
+   Misses sent to the CPU are computed after every copy and device expert of the layer is
+   queued, so the copy engine, the device and the CPU work at once; their sums then follow
+   in the same ascending order, and their measured times refine the cost model
+   (:meth:`~moekit.offload.costs.TransferCosts.observe_cpu`).
 
 Prefetch copies never take a slot holding an expert the current layer needs or one ranked
 above them, and are issued only while the copy stream has fewer than ``lead_chunks`` chunks
