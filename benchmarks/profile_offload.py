@@ -258,8 +258,8 @@ def profile_once(model, handle, ids, args, trace_path: str | None) -> dict:
 
 def step_split(doc: dict) -> list[dict]:
     """Per batch-1 variant of a result ``doc``, from the timed (unprofiled) runs' medians: ms
-    per decode step, of which the copy stream spends ``needed_copy_ms`` on the misses (8 expert
-    activations per token on the 4-layer top-2 config: ``8 * (1 - hit)`` copies),
+    per decode step, of which the copy stream spends ``needed_copy_ms`` on the misses
+    (``activations_per_token * (1 - hit)`` copies: one token needs layers x top-k experts),
     ``wasted_copy_ms`` on prefetch bytes beyond them, and ``not_overlapped_ms`` with no copy
     running."""
     bw = doc["pinned_h2d_bytes_per_s"]
@@ -271,7 +271,7 @@ def step_split(doc: dict) -> list[dict]:
         med = {f: statistics.median([x[f] for x in runs]) for f in ("tok_s", "hit", "bytes_per_token")}
         step = 1e3 / med["tok_s"]
         bus = med["bytes_per_token"] / bw * 1e3
-        needed = 8 * (1 - med["hit"]) * doc["expert_bytes"] / bw * 1e3
+        needed = doc["activations_per_token"] * (1 - med["hit"]) * doc["expert_bytes"] / bw * 1e3
         rows.append(dict(name=key[:-4], step_ms=step, needed_copy_ms=needed, wasted_copy_ms=max(bus - needed, 0.0),
                          not_overlapped_ms=step - bus, hit=med["hit"], tok_s=med["tok_s"],
                          tok_s_min=r["tok_s_min"], tok_s_max=r["tok_s_max"]))
@@ -384,7 +384,8 @@ def main(argv=None) -> int:
             r[f"{field}_min"], r[f"{field}_max"] = min(vals), max(vals)
     doc = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "pinned_h2d_bytes_per_s": bw,
-           "slots": slots, "expert_bytes": handle.engine.expert_bytes, "versions": bench._versions(), "variants": [list(v) for v in variants], "results": results}
+           "slots": slots, "expert_bytes": handle.engine.expert_bytes,
+           "activations_per_token": args.layers * model.config.num_experts_per_tok, "versions": bench._versions(), "variants": [list(v) for v in variants], "results": results}
     print(f"\n{'variant':<46} {'tok/s med [min-max]':>22} {'hit':>6} {'infl':>5} {'pcie':>5} {'bus':>6} {'cmp':>6} "
           f"{'idle':>6} {'wait':>5} {'eng':>5} {'pred':>5} {'else':>5} {'react':>6}")
     for key, r in results.items():
