@@ -478,6 +478,13 @@ def plot(doc: dict, path: str) -> None:
     plt.close(fig)
 
 
+def redraw(path: str, draw) -> int:
+    """``draw(doc, png_path)`` for the result file ``path`` (its PNG beside it); returns 0."""
+    with open(path) as fh:
+        draw(json.load(fh), os.path.splitext(path)[0] + ".png")
+    return 0
+
+
 def print_run(run: dict) -> None:
     if "error" in run:
         print(f"{run['name']:<40} batch {run.get('batch', '-')}: ERROR {run['error']}", flush=True)
@@ -512,9 +519,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an existing result file")
     args = p.parse_args(argv)
     if args.plot:
-        with open(args.plot) as fh:
-            plot(json.load(fh), os.path.splitext(args.plot)[0] + ".png")
-        return 0
+        return redraw(args.plot, plot)
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
 

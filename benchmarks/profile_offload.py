@@ -328,9 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, metavar="JSON", help="only draw the PNG of an existing result file")
     args = p.parse_args(argv)
     if args.plot:
-        with open(args.plot) as fh:
-            plot(json.load(fh), os.path.splitext(args.plot)[0] + ".png")
-        return 0
+        return bench.redraw(args.plot, plot)
     from moekit.offload import offload
 
     torch.manual_seed(0)

@@ -18,6 +18,13 @@ from tiny_models import tiny_model  # noqa: E402
 from moekit.offload import TransferCosts, offload  # noqa: E402
 
 
+def _with_cpu_cost(handle, cpu_s: float, adapt: float = 0.0):
+    """Replace the measured costs: copies take 1 s per expert, CPU experts ``cpu_s``."""
+    eb = handle.engine.expert_bytes
+    handle.engine.costs = TransferCosts(float(eb), eb, cpu_s_fixed=cpu_s, cpu_s_per_token=0.0, cpu_adapt=adapt)
+    return handle
+
+
 def _offloaded(prefetch="layer_output", seed=50, slots=5):
     model = tiny_model("mixtral", seed=seed)
     return model, offload(model, cache_experts=slots, device="cpu", prefetch=prefetch, lead_chunks=1,
@@ -67,9 +74,7 @@ def test_streamed_misses_count_as_copy_work_so_the_cpu_takes_some():
     model = tiny_model("olmoe", seed=56)
     ref = copy.deepcopy(model)
     ids = torch.randint(3, 96, (4, 4), generator=torch.Generator().manual_seed(57))
-    handle = offload(model, cache_experts=2, device="cpu", cpu_compute=True)
-    eb = handle.engine.expert_bytes
-    handle.engine.costs = TransferCosts(h2d_bytes_per_s=float(eb), expert_bytes=eb, cpu_s_fixed=3.5, cpu_s_per_token=0.0)
+    handle = _with_cpu_cost(offload(model, cache_experts=2, device="cpu", cpu_compute=True), 3.5)
     with torch.no_grad():
         got = model.generate(ids, max_new_tokens=4, do_sample=False)
         expected = ref.generate(ids, max_new_tokens=4, do_sample=False)
@@ -84,9 +89,7 @@ def test_cpu_computed_experts_keep_greedy_tokens_with_mixtral(prefetch):
     model = tiny_model("mixtral", seed=58)
     ref = copy.deepcopy(model)
     ids = torch.randint(3, 96, (3, 5), generator=torch.Generator().manual_seed(59))
-    handle = offload(model, cache_experts=3, device="cpu", cpu_compute=True, prefetch=prefetch)
-    eb = handle.engine.expert_bytes
-    handle.engine.costs = TransferCosts(h2d_bytes_per_s=float(eb), expert_bytes=eb, cpu_s_fixed=0.6, cpu_s_per_token=0.0)
+    handle = _with_cpu_cost(offload(model, cache_experts=3, device="cpu", cpu_compute=True, prefetch=prefetch), 0.6)
     with torch.no_grad():
         torch.testing.assert_close(model.generate(ids, max_new_tokens=6, do_sample=False),
                                    ref.generate(ids, max_new_tokens=6, do_sample=False), rtol=0, atol=0)
@@ -131,11 +134,10 @@ def test_observed_cpu_times_move_the_cost_model_only_when_adapting():
 def test_offload_refines_the_cpu_cost_from_the_cpu_experts_it_computes():
     model = tiny_model("olmoe", seed=62)
     handle = offload(model, cache_experts=2, device="cpu", cpu_compute=True)
-    eb = handle.engine.expert_bytes
     assert handle.engine.costs.cpu_adapt > 0
     # a made-up 1.5 s per CPU expert (copy 1 s): a miss goes to the CPU once two copies are
     # queued, and the real (sub-millisecond) times of those CPU experts then pull the figure down
-    handle.engine.costs = TransferCosts(float(eb), eb, cpu_s_fixed=1.5, cpu_s_per_token=0.0, cpu_adapt=0.5)
+    _with_cpu_cost(handle, 1.5, adapt=0.5)
     ids = torch.randint(3, 96, (4, 4), generator=torch.Generator().manual_seed(63))
     with torch.no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False)
