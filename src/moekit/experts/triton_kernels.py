@@ -43,9 +43,12 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 def _act_fwd_kernel(h_ptr, a_ptr, offs_ptr, last, F: tl.constexpr, stride_h, stride_a,
                     SWIGLU: tl.constexpr, BLOCK_F: tl.constexpr):
     row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     n_valid = tl.load(offs_ptr + last)
-    mask = (cols < F) & (row < n_valid)
+    # Rows of -1 slots (fixed-size expert-parallel buffers can be half of them) do no work.
+    if row >= n_valid:
+        return
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask = cols < F
     h_row = h_ptr + row.to(tl.int64) * stride_h
     if SWIGLU:
         g = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -63,14 +66,15 @@ def _act_bwd_kernel(h_ptr, dau_ptr, w_ptr, order_ptr, offs_ptr, last,
                     SWIGLU: tl.constexpr, BLOCK_F: tl.constexpr):
     row = tl.program_id(0)
     n_valid = tl.load(offs_ptr + last)
-    valid = row < n_valid
+    if row >= n_valid:  # a -1 slot's row: nothing to compute, its outputs are never read
+        return
     slot = tl.load(order_ptr + row)
     w = tl.load(w_ptr + slot).to(tl.float32)
     r64 = row.to(tl.int64)
     acc = tl.zeros([BLOCK_F], dtype=tl.float32)
     for f0 in range(0, F, BLOCK_F):
         cols = f0 + tl.arange(0, BLOCK_F)
-        mask = (cols < F) & valid
+        mask = cols < F
         dau = tl.load(dau_ptr + r64 * stride_da + cols, mask=mask, other=0.0).to(tl.float32)
         if SWIGLU:
             g = tl.load(h_ptr + r64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
@@ -91,7 +95,7 @@ def _act_bwd_kernel(h_ptr, dau_ptr, w_ptr, order_ptr, offs_ptr, last,
             tl.store(dh_ptr + r64 * stride_dh + cols, dv.to(dh_ptr.dtype.element_ty), mask=mask)
         acc += dau * a
         tl.store(aw_ptr + r64 * stride_aw + cols, (w * a).to(aw_ptr.dtype.element_ty), mask=mask)
-    tl.store(dwr_ptr + row, tl.sum(acc, axis=0), mask=valid)
+    tl.store(dwr_ptr + row, tl.sum(acc, axis=0))
 
 
 @triton.jit
