@@ -94,6 +94,8 @@ EOF
 best=${ranked%%,*}
 top2=$(echo "$ranked" | cut -d, -f1-2)
 echo "variants ranked by pass 1: $ranked" >> "$OUT/bench.log"
+PASS2_ARGS=${PASS2_ARGS:-}
+PASS3_ARGS=${PASS3_ARGS:-}
 PASS2_ARGS=${PASS2_ARGS//@BEST@/$best}
 PASS2_ARGS=${PASS2_ARGS//@TOP2@/$top2}
 PASS3_ARGS=${PASS3_ARGS//@BEST@/$best}
