@@ -228,13 +228,10 @@ class OffloadEngine:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             while not done.query():
-                if self._pending is not None and self._pending[2].query():
-                    self._take_prediction(prefetch=True)
-                elif self._queue:
-                    self.pump()
-                elif self._pending is None:
+                if self._pending is None and not self._queue:  # nothing to feed or wait for
                     done.synchronize()
                     break
+                self.poll()
             t = host
         elif self._pending is not None:
             self._take_prediction(prefetch=True)
