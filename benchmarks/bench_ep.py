@@ -22,8 +22,9 @@ rank holds ``T`` tokens (weak scaling: tokens per GPU fixed) and times the route
   ``--variants`` picks them; ``fixed`` / ``overlap`` / ``overlap_fixed`` take the options
   ``:cN`` (the layer's GEMMs leave ``N`` SMs to the NCCL kernels, ``sm_carveout=N``) and
   ``:hp`` (the EP group's NCCL streams at high priority), and the overlap modes ``:rf``
-  (``remote_first``: the exchanged rows' path on a high-priority stream), e.g.
-  ``overlap_fixed:c16:hp:rf``.
+  (``remote_first``: the exchanged rows' path on a high-priority stream), and the fixed-size
+  modes ``:ce`` (their exchanges on the GPUs' copy engines, ``transport="copy_engine"``), e.g.
+  ``overlap_fixed:c16:hp:rf`` or ``overlap_fixed:c2:ce``.
 
 Routing is synthetic so that its skew is controlled: ``balanced`` gives every expert exactly
 ``T*k/E`` assignments on every rank; ``zipf`` samples ``k`` distinct experts per token with
@@ -172,15 +173,16 @@ BASE_VARIANTS = ("plain", "fixed", "overlap", "overlap_fixed")
 
 
 def parse_variant(label: str) -> dict:
-    """``base[:cN][:hp][:rf]`` -> settings. base: ``plain`` (Zipf without and with plans, and the
+    """``base[:cN][:hp][:rf][:ce]`` -> settings. base: ``plain`` (Zipf without and with plans, and the
     per-assignment dispatch, all deduplicated otherwise), ``fixed`` (fixed-size sync-free
     dispatch), ``overlap`` (own tokens on a side stream beside the deduplicated exchange),
     ``overlap_fixed`` (both); ``cN``: the layer's GEMMs leave ``N`` SMs free
     (``sm_carveout=N``); ``hp``: the EP group's NCCL streams at high priority; ``rf``
-    (overlap modes): the exchanged rows' path on a high-priority stream (``remote_first``)."""
+    (overlap modes): the exchanged rows' path on a high-priority stream (``remote_first``);
+    ``ce`` (fixed-size modes): the exchanges on the copy engines (``transport="copy_engine"``)."""
     base, *opts = label.split(":")
     out = {"label": label, "fixed": "fixed" in base, "overlap": base.startswith("overlap"), "sm_carveout": None,
-           "high_priority": False, "remote_first": False}
+           "high_priority": False, "remote_first": False, "transport": "all_to_all"}
     if base not in BASE_VARIANTS:
         raise ValueError(f"--variants: unknown dispatch {base!r} in {label!r}; expected one of {BASE_VARIANTS}")
     for opt in opts:
@@ -188,11 +190,13 @@ def parse_variant(label: str) -> dict:
             out["high_priority"] = True
         elif opt == "rf" and out["overlap"]:
             out["remote_first"] = True
+        elif opt == "ce" and out["fixed"]:
+            out["transport"] = "copy_engine"
         elif opt[:1] == "c" and opt[1:].isdigit():
             out["sm_carveout"] = int(opt[1:])
         else:
             raise ValueError(f"--variants: unknown option {opt!r} in {label!r}; expected cN (SM carveout), hp, "
-                             f"or rf (overlap modes only)")
+                             f"rf (overlap modes only) or ce (fixed-size modes only)")
     if base == "plain" and opts:
         raise ValueError(f"--variants: {label!r}: options apply to fixed / overlap / overlap_fixed only")
     return out
@@ -247,8 +251,13 @@ def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
 
     def four():
         for _ in range(2):  # forward and backward each run a dispatch and a combine all-to-all
-            back = all_to_all(all_to_all(x_send, recv_splits, send_splits, module.group), send_splits, recv_splits,
-                              module.group)
+            if module.exchange is not None:  # the copy engines: gather x's rows, swap them back
+                include_self = not module.overlap
+                sent = module.exchange.run([x.detach()], include_self, gather=True)[0]
+                back = module.swap_fixed(include_self, sent)
+            else:
+                back = all_to_all(all_to_all(x_send, recv_splits, send_splits, module.group), send_splits,
+                                  recv_splits, module.group)
         return back
 
     ms = _timed(four, device, iters, warmup)
@@ -340,7 +349,7 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
            "ep": ep, "routing": routing, "plan": plan_rows is not None, "dedup": dedup if ep > 1 else None,
            "fixed": fixed, "overlap": overlap, "variant": variant["label"] if ep > 1 else "",
            "sm_carveout": variant["sm_carveout"], "nccl_high_priority": variant["high_priority"],
-           "remote_first": variant["remote_first"]}
+           "remote_first": variant["remote_first"], "transport": variant["transport"]}
     with torch.device(device):  # allocate (and randomly initialise) the weights on the device
         if ep == 1:
             module = GroupedExperts(cfg).to(dtype)
@@ -349,7 +358,8 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
             module = ExpertParallelExperts(cfg, group, layout, dedup=dedup,
                                            max_tokens_per_rank=num_tokens if fixed else None,
                                            overlap=overlap, sm_carveout=variant["sm_carveout"],
-                                           remote_first=variant["remote_first"]).to(dtype)
+                                           remote_first=variant["remote_first"],
+                                           transport=variant["transport"]).to(dtype)
     if ep > 1:
         if plan_rows is not None:
             skew_p2l = plan_rows[1]
@@ -686,7 +696,8 @@ def main(argv=None) -> int:
                    help="EP>1 dispatch variants to run besides the balanced deduplicated one: plain (Zipf, plans, "
                         "no-dedup), fixed, overlap, overlap_fixed; the last three take options ':cN' (the layer's "
                         "GEMMs leave N SMs free), ':hp' (NCCL streams at high priority) and, for the overlap modes, "
-                        "':rf' (remote path on a high-priority stream), e.g. overlap_fixed:c16:hp:rf")
+                        "':rf' (remote path on a high-priority stream), for the fixed-size modes ':ce' (copy-engine "
+                        "exchanges), e.g. overlap_fixed:c16:hp:rf, overlap_fixed:c2:ce")
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="EP groups' NCCL streams at high priority")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

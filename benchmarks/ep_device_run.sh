@@ -55,6 +55,9 @@ variants=${VARIANTS:-plain,fixed,overlap,overlap_fixed}
 if ! grep -q "PASSED.*test_nccl_overlap_with_sm_carveout_and_remote_first" "$OUT/gpu_tests.txt"; then
   variants=$(echo "$variants" | tr ',' '\n' | grep -v -E ":c[0-9]|:rf" | paste -sd, -)
 fi
+if ! grep -q "PASSED.*test_nccl_copy_engine_transport" "$OUT/gpu_tests.txt"; then
+  variants=$(echo "$variants" | tr ',' '\n' | grep -v -E ":ce" | paste -sd, -)
+fi
 if ! grep -q "PASSED.*test_nccl_two_gpus_equal_single_gpu_layer" "$OUT/gpu_tests.txt"; then
   variants=$(echo "$variants" | tr ',' '\n' | grep -v overlap | paste -sd, -)
 fi

@@ -42,6 +42,9 @@ MODES = (dict(dedup=True), dict(dedup=False), dict(max_tokens_per_rank=100), dic
 GPU_MODES = (dict(max_tokens_per_rank=100, overlap=True, sm_carveout=8),
              dict(max_tokens_per_rank=100, overlap=True, sm_carveout=8, remote_first=True),
              dict(overlap=True, remote_first=True))
+# on GPUs: the fixed-size exchanges on the copy engines (symmetric memory), with and without overlap
+CE_MODES = (dict(max_tokens_per_rank=100, transport="copy_engine"),
+            dict(max_tokens_per_rank=100, overlap=True, transport="copy_engine", sm_carveout=2))
 
 # this process's rank and the world size: set by run() before any check runs
 RANK = int(os.environ.get("RANK", 0))
@@ -283,12 +286,13 @@ def check_host_syncs(device, **mode):
 
 
 def _modes(backend: str) -> tuple[dict, ...]:
-    """The dispatch modes to run: ``MODES`` (and ``GPU_MODES`` on NCCL); the environment
-    variable ``EP_MODES`` = ``base`` / ``gpu`` keeps only the first / the second set."""
+    """The dispatch modes to run: ``MODES`` (and ``GPU_MODES``, ``CE_MODES`` on NCCL); the
+    environment variable ``EP_MODES`` = ``base`` / ``gpu`` / ``ce`` keeps only that set."""
     which = os.environ.get("EP_MODES", "all")
     base = MODES if which in ("all", "base") else ()
-    extra = GPU_MODES if backend == "nccl" and which in ("all", "gpu") else ()
-    return base + extra
+    gpu = GPU_MODES if backend == "nccl" and which in ("all", "gpu") else ()
+    ce = CE_MODES if backend == "nccl" and which in ("all", "ce") else ()
+    return base + gpu + ce
 
 
 def run(rank: int, world: int, port: int, backend: str, scenarios: list[str]) -> None:
@@ -325,7 +329,8 @@ def _run_scenario(scenario, device, f64, tol64, tol32, mode):
             check_fixed_bad_input(device, kw.get("overlap", False))
             for cap in (6, 11):
                 check_equivalence(device, f64, tol64, sizes=[6, 2, 6, 1][:WORLD], shared=1, balance="none",
-                                  max_tokens_per_rank=cap, overlap=kw.get("overlap", False))
+                                  max_tokens_per_rank=cap, overlap=kw.get("overlap", False),
+                                  transport=kw.get("transport", "all_to_all"))
         if kw.get("overlap") and "sm_carveout" not in kw and device.type == "cpu":  # scoping keeps results
             check_equivalence(device, f64, tol64, sizes=[6, 0, 3, 6][:WORLD], shared=1, balance="none",
                               sm_carveout=2, remote_first=True, **kw)

@@ -38,3 +38,10 @@ def test_nccl_overlap_with_sm_carveout_and_remote_first():
     (ep_worker.GPU_MODES): a separate test, so that a failure here names these settings."""
     out = ep_launch.launch_subprocess(2, "nccl", SCENARIOS, timeout=300, extra_env=dict(_ENV, EP_MODES="gpu"))
     assert all(f"ok {s} world=2" in out for s in SCENARIOS), out
+
+
+def test_nccl_copy_engine_transport():
+    """The fixed-size dispatch with its rows moved by the copy engines (``transport=
+    "copy_engine"``, symmetric memory), alone and with overlap (ep_worker.CE_MODES)."""
+    out = ep_launch.launch_subprocess(2, "nccl", SCENARIOS, timeout=300, extra_env=dict(_ENV, EP_MODES="ce"))
+    assert all(f"ok {s} world=2" in out for s in SCENARIOS), out

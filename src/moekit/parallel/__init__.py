@@ -18,6 +18,7 @@ from moekit.parallel.comm import (
     exchange_counts,
     resolve_group,
 )
+from moekit.parallel.copy_engine import CopyEngineExchange
 from moekit.parallel.dispatch import (
     DispatchOrder,
     RowDispatch,
@@ -42,6 +43,7 @@ from moekit.parallel.replicas import ReplicaSync, replica_sync
 from moekit.parallel.rows import collect, gather_sum_rows, spread
 
 __all__ = [
+    "CopyEngineExchange",
     "DispatchOrder",
     "ExpertParallelExperts",
     "ExpertParallelMoE",

@@ -44,6 +44,11 @@ It moves ``P * C`` rows per rank whatever the routing, which costs little where 
 token has a choice on every rank (top-8 over 2-4 ranks) and more as ``P`` grows or ``k``
 shrinks; it is the mode for small EP groups that are bound by host latency.
 
+``transport="copy_engine"`` (fixed-size dispatch, CUDA ranks of one node) moves the rows of
+those exchanges with the GPUs' copy engines through PyTorch's symmetric memory instead of NCCL
+kernels (:mod:`moekit.parallel.copy_engine`): the copies need no SMs, so they run beside the
+expert GEMMs of the overlap instead of waiting for them to end.
+
 ``overlap=True`` computes the choices of this rank's own tokens that fall on its own slots in
 place, on a side CUDA stream, while only the other ranks' rows are exchanged and computed on
 the main stream (:mod:`moekit.parallel.overlap`): the all-to-alls overlap expert GEMMs and, in
@@ -69,6 +74,7 @@ from moekit.parallel.comm import (
     exchange_counts,
     group_rank_size,
 )
+from moekit.parallel.copy_engine import CopyEngineExchange, gather_blocks, swap_blocks
 from moekit.parallel.dispatch import (
     SlotTables,
     assignment_slots,
@@ -105,6 +111,10 @@ class ExpertParallelExperts(nn.Module):
     (:mod:`moekit.parallel.carveout`; ``None``: every SM; results unchanged). remote_first
     (with ``overlap``): the exchanged rows' path runs on a high-priority stream, so that its
     return all-to-all is not left alone at the end of the forward or backward.
+    transport (with ``max_tokens_per_rank``): ``"all_to_all"`` (the process group's collective,
+    NCCL or gloo), ``"copy_engine"`` (the GPUs' copy engines over symmetric memory, NCCL groups
+    of one node; :mod:`moekit.parallel.copy_engine`) or a :class:`CopyEngineExchange` to share
+    with other layers (one buffer and stream for all; :func:`moekit.parallel.parallelize` does so).
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
@@ -112,7 +122,7 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True,
                  max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None,
-                 remote_first: bool = False):
+                 remote_first: bool = False, transport: str | CopyEngineExchange = "all_to_all"):
         super().__init__()
         if remote_first and not overlap:
             raise ValueError("remote_first: expected False unless overlap=True (it orders the two streams of the "
@@ -133,6 +143,7 @@ class ExpertParallelExperts(nn.Module):
         self.group = group
         self.expert_dp_group = expert_dp_group
         self.rank, self.num_ranks = group_rank_size(group)
+        self.exchange = _copy_engine(transport, group, max_tokens_per_rank)
         if phy2log is None:
             if cfg.num_experts % self.num_ranks:
                 raise ValueError(f"phy2log: needed because num_experts={cfg.num_experts} is not a multiple of "
@@ -272,18 +283,39 @@ class ExpertParallelExperts(nn.Module):
         if num_tokens > cap:
             raise ValueError(f"x: {num_tokens} tokens on rank {self.rank}, more than max_tokens_per_rank={cap}")
         slot_TK = assignment_slots(indices_TK, self.tables, self.rank, self.replicated)
-        x_CD, slot_CK, w_CK = pad_rows(cap, x_TD, slot_TK, weights_TK)
-        splits = [cap] * num_ranks
-        # an all-gather as an all-to-all of P copies: one differentiable collective that gloo
-        # and NCCL both have; its backward sums the P copies' gradients (repeat's adjoint)
-        x_QD = all_to_all(self._sendable(x_CD).repeat(num_ranks, 1), splits, splits, self.group)
-        slot_QK = all_to_all_plain(slot_CK.repeat(num_ranks, 1), splits, splits, self.group)
-        w_QK = all_to_all(self._sendable(w_CK).repeat(num_ranks, 1), splits, splits, self.group)
+        x_QD, slot_QK, w_QK = self.gather_fixed(True, *pad_rows(cap, x_TD, slot_TK, weights_TK))
         # entries marked -1 are skipped, their weights unused (zero gradient): no weight masking
         y_QD = self.local(x_QD, local_slots(slot_QK, self.rank, per), w_QK)
         # block q of what comes back: rank q's partial sums for this rank's C rows
-        y_back = all_to_all(y_QD, splits, splits, self.group)
+        y_back = self.swap_fixed(True, y_QD)
         return sum_partials(y_back, num_ranks, cap, num_tokens, x_TD.dtype)
+
+    def gather_fixed(self, include_self: bool, x_CD: torch.Tensor, slot_CK: torch.Tensor,
+                     w_CK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fixed-size dispatch: this rank's ``C`` padded rows, their slots and weights to
+        every other rank (and itself with ``include_self``): ``[B * C, ...]`` each, block ``j``
+        from the ``j``-th rank in rank order. Differentiable in ``x`` and the weights."""
+        if self.exchange is not None:
+            return gather_blocks(self.exchange, include_self, self._sendable(x_CD), slot_CK, self._sendable(w_CK))
+        splits = self._fixed_splits(include_self, x_CD.shape[0])
+        copies = sum(1 for c in splits if c)
+        # an all-gather as an all-to-all of B copies: one differentiable collective that gloo
+        # and NCCL both have; its backward sums the copies' gradients (repeat's adjoint)
+        return (all_to_all(self._sendable(x_CD).repeat(copies, 1), splits, splits, self.group),
+                all_to_all_plain(slot_CK.repeat(copies, 1), splits, splits, self.group),
+                all_to_all(self._sendable(w_CK).repeat(copies, 1), splits, splits, self.group))
+
+    def swap_fixed(self, include_self: bool, y_BD: torch.Tensor) -> torch.Tensor:
+        """The fixed-size combine: block ``j`` of ``y_BD`` (``[B * C, D]``, partial sums for the
+        ``j``-th rank's rows) to that rank; returns the blocks for this rank's rows, same shape."""
+        if self.exchange is not None:
+            return swap_blocks(self.exchange, include_self, y_BD)[0]
+        blocks = self.num_ranks if include_self else self.num_ranks - 1
+        splits = self._fixed_splits(include_self, y_BD.shape[0] // blocks)
+        return all_to_all(y_BD, splits, splits, self.group)
+
+    def _fixed_splits(self, include_self: bool, cap: int) -> list[int]:
+        return [cap if include_self or p != self.rank else 0 for p in range(self.num_ranks)]
 
     def _sendable(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank must run the all-to-alls' backwards in the same order, also a rank whose
@@ -321,6 +353,21 @@ class ExpertParallelExperts(nn.Module):
         one slot's gradient over the EP group (:mod:`moekit.parallel.replicas`). No host
         sync, no staging copies."""
         self._replica_sync.reduce((self.local.w_in, self.local.w_out), self.group)
+
+
+def _copy_engine(transport, group, max_tokens_per_rank) -> CopyEngineExchange | None:
+    """The exchange object of ``transport`` (``None``: the process group's all-to-all)."""
+    if isinstance(transport, str) and transport == "all_to_all":
+        return None
+    if not isinstance(transport, CopyEngineExchange) and transport != "copy_engine":
+        raise ValueError(f"transport: expected 'all_to_all', 'copy_engine' or a CopyEngineExchange, got {transport!r}")
+    if max_tokens_per_rank is None:
+        raise ValueError("transport: the copy-engine exchanges serve the fixed-size dispatch only; "
+                         "set max_tokens_per_rank")
+    exchange = transport if isinstance(transport, CopyEngineExchange) else CopyEngineExchange(group)
+    if (exchange.rank, exchange.world) != group_rank_size(group):
+        raise ValueError("transport: the CopyEngineExchange must be made over the layer's EP group")
+    return exchange
 
 
 def compact_grouped_experts(x_UD: torch.Tensor, slots_UK: torch.Tensor, weights_UK: torch.Tensor,

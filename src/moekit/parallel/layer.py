@@ -12,6 +12,7 @@ from torch import nn
 from moekit.experts import ExpertsConfig
 from moekit.layer import MoE, MoEConfig
 from moekit.parallel.comm import resolve_group
+from moekit.parallel.copy_engine import CopyEngineExchange
 from moekit.parallel.experts import ExpertParallelExperts
 
 __all__ = ["ExpertParallelMoE", "parallelize"]
@@ -36,7 +37,9 @@ class ExpertParallelMoE(MoE):
     :class:`ExpertParallelExperts`). overlap: compute this rank's own tokens' local choices
     beside the exchange of the others (side CUDA stream; see :class:`ExpertParallelExperts`).
     sm_carveout, remote_first: SMs the expert GEMMs leave to communication, the exchanged rows'
-    path ahead of the own tokens' (see :class:`ExpertParallelExperts`). seed: expert ``e`` is
+    path ahead of the own tokens' (see :class:`ExpertParallelExperts`). transport: how the
+    fixed-size dispatch moves rows, ``"all_to_all"`` or ``"copy_engine"`` (see
+    :class:`ExpertParallelExperts`). seed: expert ``e`` is
     initialised from a generator seeded with ``(seed, e)``, so replicas agree without communication. Dense parameters (router, shared
     experts) come from the global RNG: seed it equally on every rank or call
     :func:`moekit.parallel.broadcast_dense_parameters`.
@@ -48,10 +51,10 @@ class ExpertParallelMoE(MoE):
     def __init__(self, cfg: MoEConfig, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
                  dp_group=None, expert_dp_group=None, seed: int = 0, dedup: bool = True,
                  max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None,
-                 remote_first: bool = False):
+                 remote_first: bool = False, transport: str | CopyEngineExchange = "all_to_all"):
         experts = ExpertParallelExperts(_experts_config(cfg), resolve_group(group, mesh_dim), phy2log,
                                         expert_dp_group, dedup, max_tokens_per_rank, overlap, sm_carveout,
-                                        remote_first)
+                                        remote_first, transport)
         experts.init_logical(seed)
         super().__init__(cfg, dp_group=dp_group, experts=experts)  # allocates only the local slots
 
@@ -59,15 +62,18 @@ class ExpertParallelMoE(MoE):
 def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | int | None = None,
                 expert_dp_group=None, dedup: bool = True,
                 max_tokens_per_rank: int | None = None, overlap: bool = False,
-                sm_carveout: int | None = None, remote_first: bool = False) -> list[ExpertParallelExperts]:
+                sm_carveout: int | None = None, remote_first: bool = False,
+                transport: str | CopyEngineExchange = "all_to_all") -> list[ExpertParallelExperts]:
     """Shard the routed experts of every :class:`moekit.MoE` in ``model``, in place.
 
     Each layer keeps its router and shared experts; its ``experts`` become an
     :class:`ExpertParallelExperts` holding this rank's slots, copied from the layer's full
     weights (identical on every rank, e.g. loaded from the same checkpoint). phy2log:
     ``[L, R]`` (or a ``Plan``), one row per MoE layer in ``model.modules()`` order, or
-    ``None`` for one slot per expert. dedup, max_tokens_per_rank, overlap, sm_carveout, remote_first: see
-    :class:`ExpertParallelExperts`. Returns the new expert modules in layer order.
+    ``None`` for one slot per expert. dedup, max_tokens_per_rank, overlap, sm_carveout, remote_first,
+    transport: see :class:`ExpertParallelExperts`; with ``transport="copy_engine"`` all layers
+    share one :class:`CopyEngineExchange` (one symmetric buffer, one stream). Returns the new
+    expert modules in layer order.
     """
     ep_group = resolve_group(group, mesh_dim)
     layers = [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallelExperts)]
@@ -75,11 +81,13 @@ def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | i
     if phy2log is not None and (len(phy2log) != len(layers) or getattr(phy2log, "ndim", 2) != 2):
         raise ValueError(f"phy2log: expected [L={len(layers)}, R], one row per MoE layer, got "
                          f"{tuple(getattr(phy2log, 'shape', (len(phy2log),)))}")
+    if transport == "copy_engine" and layers:
+        transport = CopyEngineExchange(ep_group)
     out = []
     for i, layer in enumerate(layers):
         full = layer.experts
         ep = ExpertParallelExperts(full.cfg, ep_group, None if phy2log is None else phy2log[i], expert_dp_group,
-                                   dedup, max_tokens_per_rank, overlap, sm_carveout, remote_first)
+                                   dedup, max_tokens_per_rank, overlap, sm_carveout, remote_first, transport)
         ep.to(device=full.w_in.device, dtype=full.w_in.dtype)
         ep.load_logical(full.w_in.detach(), full.w_out.detach())
         layer.experts = ep

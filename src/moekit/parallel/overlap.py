@@ -215,8 +215,7 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
     received), each rank computes the received choices on its slots (``-1`` elsewhere) and
     returns the partial sums, which the token's rank adds to its own. ``[T, D]``."""
     num_tokens = indices_TK.shape[0]
-    cap, num_ranks, per, rank, group = (module.max_tokens_per_rank, module.num_ranks, module.slots_per_rank,
-                                        module.rank, module.group)
+    cap, num_ranks, per, rank = module.max_tokens_per_rank, module.num_ranks, module.slots_per_rank, module.rank
     if num_tokens > cap:
         raise ValueError(f"x: {num_tokens} tokens on rank {rank}, more than max_tokens_per_rank={cap}")
     slot_TK = assignment_slots(indices_TK, module.tables, rank, module.replicated)
@@ -228,19 +227,13 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
     inputs_ready = _mark(x_TD)
     remote = _remote_stream(module, x_TD, (x_TD, slot_TK, weights_TK))
     with torch.cuda.stream(remote):
-        x_CD, slot_CK, w_CK = pad_rows(cap, x_TD, slot_TK, weights_TK)
-        if copies > 1:  # one copy per other rank (its backward sums the copies' gradients)
-            x_CD, slot_CK, w_CK = x_CD.repeat(copies, 1), slot_CK.repeat(copies, 1), w_CK.repeat(copies, 1)
-        splits = [0 if p == rank else cap for p in range(num_ranks)]
-        x_QD = all_to_all(module._sendable(x_CD), splits, splits, group)
-        slot_QK = all_to_all_plain(slot_CK, splits, splits, group)
-        w_QK = all_to_all(module._sendable(w_CK), splits, splits, group)
+        x_QD, slot_QK, w_QK = module.gather_fixed(False, *pad_rows(cap, x_TD, slot_TK, weights_TK))
     # own choices on the side stream, launched after the all-to-alls (which so hold their SMs
     # before the expert GEMMs fill the GPU) and not waiting for them
     y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, after=inputs_ready)
     with torch.cuda.stream(remote):
         y_QD = module.local(x_QD, local_slots(slot_QK, rank, per), w_QK)
         # block q of what comes back: other rank q's partial sums for this rank's C rows
-        y_back = all_to_all(y_QD, splits, splits, group)
+        y_back = module.swap_fixed(False, y_QD)
         y_remote = sum_partials(y_back, copies, cap, num_tokens, x_TD.dtype)
     return _finish(_join_remote(y_remote, remote), y_own, streams)
