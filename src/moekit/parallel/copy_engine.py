@@ -89,7 +89,8 @@ class CopyEngineExchange:
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
+            # high priority: its barrier kernels go before queued GEMM blocks as SMs free up
+            self._streams[device] = torch.cuda.Stream(device, priority=-1)
         return self._streams[device]
 
     def _buffers(self, nbytes: int, device: torch.device) -> dict[int, torch.Tensor]:
