@@ -88,3 +88,39 @@ def test_gpu_cpu_computed_misses_match_the_plain_model():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     c = handle.engine.counters
     assert c.cpu_computed > 0 and c.demand_copies > 0
+
+
+@pytest.mark.parametrize("prefetch", ["layer_output", "layer_output2"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gpu_staged_prefetch_token_identical_and_under_budget(family, prefetch):
+    # 2 of the 4 budgeted slots are staging slots: guesses wait there (copied in 2 KiB chunks,
+    # one queued ahead) and a layer needing more experts than its cache quota reads a staged
+    # expert in place
+    model = tiny_model(family, seed=25)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(26)).cuda()
+    plain = copy.deepcopy(model).cuda()
+    with torch.no_grad():
+        expected = plain.generate(ids, max_new_tokens=12, do_sample=False)
+    del plain
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    experts = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
+    expert_bytes = sum(p.numel() * p.element_size() for p in experts) // (len(experts) // 2) // experts[0].shape[0]
+    dense = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) \
+        - sum(p.numel() * p.element_size() for p in experts)
+    budget = dense + 4 * expert_bytes + 2 * 2**20
+    handle = offload(model, gpu_memory=budget, reserve=2 * 2**20, prefetch=prefetch, staging_slots=2,
+                     chunk_bytes=2048, lead_chunks=1)
+    assert handle.num_slots == 2 and handle.engine.slot_in.shape[0] == 4
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=12, do_sample=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= budget, f"peak {peak} > budget {budget}"
+    s = handle.stats()
+    assert s["prefetch_copies"] > 0
+    assert s["demand_copies"] == s["activations"] - s["hits"] - s["inflight_hits"]
+    assert s["prefetch_useful"] == s["staged_hits"] - s["victim_hits"]
+    assert s["staged_hits"] + s["staged_inflight_hits"] + s["staged_misses"] > 0

@@ -102,13 +102,13 @@ def test_next_layer_then_layer_output_replaces_the_early_guesses_and_keeps_token
     engine = handle.engine
     assert all(p is not None for p in engine.predictors[:-1]) and all(p is not None for p in engine.out_predictors[:-1])
     replaced = []
-    take = engine._take_prediction
+    read = engine._read_prediction
 
-    def spy(prefetch):
+    def spy(pending, known=-1):
         replaced.append(list(engine._queue))  # the early guesses still queued when the late ones arrive
-        return take(prefetch)
+        return read(pending, known)
 
-    engine._take_prediction = spy
+    engine._read_prediction = spy
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(61))
     with torch.no_grad():
         torch.testing.assert_close(model.generate(ids, max_new_tokens=8, do_sample=False),

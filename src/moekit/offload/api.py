@@ -35,7 +35,18 @@ post-attention norm and router on the output of the decoder layer holding this M
 (the residual stream the next layer starts from: later, but only the next attention is
 missing from it, so it is right more often); ``"next_layer+layer_output"`` starts with the
 former and replaces its guesses by the latter's when they arrive (a guess the second prediction
-drops stops being copied and is the first expert a later prefetch evicts).
+drops stops being copied and is the first expert a later prefetch evicts); ``"layer_output2"``
+predicts the next *two* MoE layers from the same output (each through its own post-attention
+norm and router), queueing the nearer layer's guesses first: the farther layer's copies get a
+whole decoder layer more time to land, from a weaker guess (two attentions and one MoE update
+are missing from it).
+
+Staging (``staging_slots > 0``, :mod:`moekit.offload.staging`): guesses are copied into device
+slots beyond the cache and take a cache slot only when their layer needs them, evicting then
+exactly the expert a demand copy would have; a wrong guess evicts nothing from the cache.
+``stats()`` then also reports ``staged_hits``, ``staged_inflight_hits``, ``staged_misses``
+(needed while only partly copied), ``victim_hits`` (staged hits on experts a promotion had
+evicted and the staging area kept) and ``staged_dropped`` (guesses overwritten unused).
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from moekit.offload.engine import OffloadEngine
 
 __all__ = ["OffloadedExperts", "OffloadHandle", "ForwardRecord", "offload", "PREFETCH"]
 
-PREFETCH = ("none", "next_layer", "layer_output", "next_layer+layer_output")
+PREFETCH = ("none", "next_layer", "layer_output", "next_layer+layer_output", "layer_output2")
 CPU_ADAPT = 0.25  # weight of each observed CPU expert time in the cost model (TransferCosts.observe_cpu)
 
 
@@ -146,7 +157,8 @@ class OffloadHandle:
 
     def reconfigure(self, *, cache_experts: int | None = None, policy: str | None = None,
                     prefetch: str | None = None, cpu_compute: bool | None = None,
-                    prefetch_extra: int | None = None, lead_chunks: int | None = None) -> None:
+                    prefetch_extra: int | None = None, lead_chunks: int | None = None,
+                    staging_slots: int | None = None) -> None:
         """Start over with a new (empty) expert cache and other settings, keeping the host
         weights and the measured costs (no reload). Unset arguments keep their value."""
         old = self.engine
@@ -165,9 +177,11 @@ class OffloadHandle:
         old.copier.slot_in = old.copier.slot_out = None
         extra = old.prefetch_extra if prefetch_extra is None else _nonnegative_int(prefetch_extra, "prefetch_extra")
         lead = old.lead_chunks if lead_chunks is None else _positive_int(lead_chunks, "lead_chunks")
+        staging = old.staging_slots if staging_slots is None else _nonnegative_int(staging_slots, "staging_slots")
         self.engine = OffloadEngine(old.host_w_in, old.host_w_out, num_slots, policy, old.device, old.act_fn,
                                     costs, cpu_compute, self._predictors.get(prefetch),
-                                    self._predictors.get(f"{prefetch}:out"), old.copier.chunk_bytes, lead, extra)
+                                    self._predictors.get(f"{prefetch}:out"), old.copier.chunk_bytes, lead, extra,
+                                    staging_slots=staging)
         for layer in self.layers:
             object.__setattr__(layer, "engine", self.engine)
         self.policy, self.prefetch = policy, prefetch
@@ -216,6 +230,12 @@ class OffloadHandle:
             "demand_copies": c.demand_copies,
             "prefetch_copies": c.prefetch_copies,
             "prefetch_useful": c.prefetch_useful,
+            "staging_slots": engine.staging_slots,
+            "staged_hits": c.staged_hits,
+            "staged_inflight_hits": c.staged_inflight_hits,
+            "staged_misses": c.staged_misses,
+            "staged_dropped": c.staged_dropped,
+            "victim_hits": c.victim_hits,
             "prefetch_bytes": c.prefetch_bytes,
             "prefetch_extra": engine.prefetch_extra,
             "lead_chunks": engine.lead_chunks,
@@ -250,7 +270,8 @@ def _tensor_bytes(model: nn.Module) -> int:
 def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: int | str | None = None,
             policy: str = "lru", prefetch: str = "none", cpu_compute: bool = False,
             device: str | torch.device | None = None, reserve: int | str | None = None,
-            prefetch_extra: int = 0, lead_chunks: int = 2, chunk_bytes: int | str = 32 * 2**20) -> OffloadHandle:
+            prefetch_extra: int = 0, lead_chunks: int = 2, chunk_bytes: int | str = 32 * 2**20,
+            staging_slots: int = 0) -> OffloadHandle:
     """Offload the routed experts of a ``transformers`` MoE ``model`` (in place).
 
     cache_experts: number of device expert slots; or gpu_memory: total device budget (bytes or
@@ -263,6 +284,9 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     predicted top-k set, by predicted probability mass (they take only slots of experts ranked
     below them). lead_chunks: prefetch chunks kept queued on the copy stream (a wrong guess
     delays demand copies by at most that many chunks). chunk_bytes: copy chunk size.
+    staging_slots: device slots for prefetched guesses outside the cache (module doc, "Staging";
+    default 0: a guess takes a cache slot at once). With ``cache_experts`` they come on top of
+    the cache's slots; with ``gpu_memory`` they are taken from the slots the budget allows.
     """
     if (cache_experts is None) == (gpu_memory is None):
         raise ValueError("cache_experts / gpu_memory: expected exactly one of them, "
@@ -270,6 +294,7 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     _check_choices(policy, prefetch)
     prefetch_extra = _nonnegative_int(prefetch_extra, "prefetch_extra")
     lead_chunks = _positive_int(lead_chunks, "lead_chunks")
+    staging_slots = _nonnegative_int(staging_slots, "staging_slots")
     chunk_bytes = parse_bytes(chunk_bytes, "chunk_bytes")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if any(isinstance(m, OffloadedExperts) for m in model.modules()):
@@ -299,11 +324,11 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     else:
         budget = parse_bytes(gpu_memory, "gpu_memory")
         spare = parse_bytes(reserve, "reserve") if reserve is not None else budget // 10
-        num_slots = (budget - dense_bytes - spare) // expert_bytes
+        num_slots = (budget - dense_bytes - spare) // expert_bytes - staging_slots
         if num_slots < 1:
-            need = dense_bytes + spare + expert_bytes
+            need = dense_bytes + spare + (1 + staging_slots) * expert_bytes
             raise ValueError(f"gpu_memory: expected at least {need} bytes (dense weights {dense_bytes} + reserve "
-                             f"{spare} + one expert {expert_bytes}), got {budget}")
+                             f"{spare} + one expert {expert_bytes} + {staging_slots} staging slots), got {budget}")
     num_slots = min(num_slots, len(blocks) * blocks[0].num_experts)
 
     bandwidth = measure_h2d_bandwidth(device, nbytes=min(64 * 2**20, max(expert_bytes, 2**20)))
@@ -314,7 +339,7 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     poll_modules = [m for m in (modules.get(b.name.rpartition(".")[0]) for b in blocks) if m is not None]
     engine = OffloadEngine(host_in, host_out, int(num_slots), policy, device, act_fn, costs, cpu_compute,
                            predictors.get(prefetch), predictors.get(f"{prefetch}:out"), chunk_bytes,
-                           lead_chunks, prefetch_extra)
+                           lead_chunks, prefetch_extra, staging_slots=staging_slots)
     layers = [OffloadedExperts(engine, i) for i in range(len(blocks))]
     for b, layer in zip(blocks, layers):
         b.module.experts = layer
@@ -325,23 +350,31 @@ def _predictors(model: nn.Module, blocks: list) -> tuple[dict, list]:
     """Per prefetch mode, per MoE layer ``i``, the predictor of layer ``i + 1``'s experts
     (None for the last layer): ``"next_layer"`` from layer ``i``'s router input,
     ``"layer_output:out"`` from the output of the decoder layer holding block ``i`` through
-    the next decoder layer's ``post_attention_layernorm``; and the decoder layers whose output
-    feeds the latter (None where the model has no such norm)."""
+    the next decoder layer's ``post_attention_layernorm``, ``"layer_output2:out"`` the same for
+    layers ``i + 1`` and ``i + 2`` (a tuple); and the decoder layers whose output feeds the
+    latter (None where the model has no such norm)."""
     modules = dict(model.named_modules())
     num = len(blocks)
     early: list = [None] * num
     late: list = [None] * num
+    late2: list = [None] * num
     out_modules: list = [None] * num
+
+    def from_output(j: int):  # layer j's experts from a residual stream, through its norm and router
+        norm = getattr(modules.get(blocks[j].name.rpartition(".")[0]), "post_attention_layernorm", None)
+        return None if norm is None else (lambda h_TD, b=blocks[j], n=norm: predict_block(b, n(h_TD)))
+
     for i in range(num - 1):
-        nxt = blocks[i + 1]
-        early[i] = lambda x_TD, b=nxt: predict_block(b, x_TD)
+        early[i] = lambda x_TD, b=blocks[i + 1]: predict_block(b, x_TD)
         parent = modules.get(blocks[i].name.rpartition(".")[0])
-        norm = getattr(modules.get(nxt.name.rpartition(".")[0]), "post_attention_layernorm", None)
-        if parent is not None and norm is not None:
-            late[i] = lambda h_TD, b=nxt, n=norm: predict_block(b, n(h_TD))
+        nearer = from_output(i + 1)
+        if parent is not None and nearer is not None:
+            late[i] = nearer
+            farther = from_output(i + 2) if i + 2 < num else None
+            late2[i] = (nearer,) if farther is None else (nearer, farther)
             out_modules[i] = parent
     return {"next_layer": early, "layer_output:out": late, "next_layer+layer_output": early,
-            "next_layer+layer_output:out": late}, out_modules
+            "next_layer+layer_output:out": late, "layer_output2:out": late2}, out_modules
 
 
 def _check_choices(policy: str, prefetch: str) -> None:

@@ -115,3 +115,21 @@ class ExpertCache:
             self._slot_of.move_to_end(key, last=False)
         self._per_layer[key[0]] = self._per_layer.get(key[0], 0) + 1
         return slot, evicted
+
+    def exchange(self, key: Key, slot: int, protected: set[Key] | frozenset[Key] = frozenset(),
+                 borrow: bool = False) -> tuple[int, Key | None] | None:
+        """Admit ``key`` with the weights already in ``slot``, a slot from outside the cache
+        (a staging slot, :mod:`moekit.offload.staging`): the victim :meth:`insert` would take
+        leaves, and its slot (or a free one) leaves the cache in exchange. Returns ``(slot that
+        left, evicted key or None)``, or None (nothing changed) when no slot may be taken. The
+        key counts as most recently used."""
+        if key in self._slot_of:
+            raise ValueError(f"key: {key} is already resident in slot {self._slot_of[key]}")
+        if slot in self._slot_of.values() or slot in self._free:
+            raise ValueError(f"slot: {slot} already belongs to the cache")
+        placed = self.insert(key, protected, borrow)
+        if placed is None:
+            return None
+        left, evicted = placed
+        self._slot_of[key] = slot
+        return left, evicted

@@ -32,6 +32,13 @@ One engine serves every MoE layer of a model. For each layer call it
    in the same ascending order, and their measured times refine the cost model
    (:meth:`~moekit.offload.costs.TransferCosts.observe_cpu`).
 
+With ``staging_slots > 0`` a guess is copied into a staging slot outside the cache instead
+(:mod:`moekit.offload.staging`) and joins the cache only when a layer needs it (step 2), evicting
+then the expert its demand copy would have evicted: the cache's contents are those of the same
+cache without prefetch, and a wrong guess costs only its own copy. ``prefetch="layer_output2"``
+predicts the next two layers from a decoder layer's output (the nearer layer's guesses queued
+first).
+
 Prefetch copies never take a slot holding an expert the current layer needs or one ranked
 above them, and are issued only while the copy stream has fewer than ``lead_chunks`` chunks
 queued, so demand copies wait behind at most that many chunks (:mod:`moekit.offload.copies`).
@@ -51,6 +58,7 @@ import torch.nn.functional as F
 from moekit.offload.cache import ExpertCache
 from moekit.offload.copies import ChunkedCopier
 from moekit.offload.costs import TransferCosts
+from moekit.offload.staging import StagingArea
 
 __all__ = ["OffloadCounters", "OffloadEngine", "rank_predictions"]
 
@@ -72,6 +80,13 @@ class OffloadCounters:
     part-way is a miss: only its missing chunks are copied); prefetch_copies: experts a
     prefetch started to copy; prefetch_useful: prefetched experts that were hits of the layer
     they were fetched for (landed in time).
+    With staging slots (:mod:`moekit.offload.staging`): staged_hits / staged_inflight_hits /
+    staged_misses: activations served from a staging slot, landed / fully issued but still
+    copying / only partly issued (the rest copied on demand; a miss); of the staged hits,
+    victim_hits were not a guess's first use (mostly experts a promotion had evicted from the
+    cache and the staging area kept), so prefetch_useful = staged_hits - victim_hits;
+    staged_dropped: guesses overwritten in staging before any layer used them (wrong guesses:
+    none of them evicted a cached expert).
     predicted / predicted_used: |P| and |P & A| summed over layer calls (P predicted top-k set,
     A needed set); needed_after_prediction: |A| over the same layer calls. prefetch_lead_s /
     prefetch_leads: host seconds from a layer's prefetch being queued to its routing being
@@ -89,6 +104,11 @@ class OffloadCounters:
     demand_copies: int = 0
     prefetch_copies: int = 0
     prefetch_useful: int = 0
+    staged_hits: int = 0
+    staged_inflight_hits: int = 0
+    staged_misses: int = 0
+    staged_dropped: int = 0
+    victim_hits: int = 0
     predicted: int = 0
     predicted_used: int = 0
     needed_after_prediction: int = 0
@@ -123,7 +143,11 @@ class OffloadEngine:
     input (``prefetch="next_layer"``); out_predictors: from the decoder layer's output
     (``prefetch="layer_output"``); None: no prefetch. chunk_bytes: copy chunk size;
     lead_chunks: prefetch chunks kept queued; prefetch_extra: experts prefetched beyond the
-    predicted top-k set, by predicted probability mass. copy_landed: ``slot -> bool``, whether
+    predicted top-k set, by predicted probability mass. staging_slots: device slots beyond the
+    ``num_slots`` cache slots that hold prefetched guesses until their layer needs them
+    (:mod:`moekit.offload.staging`; 0: guesses take cache slots at once). An out-predictor entry
+    may be a tuple of predictors, of layers ``i + 1, i + 2, ...`` (prefetch several layers
+    ahead). copy_landed: ``slot -> bool``, whether
     the copies issued into a slot have finished, asked when a layer looks its experts up
     (default :meth:`ChunkedCopier.landed`, a non-blocking event query; tests inject a fake to
     make copies look late on a CPU device, where they are synchronous).
@@ -133,22 +157,29 @@ class OffloadEngine:
                  policy: str, device: torch.device, act_fn: Callable, costs: TransferCosts,
                  cpu_compute: bool = False, predictors: list[Predictor | None] | None = None,
                  out_predictors: list[Predictor | None] | None = None, chunk_bytes: int = 32 * 2**20,
-                 lead_chunks: int = 2, prefetch_extra: int = 0, copy_landed: Callable[[int], bool] | None = None):
+                 lead_chunks: int = 2, prefetch_extra: int = 0, copy_landed: Callable[[int], bool] | None = None,
+                 staging_slots: int = 0):
         self.host_w_in, self.host_w_out = host_w_in, host_w_out
         self.device = torch.device(device)
         self.num_experts = int(host_w_in[0].shape[0])
         w_in, w_out = host_w_in[0], host_w_out[0]
         self.expert_bytes = w_in[0].numel() * w_in.element_size() + w_out[0].numel() * w_out.element_size()
         self.cache = ExpertCache(num_slots, policy, num_layers=len(host_w_in))
-        self.slot_in = torch.empty((num_slots, *w_in.shape[1:]), dtype=w_in.dtype, device=self.device)
-        self.slot_out = torch.empty((num_slots, *w_out.shape[1:]), dtype=w_out.dtype, device=self.device)
+        self.staging_slots = int(staging_slots)
+        # cache slots first, then the staging slots; which index is which changes with promotions
+        self.staging = (StagingArea(list(range(num_slots, num_slots + self.staging_slots)))
+                        if self.staging_slots > 0 else None)
+        total = num_slots + self.staging_slots
+        self.slot_in = torch.empty((total, *w_in.shape[1:]), dtype=w_in.dtype, device=self.device)
+        self.slot_out = torch.empty((total, *w_out.shape[1:]), dtype=w_out.dtype, device=self.device)
         self.copier = ChunkedCopier(host_w_in, host_w_out, self.slot_in, self.slot_out, self.device, chunk_bytes)
         self.copy_landed = copy_landed or self.copier.landed
         self.act_fn = act_fn
         self.costs = costs
         self.cpu_compute = cpu_compute
         self.predictors = predictors or [None] * len(host_w_in)
-        self.out_predictors = out_predictors or [None] * len(host_w_in)
+        self.out_predictors = [p if p is None or isinstance(p, (tuple, list)) else (p,)
+                               for p in (out_predictors or [None] * len(host_w_in))]
         self.lead_chunks = max(1, int(lead_chunks))
         self.prefetch_extra = int(prefetch_extra)
         self.cuda = self.device.type == "cuda"
@@ -180,12 +211,17 @@ class OffloadEngine:
         room = self.lead_chunks - self.copier.queued()
         while room > 0 and self._queue:
             key = self._queue[0]
-            slot = self.cache.lookup(key)
+            slot = self._resident(key)
             if slot is None:
-                placed = self.cache.insert(key, self._guard, recent=False)
+                if self.staging is not None:  # a guess takes a staging slot, never a cache slot
+                    placed = self.staging.take(key, self._guard)
+                else:
+                    placed = self.cache.insert(key, self._guard, recent=False)
                 if placed is None:  # every slot it may take is guarded: nothing more to prefetch
                     self._queue.clear()
                     return
+                if self.staging is not None and placed[1] in self._prefetched:
+                    self.counters.staged_dropped += 1  # a guess no layer used
                 slot = self._occupy(placed)
                 self._prefetched.add(key)
                 self.counters.prefetch_copies += 1
@@ -207,7 +243,8 @@ class OffloadEngine:
         while the host launched the next attention."""
         pending = self._pending
         if pending is not None and (pending[2] is None or pending[2].query()):
-            self._take_prediction(prefetch=True)
+            self._pending = None
+            self._set_prefetch(self._read_prediction(pending), set())
         if self._queue:
             self.pump()
 
@@ -234,7 +271,8 @@ class OffloadEngine:
                 self.poll()
             t = host
         elif self._pending is not None:
-            self._take_prediction(prefetch=True)
+            pending, self._pending = self._pending, None
+            self._set_prefetch(self._read_prediction(pending), set())
         values = t.tolist()
         self.counters.host_wait_s += time.perf_counter() - t0
         return values
@@ -270,17 +308,22 @@ class OffloadEngine:
         self.counters.pending_waits.clear()
 
     # ------------------------------------------------------------------ prediction
-    def _set_prefetch(self, layer: int, counts_E: list[float], mass_E: list[float],
+    def _set_prefetch(self, targets: list[tuple[int, list[float], list[float]]],
                       protected: set[tuple[int, int]]) -> None:
-        """Replace the prefetch queue by the ranked prediction for ``layer``."""
+        """Replace the prefetch queue by the ranked predictions ``[(layer, counts_E, mass_E),
+        ...]``, nearest layer first (its guesses are queued first)."""
         self._queue = []
-        if layer >= len(self.host_w_in):
+        keys: list[tuple[int, int]] = []
+        for layer, counts_E, mass_E in targets:
+            if layer >= len(self.host_w_in):
+                continue
+            self._predicted[layer] = {e for e in range(self.num_experts) if counts_E[e] > 0}
+            self._queued_at.setdefault(layer, time.perf_counter())  # a later prediction keeps the first's lead
+            keys += [(layer, e) for e in rank_predictions(counts_E, mass_E, self.prefetch_extra)]
+        if not keys:
             return
-        self._predicted[layer] = {e for e in range(self.num_experts) if counts_E[e] > 0}
-        self._queued_at.setdefault(layer, time.perf_counter())  # a second prediction keeps the first's lead
-        ranked = rank_predictions(counts_E, mass_E, self.prefetch_extra)
-        self._guard = set(protected) | {(layer, e) for e in ranked}
-        self._queue = [(layer, e) for e in ranked]
+        self._guard = set(protected) | set(keys)
+        self._queue = keys
         self.pump()
 
     def _prediction_tensor(self, predictor: Predictor, x_TD: torch.Tensor) -> torch.Tensor:
@@ -288,37 +331,42 @@ class OffloadEngine:
         return torch.cat([self._count(idx_TK, self.num_experts), probs_TE.float().sum(0)])
 
     def predict_from_output(self, layer: int, h_TD: torch.Tensor) -> None:
-        """Predict MoE layer ``layer + 1``'s experts from the output ``h_TD [T, D]`` of the
-        decoder layer holding MoE layer ``layer`` (``prefetch="layer_output"``). Does not wait:
-        the prediction goes to the host asynchronously and its prefetch starts when it has
-        arrived (:meth:`_to_host`)."""
-        predictor = self.out_predictors[layer]
-        if predictor is None:
+        """Predict the experts of MoE layer ``layer + 1`` (and ``layer + 2``, ... with several
+        out-predictors) from the output ``h_TD [T, D]`` of the decoder layer holding MoE layer
+        ``layer`` (``prefetch="layer_output"``). Does not wait: the prediction goes to the host
+        asynchronously and its prefetch starts when it has arrived (:meth:`poll`)."""
+        predictors = self.out_predictors[layer]
+        if predictors is None:
             return
         with torch.no_grad():
-            t = self._prediction_tensor(predictor, h_TD)
+            t = torch.cat([self._prediction_tensor(p, h_TD) for p in predictors])
         arrived = None
         if self.cuda:
-            if self._pred_buf is None or self._pred_buf.numel() != t.numel():
+            if self._pred_buf is None or self._pred_buf.numel() < t.numel():
                 self._pred_buf = torch.empty(t.numel(), dtype=torch.float32, pin_memory=True)
             # an unread earlier prediction is dropped: its host copy is overwritten after it in stream order
-            self._pred_buf.copy_(t, non_blocking=True)
+            host = self._pred_buf[:t.numel()]
+            host.copy_(t, non_blocking=True)
             arrived = torch.cuda.Event()
             arrived.record(torch.cuda.current_stream(self.device))
-            t = self._pred_buf
+            t = host
         self._pending = (layer + 1, t, arrived)
 
-    def _take_prediction(self, prefetch: bool) -> None:
-        """Read the pending ``layer_output`` prediction (it has arrived) and, with ``prefetch``,
-        queue its experts; without (the target layer's routing is already known), only keep it
-        for scoring precision and recall."""
-        layer, t, _ = self._pending
-        self._pending = None
+    def _read_prediction(self, pending: tuple, known: int = -1) -> list[tuple[int, list[float], list[float]]]:
+        """Read an arrived ``layer_output`` prediction ``pending = (first target layer, host
+        values, event)``; return its targets after ``known`` (the last layer whose routing is
+        known) as ``[(layer, counts_E, mass_E), ...]`` for :meth:`_set_prefetch`. A target equal
+        to ``known`` is only kept for scoring precision and recall; earlier ones are stale."""
+        first, t, _ = pending
         host, e = t.tolist(), self.num_experts
-        if prefetch:
-            self._set_prefetch(layer, host[:e], host[e:], set())
-        elif layer < len(self.host_w_in):
-            self._predicted[layer] = {i for i in range(e) if host[i] > 0}
+        targets = []
+        for i in range(len(host) // (2 * e)):
+            layer, part = first + i, host[2 * e * i:2 * e * (i + 1)]
+            if layer > known:
+                targets.append((layer, part[:e], part[e:]))
+            elif layer == known and layer < len(self.host_w_in):
+                self._predicted[layer] = {j for j in range(e) if part[j] > 0}
+        return targets
 
     # ------------------------------------------------------------------ one layer
     def forward(self, layer: int, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -333,10 +381,10 @@ class OffloadEngine:
         if predictor is not None:
             parts.append(self._prediction_tensor(predictor, x_TD))
         host = self._to_host(torch.cat(parts))  # the one host synchronisation of the layer
-        if self._pending is not None:  # a layer_output prediction that arrived with the counts: too late
-            if self._pending[0] == layer:
-                self._take_prediction(prefetch=False)
-            self._pending = None
+        # a layer_output prediction that arrived with the counts: too late for this layer (only
+        # scored); its guesses for later layers are queued after this layer's demand copies
+        late = self._read_prediction(self._pending, known=layer) if self._pending is not None else []
+        self._pending = None
         counts_E = [int(v) for v in host[:num_experts]]
         needed = [e for e in range(num_experts) if counts_E[e] > 0]
         c = self.counters
@@ -360,22 +408,33 @@ class OffloadEngine:
             self.cache.use(key)
             c.activations += 1
             slot = self.cache.lookup(key)
+            staged = slot is None and self.staging is not None and key in self.staging
+            if staged:
+                slot = self.staging.lookup(key)
             if slot is not None and self.copier.complete(slot):
                 # every chunk issued: a hit if the copies have landed, else a late prefetch
                 # (asked without waiting, now, when the layer needs the expert)
                 if self.copy_landed(slot):
                     c.hits += 1
                     c.prefetch_useful += key in self._prefetched
+                    c.staged_hits += staged
+                    c.victim_hits += staged and key not in self._prefetched
                 else:
                     c.inflight_hits += 1
+                    c.staged_inflight_hits += staged
                 self._prefetched.discard(key)
                 slot_of[e] = slot
+                if staged:
+                    self._promote(key, slot, protected)
                 continue
             self._prefetched.discard(key)
             if slot is not None:  # part of it was prefetched: copy the rest
                 copy_s += self.copier.missing_bytes(slot) / self.costs.h2d_bytes_per_s
                 slot_of[e] = slot
                 self._demand(key, slot)
+                if staged:
+                    c.staged_misses += 1
+                    self._promote(key, slot, protected)
             elif self.cpu_compute and self.costs.prefer_cpu(counts_E[e], copy_s, cpu_s):
                 on_cpu.append(e)  # list scheduling: the expert goes where it finishes first
                 cpu_s += self.costs.cpu_s(counts_E[e])
@@ -391,7 +450,9 @@ class OffloadEngine:
         c.cpu_computed += len(on_cpu)
         if predictor is not None:
             e = num_experts
-            self._set_prefetch(layer + 1, host[e:2 * e], host[2 * e:], protected)
+            self._set_prefetch([(layer + 1, host[e:2 * e], host[2 * e:])], protected)
+        if late:
+            self._set_prefetch(late, protected)
 
         order = torch.argsort(flat, stable=True)
         starts = [0] * (num_experts + 1)
@@ -459,6 +520,30 @@ class OffloadEngine:
     def _expert(self, x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor) -> torch.Tensor:
         gate_NF, up_NF = F.linear(x_ND, w_in_HD).chunk(2, dim=-1)
         return F.linear(self.act_fn(gate_NF) * up_NF, w_out_DF)
+
+    def _resident(self, key: tuple[int, int]) -> int | None:
+        """The slot holding (some chunks of) ``key``: a cache slot, else a staging slot, else None."""
+        slot = self.cache.lookup(key)
+        if slot is None and self.staging is not None:
+            slot = self.staging.lookup(key)
+        return slot
+
+    def _promote(self, key: tuple[int, int], slot: int, protected: set[tuple[int, int]]) -> None:
+        """The staged ``key`` (in ``slot``) is needed: its slot joins the cache, and the expert
+        the cache evicts for it (the one its demand copy would have evicted) leaves with its
+        slot for the staging area, where its weights stay usable until a guess overwrites them.
+        When the cache may not evict anything now (every candidate protected), ``key`` stays
+        staged and this layer call reads it there."""
+        placed = self.cache.exchange(key, slot, protected)
+        if placed is None:
+            return
+        self.staging.remove(key)
+        left, evicted = placed
+        if evicted is not None:
+            self._prefetched.discard(evicted)
+            if evicted in self._queue:
+                self._queue.remove(evicted)
+        self.staging.add(left, evicted)
 
     def _occupy(self, placed: tuple[int, tuple[int, int] | None]) -> int:
         """Take the slot the cache just gave (``placed = (slot, evicted key or None)``): the
