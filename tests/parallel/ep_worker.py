@@ -44,7 +44,8 @@ GPU_MODES = (dict(max_tokens_per_rank=100, overlap=True, sm_carveout=8),
              dict(overlap=True, remote_first=True))
 # on GPUs: the fixed-size exchanges on the copy engines (symmetric memory), with and without overlap
 CE_MODES = (dict(max_tokens_per_rank=100, transport="copy_engine"),
-            dict(max_tokens_per_rank=100, overlap=True, transport="copy_engine", sm_carveout=2))
+            dict(max_tokens_per_rank=100, overlap=True, transport="copy_engine", sm_carveout=2),
+            dict(max_tokens_per_rank=100, overlap=True, transport="copy_engine", remote_first=True))
 
 # this process's rank and the world size: set by run() before any check runs
 RANK = int(os.environ.get("RANK", 0))
