@@ -244,8 +244,8 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
     handle = offload(model, cache_experts=half, device=args.device)
     runs = []
     quarter, lo, whole = num_experts_total // 4, "layer_output", 10**6
-    # (policy, prefetch, prefetch_extra, lead_chunks, cpu_compute, slots); lead_chunks=whole: every
-    # chunk of a guess is queued at once (a wrong guess costs a whole copy); 2: at most two
+    # (policy, prefetch, prefetch_extra, lead_chunks, cpu_compute, slots[, staging slots]); lead_chunks=whole:
+    # every chunk of a guess is queued at once (a wrong guess costs a whole copy); 2: at most two
     # 32 MiB chunks queued ahead, the rest of a wrong guess dropped when the layer's routing is known
     variants = [("lru", "none", 0, 2, False, half), ("lfu", "none", 0, 2, False, half),
                 ("lru", "next_layer", 0, whole, False, half), ("lru", lo, 0, whole, False, half),
@@ -256,21 +256,25 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                 ("lfu", "none", 0, 2, True, half), ("lfu", lo, 1, 2, True, half),
                 ("lru", "none", 0, 2, False, quarter), ("lfu", lo, 1, 2, False, quarter),
                 ("lru", "none", 0, 2, False, num_experts_total)]
-    if args.slots:  # tight budgets only: the caches and the prefetchers, nothing else
+    if args.variants == "staging":  # staged prefetch against lru with the same cache and the same memory
+        variants = staging_variants(args.slots or [half], args.staging, num_experts_total, args.preset)
+    elif args.slots:  # tight budgets only: the caches and the prefetchers, nothing else
         variants = [(pol, pf, 0, lead, False, n) for n in args.slots
                     for pol, pf, lead in (("lru", "none", 2), ("lfu", "none", 2), ("lru", lo, whole),
                                           ("lru", lo, 2), ("lru", "next_layer", whole))]
-    for policy, prefetch, extra, lead, cpu, slots in variants:
+    for policy, prefetch, extra, lead, cpu, slots, *more in variants:
+        staging = more[0] if more else 0
         for batch in (1, 8):
             name = f"moekit {policy}"
             if prefetch != "none":
                 name += f" +{prefetch}" + (f"+{extra}" if extra else "") + (" whole" if lead == whole else "")
+            name += f" staged {staging}" if staging else ""
             name += " +cpu" if cpu else ""
             if slots == num_experts_total:
                 name = "moekit all experts resident"
             try:
                 handle.reconfigure(cache_experts=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu,
-                                   prefetch_extra=extra, lead_chunks=lead)
+                                   prefetch_extra=extra, lead_chunks=lead, staging_slots=staging)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -287,7 +291,10 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                 dec_late = sum(r.inflight_hits for r in dec) / dec_act if dec_act else float("nan")
                 tokens = batch * len(dec)
                 bound = bw * tokens / dec_bytes if dec_bytes else float("inf")
-                runs.append(dict(name=name, batch=batch, slots=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu,
+                runs.append(dict(name=name, batch=batch, slots=slots, staging_slots=staging, policy=policy,
+                                 prefetch=prefetch, cpu_compute=cpu,
+                                 **{k: s[k] for k in ("staged_hits", "staged_inflight_hits", "staged_misses",
+                                                      "staged_dropped", "victim_hits")},
                                  prefetch_extra=extra, lead_chunks=lead, copy_busy_fraction=s["copy_busy_fraction"],
                                  copy_bandwidth_bytes_per_s=s["copy_bandwidth_bytes_per_s"],
                                  host_wait_s=s["host_wait_s"], prefetch_bytes=s["prefetch_bytes"],
@@ -305,7 +312,7 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                                  prefetch_copies=s["prefetch_copies"],
                                  misses=s["activations"] - s["hits"] - s["inflight_hits"],
                                  activations=s["activations"], tokens=res["tokens"],
-                                 gpu_budget_bytes=handle.dense_bytes + slots * expert_bytes + args.reserve_bytes,
+                                 gpu_budget_bytes=handle.dense_bytes + (slots + staging) * expert_bytes + args.reserve_bytes,
                                  peak_allocated_bytes=(torch.cuda.max_memory_allocated()
                                                        if args.device == "cuda" else None)))
             except Exception as exc:  # keep the other figures of a one-shot device run
@@ -320,6 +327,23 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return runs, mem
+
+
+def staging_variants(budgets: list[int], staging: int, total: int, preset: str) -> list[tuple]:
+    """The staged-prefetch comparison at each cache size ``n`` of ``budgets``: lru with ``n`` and
+    with ``n - staging`` slots (the same device memory as a staged run that keeps ``n`` slots in
+    all), the s4 prefetch that takes cache slots, and staged prefetch with ``n - staging`` cache
+    slots (same memory) and with ``n`` (``staging`` slots more memory). Lead 2 chunks throughout."""
+    lo, out = "layer_output", []
+    for n in budgets:
+        m = n - staging
+        out += [("lru", "none", 0, 2, False, n), ("lru", "none", 0, 2, False, m), ("lru", lo, 0, 2, False, n),
+                ("lru", lo, 0, 2, False, m, staging), ("lru", "layer_output2", 0, 2, False, m, staging),
+                ("lru", lo, 0, 2, False, n, staging)]
+        if preset != "qwen3-30b-a3b":  # the larger experts: also lfu and next_layer (more lead, weaker guess)
+            out += [("lfu", "none", 0, 2, False, n), ("lfu", lo, 0, 2, False, m, staging),
+                    ("lru", "next_layer", 0, 2, False, m, staging)]
+    return out + [("lru", "none", 0, 2, False, total)]
 
 
 def hf_runs(cpu_model, args, budget_bytes: int) -> list:
@@ -416,6 +440,15 @@ def summarize_goals(runs: list) -> dict:
                 if lru:
                     out[f"batch{b}_hit_gain_points[{pf['name']}]_over_lru@{n}_slots"] = 100 * (
                         pf["decode_hit_rate"] - lru["decode_hit_rate"])
+    for r in [r for r in ok if r.get("staging_slots")]:  # staged prefetch: same cache, same memory
+        for label, n in (("same_cache", r["slots"]), ("same_memory", r["slots"] + r["staging_slots"])):
+            lru = one("moekit lru", r["batch"], n)
+            if lru:
+                key = f"batch{r['batch']}_{label}[{r['name']} @{r['slots']}+{r['staging_slots']}]_vs_lru@{n}"
+                out[key] = {"hit_gain_points": 100 * (r["decode_hit_rate"] - lru["decode_hit_rate"]),
+                            "hit_or_inflight_gain_points": 100 * (r["decode_hit_rate"] + r["decode_inflight_hit_rate"]
+                                                                  - lru["decode_hit_rate"]),
+                            "tok_s_ratio": r["decode_tokens_per_s"] / lru["decode_tokens_per_s"]}
     copy_bound = [r for r in ok if r["name"].startswith("moekit") and r.get("decode_pcie_utilization", 0) > 0.5
                   and not r.get("cpu_compute")]
     if copy_bound:
@@ -438,12 +471,15 @@ def plot(doc: dict, path: str) -> None:
 
     def label(r):
         text = r["name"].replace("all on GPU (transformers ", "all-GPU HF ").replace(")", "")
-        return text + (f" [{r['slots']} slots]" if r.get("slots") and "resident" not in r["name"] else "")
+        if not r.get("slots") or "resident" in r["name"]:
+            return text
+        return text + (f" [{r['slots']}+{r['staging_slots']} slots]" if r.get("staging_slots") else f" [{r['slots']} slots]")
 
-    fig, axes = plt.subplots(1, 2, figsize=(15, 9), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 9), sharey=False)
     for ax, batch in zip(axes, (1, 8)):
         rs = [r for r in runs if r["batch"] == batch]
-        colors = ["tab:gray" if r["name"].startswith("all on GPU") or "resident" in r["name"] else
+        colors = ["tab:orange" if r.get("staging_slots") else
+                  "tab:gray" if r["name"].startswith("all on GPU") or "resident" in r["name"] else
                   "tab:red" if r["name"].startswith("transformers") else
                   "tab:green" if r.get("cpu_compute") else "tab:blue" for r in rs]
         ax.barh(range(len(rs)), [r["decode_tokens_per_s"] for r in rs], color=colors)
@@ -453,6 +489,8 @@ def plot(doc: dict, path: str) -> None:
                 text += f"  hit {r['decode_hit_rate']:.2f}"
                 if r.get("decode_inflight_hit_rate"):
                     text += f" (+{r['decode_inflight_hit_rate']:.2f} in flight)"
+                if r.get("staging_slots"):
+                    text += f"  staged hits {r['staged_hits']} (victims {r['victim_hits']})"
                 text += f"  PCIe {r['decode_pcie_utilization']:.2f}"
                 if r.get("prefetch", "none") != "none":
                     text += f"  P/R {r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}"
@@ -470,9 +508,59 @@ def plot(doc: dict, path: str) -> None:
     model = doc["model"]
     fig.suptitle(f"{model['preset']} config, {model['layers']} layers, random bf16 weights, {doc['machine']['device']} "
                  f"(pinned H2D {doc['bandwidth']['pinned_h2d_bytes_per_s'] / 1e9:.1f} GB/s)\n"
-                 "blue: moekit cache, green: + CPU compute, red: transformers/accelerate offload, gray: all on GPU; "
+                 "blue: moekit cache, orange: staged prefetch [cache + staging slots], green: + CPU compute, "
+                 "red: transformers/accelerate offload, gray: all on GPU; "
                  "| = PCIe copy bound at the measured hit rate\nhit = weights already on the GPU when needed, "
                  "in flight = a prefetch copy still running then (neither hit nor miss)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_staging(doc: dict, path: str) -> None:
+    """The staged-prefetch comparison: per batch, strict hit rate (+ in-flight hits, hatched) and
+    decode tokens/s of each moekit run, labelled with its cache + staging slots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in doc["runs"] if "error" not in r and r["name"].startswith("moekit") and "resident" not in r["name"]]
+    fig, axes = plt.subplots(2, 2, figsize=(16, 2.2 + 0.32 * len(runs)), gridspec_kw={"width_ratios": [1, 1]})
+    for row, batch in enumerate((1, 8)):
+        rs = [r for r in runs if r["batch"] == batch]
+        labels = [r["name"].replace("moekit ", "") + f" [{r['slots']}" + (f"+{r['staging_slots']}" if r.get("staging_slots") else "")
+                  + " slots]" for r in rs]
+        colors = ["tab:orange" if r.get("staging_slots") else "tab:blue" for r in rs]
+        y = range(len(rs))
+        hit = [r["decode_hit_rate"] for r in rs]
+        late = [r.get("decode_inflight_hit_rate", 0.0) for r in rs]
+        ax = axes[row, 0]
+        ax.barh(y, hit, color=colors)
+        ax.barh(y, late, left=hit, color="none", edgecolor="gray", hatch="//")
+        for i, r in enumerate(rs):
+            ax.text(min(hit[i] + late[i], 0.9) + 0.01, i, f"{hit[i]:.3f}" + (f" (+{late[i]:.3f})" if late[i] else ""),
+                    va="center", fontsize=7)
+        ax.set_xlim(0, 1.08)
+        ax.set_yticks(list(y))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("strict hit rate (hatched: in-flight hits)")
+        ax.set_title(f"batch {batch}: hit rate", fontsize=9)
+        ax = axes[row, 1]
+        tok = [r["decode_tokens_per_s"] for r in rs]
+        ax.barh(y, tok, color=colors)
+        for i, v in enumerate(tok):
+            ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
+        ax.set_xlim(0, max(tok) * 1.15)
+        ax.set_yticks(list(y))
+        ax.set_yticklabels([])
+        ax.invert_yaxis()
+        ax.set_xlabel("decode tokens/s")
+        ax.set_title(f"batch {batch}: decode speed", fontsize=9)
+    model = doc["model"]
+    fig.suptitle(f"{model['preset']} config, {model['layers']} layers, random bf16 weights, {doc['machine']['device']}; "
+                 f"blue: cache only, orange: staged prefetch [cache + staging slots]", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -491,13 +579,17 @@ def print_run(run: dict) -> None:
         return
     extra = ""
     if "hit_rate" in run:
-        extra = (f" slots {run['slots']:>3} hit {run['decode_hit_rate']:.3f} "
+        extra = (f" slots {run['slots']:>3}+{run.get('staging_slots', 0)} hit {run['decode_hit_rate']:.3f} "
                  f"inflight {run.get('decode_inflight_hit_rate', 0.0):.3f} P/R {run['prefetch_precision']:.2f}/"
                  f"{run['prefetch_recall']:.2f} pcie {run['decode_pcie_utilization']:.2f} "
                  f"bound {run['copy_bound_tokens_per_s']:.1f} cpu {run['cpu_computed']} stall {run['stall_s']:.2f}s "
                  f"busy {run['copy_busy_fraction']:.2f} copyBW {run['copy_bandwidth_bytes_per_s'] / 1e9:.1f} "
                  f"wait {run['host_wait_s']:.2f}s wall {run['wall_s']:.2f}s "
                  f"lead {run.get('prefetch_lead_s', float('nan')) * 1e3:.2f}ms")
+        if run.get("staging_slots"):
+            extra += (f" staged hit/inflight/miss/dropped {run['staged_hits']}/{run['staged_inflight_hits']}/"
+                      f"{run['staged_misses']}/{run['staged_dropped']} victims {run['victim_hits']} "
+                      f"useful {run['prefetch_useful']} of {run['prefetch_copies']}")
     print(f"{run['name']:<40} batch {run['batch']}: {run['decode_tokens_per_s']:8.2f} tok/s{extra}", flush=True)
 
 
@@ -516,10 +608,17 @@ def main(argv=None) -> int:
                    help="comma-separated expert-slot counts: run only lru / lfu / prefetch at these budgets "
                         "(no CPU compute, no transformers offloading); default: the full matrix at half and a "
                         "quarter of the experts")
+    p.add_argument("--variants", default="full", choices=("full", "staging"),
+                   help="full: the whole matrix; staging: staged prefetch against lru with the same cache and "
+                        "with the same memory, at --slots (default half the experts)")
+    p.add_argument("--staging", type=int, default=2, help="staging slots of the staged runs (default 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="skip transformers' offloading and its grouped_mm all-on-GPU rows (the eager rows stay: "
+                        "they are the token reference)")
     p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an existing result file")
     args = p.parse_args(argv)
     if args.plot:
-        return redraw(args.plot, plot)
+        return redraw(args.plot, plot_staging if args.variants == "staging" else plot)
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
 
@@ -541,7 +640,7 @@ def main(argv=None) -> int:
     diagnostics = routing_diagnostics(model, prompts(8, args.prompt_len, model.config.vocab_size), args.device)
     runs = []
     default_impl = model.config._experts_implementation
-    for impl in (default_impl, "eager"):  # transformers' default (grouped_mm on GPU) and its eager loop
+    for impl in ("eager",) if args.quick else (default_impl, "eager"):  # transformers' default (grouped_mm on GPU) and its eager loop
         set_experts_implementation(model, impl)
         for batch in (1, 8):
             ids = prompts(batch, args.prompt_len, model.config.vocab_size)
@@ -558,7 +657,7 @@ def main(argv=None) -> int:
     mk_runs, mem = moekit_runs(model, args, expert_bytes, num_experts_total, bw)
     runs += mk_runs
     budget = dense_bytes + (num_experts_total // 2) * expert_bytes + args.reserve_bytes
-    if not args.slots:
+    if not args.slots and not args.quick:
         runs += hf_runs(model, args, budget)
 
     # moekit computes experts in transformers' eager order: compare tokens with the eager run
@@ -587,6 +686,7 @@ def main(argv=None) -> int:
         "copy_engine_alone": copy_alone,
         "routing_diagnostics": diagnostics,
         "memory": mem,
+        "variants": args.variants,
         "goals": goals,
         "runs": runs,
     }
@@ -599,7 +699,7 @@ def main(argv=None) -> int:
         json.dump(doc, fh, indent=2, default=float)
     os.replace(tmp, out)
     try:
-        plot(doc, os.path.splitext(out)[0] + ".png")
+        (plot_staging if args.variants == "staging" else plot)(doc, os.path.splitext(out)[0] + ".png")
     except ImportError:  # matplotlib is optional (the "plot" extra)
         pass
     print(f"wrote {out}")

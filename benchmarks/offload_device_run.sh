@@ -5,8 +5,13 @@
 # Everything goes under $OUT, at most 8 files: env.txt, gpu_tests.txt, profile.log +
 # profile.json + traces.tgz, or bench.log + the result JSON and PNG.
 #
+# Mode staging: the staged-prefetch comparison (bench_offload.py --variants staging --quick) on the
+# Mixtral-8x7B config (16 slots, 2 staging) and on the Qwen3-30B-A3B config (16 and 32 slots, 8
+# staging): bench.log, qwen3.log and the two result JSONs and PNGs.
+#
 #   OUT=/tmp/out bash benchmarks/offload_device_run.sh profile [profile_offload.py args]
 #   OUT=/tmp/out TAG=s4 bash benchmarks/offload_device_run.sh bench [bench_offload.py args]
+#   OUT=/tmp/out TAG=s5 bash benchmarks/offload_device_run.sh staging
 set -u
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/offload_out}
@@ -25,6 +30,13 @@ if [ "$MODE" = profile ]; then
   timeout 400 python3 benchmarks/profile_offload.py --out "$OUT/profile.json" --trace-dir /tmp/traces "$@" \
     2>&1 | grep -v USDT | tee "$OUT/profile.log" | tail -40
   tar czf "$OUT/traces.tgz" -C /tmp traces 2>/dev/null
+elif [ "$MODE" = staging ]; then
+  day=$(date -u +%F)
+  timeout 200 python3 benchmarks/bench_offload.py --variants staging --quick --staging 2 \
+    --out "$OUT/offload_h100_${day}_${TAG:-s5}.json" 2>&1 | tee "$OUT/bench.log" | grep -E "^moekit|^all|^goal batch._same" | tail -50
+  timeout 160 python3 benchmarks/bench_offload.py --preset qwen3-30b-a3b --variants staging --quick --slots 16,32 \
+    --staging 8 --out "$OUT/offload_h100_${day}_${TAG:-s5}_qwen3.json" 2>&1 | tee "$OUT/qwen3.log" \
+    | grep -E "^moekit|^all|^goal batch._same" | tail -60
 else
   day=$(date -u +%F)
   timeout 420 python3 benchmarks/bench_offload.py --out "$OUT/offload_h100_${day}_${TAG:-s4}.json" "$@" \

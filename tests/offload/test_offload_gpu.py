@@ -17,11 +17,11 @@ from moekit.offload.copies import ChunkedCopier  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("prefetch", ["none", "next_layer", "layer_output", "next_layer+layer_output"])
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
-    model = tiny_model(family, seed=20)
-    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(21)).cuda()
+def _reference_and_budget(model, seed: int):
+    """(prompt ids on the GPU, the plain model's greedy tokens, device memory allocated before
+    offloading, a budget of the dense weights + 4 expert slots + 2 MiB for activations and the
+    KV cache); resets the peak-memory counter."""
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(seed)).cuda()
     plain = copy.deepcopy(model).cuda()
     with torch.no_grad():
         expected = plain.generate(ids, max_new_tokens=12, do_sample=False)
@@ -34,7 +34,14 @@ def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
     expert_bytes = sum(p.numel() * p.element_size() for p in experts) // (len(experts) // 2) // experts[0].shape[0]
     dense = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) \
         - sum(p.numel() * p.element_size() for p in experts)
-    budget = dense + 4 * expert_bytes + 2 * 2**20  # 4 slots + 2 MiB for activations and the KV cache
+    return ids, expected, base, dense + 4 * expert_bytes + 2 * 2**20
+
+
+@pytest.mark.parametrize("prefetch", ["none", "next_layer", "layer_output", "next_layer+layer_output"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
+    model = tiny_model(family, seed=20)
+    ids, expected, base, budget = _reference_and_budget(model, seed=21)
     # small chunks, one queued ahead: prefetches are dropped or completed part-way
     handle = offload(model, gpu_memory=budget, reserve=2 * 2**20, policy="lru", prefetch=prefetch,
                      chunk_bytes=2048, lead_chunks=1, prefetch_extra=1)
@@ -97,20 +104,7 @@ def test_gpu_staged_prefetch_token_identical_and_under_budget(family, prefetch):
     # one queued ahead) and a layer needing more experts than its cache quota reads a staged
     # expert in place
     model = tiny_model(family, seed=25)
-    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(26)).cuda()
-    plain = copy.deepcopy(model).cuda()
-    with torch.no_grad():
-        expected = plain.generate(ids, max_new_tokens=12, do_sample=False)
-    del plain
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    experts = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
-    expert_bytes = sum(p.numel() * p.element_size() for p in experts) // (len(experts) // 2) // experts[0].shape[0]
-    dense = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) \
-        - sum(p.numel() * p.element_size() for p in experts)
-    budget = dense + 4 * expert_bytes + 2 * 2**20
+    ids, expected, base, budget = _reference_and_budget(model, seed=26)
     handle = offload(model, gpu_memory=budget, reserve=2 * 2**20, prefetch=prefetch, staging_slots=2,
                      chunk_bytes=2048, lead_chunks=1)
     assert handle.num_slots == 2 and handle.engine.slot_in.shape[0] == 4

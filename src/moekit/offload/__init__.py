@@ -5,7 +5,12 @@ computation of missing experts, and the figures of DESIGN.md ("Offload figures")
 from moekit.offload.api import PREFETCH, OffloadedExperts, OffloadHandle, offload
 from moekit.offload.cache import POLICIES, ExpertCache
 from moekit.offload.copies import ChunkedCopier
-from moekit.offload.costs import TransferCosts, measure_cpu_expert, measure_h2d_bandwidth, parse_bytes
+from moekit.offload.costs import (
+    TransferCosts,
+    measure_cpu_expert,
+    measure_h2d_bandwidth,
+    parse_bytes,
+)
 from moekit.offload.engine import OffloadCounters, OffloadEngine
 from moekit.offload.staging import StagingArea
 

@@ -59,7 +59,12 @@ from torch import nn
 
 from moekit.hf.families import find_moe_blocks, predict_block
 from moekit.offload.cache import POLICIES
-from moekit.offload.costs import TransferCosts, measure_cpu_expert, measure_h2d_bandwidth, parse_bytes
+from moekit.offload.costs import (
+    TransferCosts,
+    measure_cpu_expert,
+    measure_h2d_bandwidth,
+    parse_bytes,
+)
 from moekit.offload.engine import OffloadEngine
 
 __all__ = ["OffloadedExperts", "OffloadHandle", "ForwardRecord", "offload", "PREFETCH"]
