@@ -51,7 +51,7 @@ CONFIGS = (  # block_m, block_n, block_k, num_stages, num_warps
     C(128, 256, 64, 4, 8, epilogue_subtile=True),
     C(128, 256, 64, 4, 8, flatten=True, epilogue_subtile=True),
     C(128, 128, 64, 4, 4, flatten=True),
-    C(256, 128, 64, 3, 8),
+    C(256, 128, 64, 3, 8, flatten=True),
 )
 ROUNDS = 3
 ROUTINGS = {"olmoe": ("uniform",), "qwen3_30b_a3b": ("uniform", "zipf"), "mixtral": ("uniform",),

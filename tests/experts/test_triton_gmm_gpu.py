@@ -17,7 +17,7 @@ from moekit.experts import triton_gmm as tg
 
 pytestmark = pytest.mark.gpu
 
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 5e-4}
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
 CONFIGS = [tg.DEFAULT_M_CONFIG, tg.GmmConfig(128, 128, 64, 4, 4, flatten=True),
            tg.GmmConfig(128, 256, 64, 4, 8, epilogue_subtile=True)]
 
@@ -71,7 +71,7 @@ def test_six_gemms_match_grouped_mm(shape, dtype, kind):
     T, D, F, E, K = shape
     gen = torch.Generator().manual_seed(0)
     counts = _counts(T * K, E, kind, gen)
-    for gemm, (got, want) in _six(T * K, D, F, E, counts, dtype, gen, tg.DEFAULT_M_CONFIG).items():
+    for gemm, (got, want) in _six(T * K, D, F, E, counts, dtype, gen, None).items():
         assert got.dtype == dtype and got.shape == want.shape, gemm
         assert _rel(got, want) < TOL[dtype], (gemm, _rel(got, want))
 
@@ -80,7 +80,7 @@ def test_six_gemms_fp32():
     gen = torch.Generator().manual_seed(1)
     T, D, F, E, K = 1024, 2048, 768, 128, 8
     counts = _counts(T * K, E, "zipf", gen)
-    for gemm, (got, want) in _six(T * K, D, F, E, counts, torch.float32, gen, tg.DEFAULT_M_CONFIG).items():
+    for gemm, (got, want) in _six(T * K, D, F, E, counts, torch.float32, gen, None).items():
         assert _rel(got, want) < TOL[torch.float32], (gemm, _rel(got, want))
 
 

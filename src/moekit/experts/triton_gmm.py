@@ -44,6 +44,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 __all__ = [
     "DEFAULT_K_CONFIG",
     "DEFAULT_M_CONFIG",
+    "FP32_CONFIG",
     "GmmConfig",
     "gmm_k_grouped",
     "gmm_m_grouped",
@@ -72,6 +73,9 @@ class GmmConfig:
 
 DEFAULT_M_CONFIG = GmmConfig(128, 256, 64, 3, 8)
 DEFAULT_K_CONFIG = GmmConfig(128, 256, 64, 3, 8)
+# fp32 operands take the exact FMA dot: small tiles (the 16-bit tiles above would need 330-390 KB
+# of shared memory in fp32).
+FP32_CONFIG = GmmConfig(64, 64, 32, 2, 4)
 # Row tiles per swizzle group (tiles that run together share operands in L2).
 _GROUP_M = 8
 
@@ -205,10 +209,11 @@ def _check_offs(offs_E: torch.Tensor, num_experts: int) -> None:
 
 
 def gmm_m_grouped(a_NK: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor, *, w_is_ok: bool,
-                  config: GmmConfig = DEFAULT_M_CONFIG, out: torch.Tensor | None = None) -> torch.Tensor:
+                  config: GmmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``out_NO [N, O]``, rows of expert ``e``: ``a_NK @ w[e]^T`` (``w_is_ok``: ``w`` is
     ``[E, O, K]``) or ``a_NK @ w[e]`` (``w`` is ``[E, K, O]``). Both operands contiguous.
-    Rows past ``offs_E[E-1]`` of ``out`` (a new tensor unless given) are left as they are."""
+    Rows past ``offs_E[E-1]`` of ``out`` (a new tensor unless given) are left as they are.
+    ``config`` defaults to :data:`DEFAULT_M_CONFIG` (:data:`FP32_CONFIG` for fp32)."""
     if a_NK.ndim != 2 or w.ndim != 3:
         raise ValueError(f"a_NK, w: expected 2 and 3 dimensions, got {tuple(a_NK.shape)}, {tuple(w.shape)}")
     E = w.shape[0]
@@ -225,7 +230,7 @@ def gmm_m_grouped(a_NK: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor, *, 
         return out_NO
     if K == 0:
         raise ValueError("a_NK: expected a non-empty reduction (K > 0)")
-    c = config
+    c = config or (FP32_CONFIG if a_NK.dtype == torch.float32 else DEFAULT_M_CONFIG)
     a_desc = create_ragged_descriptor(a_NK, [c.block_m, c.block_k])
     out_desc = create_ragged_descriptor(out_NO, [c.block_m, _store_width(c)])
     w_block = [1, c.block_n, c.block_k] if w_is_ok else [1, c.block_k, c.block_n]
@@ -240,9 +245,10 @@ def gmm_m_grouped(a_NK: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor, *, 
 
 
 def gmm_k_grouped(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor, *,
-                  config: GmmConfig = DEFAULT_K_CONFIG) -> torch.Tensor:
+                  config: GmmConfig | None = None) -> torch.Tensor:
     """``out_EMO [E, M, O]``: ``out[e] = a_NM[rows_e]^T @ b_NO[rows_e]`` (zeros where expert
-    ``e`` has no rows). Both operands contiguous, with the same rows."""
+    ``e`` has no rows). Both operands contiguous, with the same rows. ``config`` defaults to
+    :data:`DEFAULT_K_CONFIG` (:data:`FP32_CONFIG` for fp32)."""
     if a_NM.ndim != 2 or b_NO.ndim != 2 or a_NM.shape[0] != b_NO.shape[0]:
         raise ValueError(f"a_NM, b_NO: expected 2-D with equal rows, got {tuple(a_NM.shape)}, {tuple(b_NO.shape)}")
     E = offs_E.shape[0] if offs_E.ndim == 1 else -1
@@ -254,7 +260,7 @@ def gmm_k_grouped(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor, 
         return out_EMO
     if N == 0:
         return out_EMO.zero_()
-    c = config
+    c = config or (FP32_CONFIG if a_NM.dtype == torch.float32 else DEFAULT_K_CONFIG)
     a_desc = create_ragged_descriptor(a_NM, [c.block_k, c.block_m])
     b_desc = create_ragged_descriptor(b_NO, [c.block_k, c.block_n])
     out_desc = TensorDescriptor(out_EMO, list(out_EMO.shape), list(out_EMO.stride()), [1, c.block_m, _store_width(c)])
