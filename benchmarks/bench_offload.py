@@ -333,7 +333,8 @@ def staging_variants(budgets: list[int], staging: int, total: int, preset: str) 
     """The staged-prefetch comparison at each cache size ``n`` of ``budgets``: lru with ``n`` and
     with ``n - staging`` slots (the same device memory as a staged run that keeps ``n`` slots in
     all), the s4 prefetch that takes cache slots, and staged prefetch with ``n - staging`` cache
-    slots (same memory) and with ``n`` (``staging`` slots more memory). Lead 2 chunks throughout."""
+    slots (same memory) and with ``n`` (``staging`` slots more memory); lead 2 chunks, and on the
+    Qwen3 config also whole guesses."""
     lo, out = "layer_output", []
     for n in budgets:
         m = n - staging
@@ -343,6 +344,8 @@ def staging_variants(budgets: list[int], staging: int, total: int, preset: str) 
         if preset != "qwen3-30b-a3b":  # the larger experts: also lfu and next_layer (more lead, weaker guess)
             out += [("lfu", "none", 0, 2, False, n), ("lfu", lo, 0, 2, False, m, staging),
                     ("lru", "next_layer", 0, 2, False, m, staging)]
+        else:  # small experts, idle bus: every chunk of every guess queued at once (they land sooner)
+            out += [("lru", lo, 0, 10**6, False, m, staging)]
     return out + [("lru", "none", 0, 2, False, total)]
 
 
