@@ -85,6 +85,7 @@ class CopyEngineExchange:
         self._buffer: torch.Tensor | None = None
         self._handle = None
         self._peers: dict[int, torch.Tensor] = {}
+        self._recipes: dict = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -103,41 +104,57 @@ class CopyEngineExchange:
             self._buffer = symm.empty(nbytes, dtype=torch.uint8, device=device)
             self._handle = symm.rendezvous(self._buffer, self.group)
             self._peers = {q: self._handle.get_buffer(q, (nbytes,), torch.uint8, 0) for q in range(self.world)}
+            self._recipes.clear()
         return self._peers
+
+    def _recipe(self, tensors: list[torch.Tensor], include_self: bool, gather: bool):
+        """The views of an exchange of tensors of these shapes, made once per buffer (a layer's
+        exchanges repeat every step, and each view is host time on the launch path):
+        ``(own views, [(peer view, tensor index, first row, end row of the result)])``."""
+        key = (tuple((t.shape, t.dtype) for t in tensors), include_self, gather, tensors[0].device)
+        if key in self._recipes and self._buffer is not None:
+            return self._recipes[key]
+        nblocks = self.world if include_self else self.world - 1
+        rows = [t.shape[0] if gather else t.shape[0] // nblocks for t in tensors]
+        offsets, total = [], 0
+        for t in tensors:
+            offsets.append(total)
+            total += _padded(t.numel() * t.element_size())
+        peers = self._buffers(total, tensors[0].device)
+
+        def view(q: int, i: int) -> torch.Tensor:
+            t = tensors[i]
+            return peers[q][offsets[i]:offsets[i] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+
+        own = [view(self.rank, i) for i in range(len(tensors))]
+        pulls = []
+        for q, source, j in pull_plan(self.rank, self.world, include_self, gather):
+            for i, c in enumerate(rows):
+                src = view(q, i) if source is None else view(q, i)[source * c:(source + 1) * c]
+                pulls.append((src, i, j * c, (j + 1) * c))
+        self._recipes[key] = (own, pulls, [nblocks * c for c in rows])
+        return self._recipes[key]
 
     def run(self, tensors: list[torch.Tensor], include_self: bool, gather: bool) -> list[torch.Tensor]:
         """The exchange of each tensor (not differentiable; see :func:`gather_blocks` and
         :func:`swap_blocks`). gather: each tensor is one block ``[C, ...]`` sent to every
         rank; otherwise ``[B * C, ...]``, block ``j`` for the ``j``-th rank. Returns
         ``[B * C, ...]`` per tensor, block ``j`` from the ``j``-th rank."""
-        nblocks = self.world if include_self else self.world - 1
         device = tensors[0].device
         if device.type != "cuda":
             raise ValueError(f"transport: 'copy_engine' needs CUDA tensors, got tensors on {device}")
         tensors = [t.contiguous() for t in tensors]
-        rows = [t.shape[0] if gather else t.shape[0] // nblocks for t in tensors]
-        offsets, total = [], 0
-        for t in tensors:
-            offsets.append(total)
-            total += _padded(t.numel() * t.element_size())
+        own, pulls, out_rows = self._recipe(tensors, include_self, gather)
+        # made on the caller's stream, written on the communication stream, which it waits for
+        outs = [t.new_empty((n,) + tuple(t.shape[1:])) for t, n in zip(tensors, out_rows)]
         main, comm = torch.cuda.current_stream(device), self._stream(device)
-        outs = [t.new_empty((nblocks * c,) + tuple(t.shape[1:])) for t, c in zip(tensors, rows)]
         comm.wait_stream(main)
         with torch.cuda.stream(comm):
-            peers = self._buffers(total, device)
-
-            def view(q: int, i: int) -> torch.Tensor:
-                t = tensors[i]
-                n = t.numel() * t.element_size()
-                return peers[q][offsets[i]:offsets[i] + n].view(t.dtype).view(t.shape)
-
-            for i, t in enumerate(tensors):
-                view(self.rank, i).copy_(t)
+            for mine, t in zip(own, tensors):
+                mine.copy_(t)
             self._handle.barrier(channel=0)
-            for q, source, j in pull_plan(self.rank, self.world, include_self, gather):
-                for i, c in enumerate(rows):
-                    src = view(q, i) if source is None else view(q, i)[source * c:(source + 1) * c]
-                    outs[i][j * c:(j + 1) * c].copy_(src)
+            for src, i, first, end in pulls:
+                (outs[i] if end - first == out_rows[i] else outs[i][first:end]).copy_(src)
             self._handle.barrier(channel=0)
         main.wait_stream(comm)
         for t in tensors:  # read on the communication stream: keep their memory until it did
