@@ -27,12 +27,13 @@ def _bench():
 def test_variant_labels():
     parse = _bench().parse_variant
     assert parse("fixed") == {"label": "fixed", "fixed": True, "overlap": False, "sm_carveout": None,
-                              "high_priority": False, "remote_first": False}
+                              "high_priority": False, "remote_first": False, "transport": "all_to_all"}
+    assert parse("overlap_fixed:c2:ce")["transport"] == "copy_engine"
     v = parse("overlap_fixed:c16:hp:rf")
     assert (v["fixed"], v["overlap"], v["sm_carveout"], v["high_priority"], v["remote_first"]) == (
         True, True, 16, True, True)
     assert parse("overlap:rf")["fixed"] is False
-    for bad in ("fast", "fixed:rf", "overlap:c", "overlap:cx", "plain:hp", "fixed:x"):
+    for bad in ("fast", "fixed:rf", "overlap:c", "overlap:cx", "plain:hp", "fixed:x", "overlap:ce"):
         with pytest.raises(ValueError, match="--variants"):
             parse(bad)
 
