@@ -169,31 +169,19 @@ def _float_grads(ctx, grads) -> list[torch.Tensor]:
             for g, (shape, dtype, device) in zip([g for g, f in zip(grads, ctx.float_mask) if f], ctx.float_meta)]
 
 
-def _setup(ctx, exchange, include_self, tensors, gather: bool) -> tuple:
-    ctx.exchange, ctx.include_self = exchange, include_self
-    ctx.float_mask = [t.is_floating_point() for t in tensors]
-    outs = exchange.run(list(tensors), include_self, gather=gather)
-    ctx.float_meta = [(o.shape, o.dtype, o.device) for o, f in zip(outs, ctx.float_mask) if f]
-    ctx.mark_non_differentiable(*[o for o, f in zip(outs, ctx.float_mask) if not f])
-    return tuple(outs)
-
-
-class _Swap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, exchange, include_self, *tensors):
-        return _setup(ctx, exchange, include_self, tensors, gather=False)
+class _Exchange(torch.autograd.Function):
+    """``gather`` (all-gather) or swap (personalised all-to-all) of ``tensors``; the backward
+    swaps the output gradients back (a swap is its own adjoint) and, for a gather, sums each
+    input's blocks (block ``j``: the ``j``-th rank's gradient of this rank's rows, in fp32)."""
 
     @staticmethod
-    def backward(ctx, *grads):
-        sent = _float_grads(ctx, grads)
-        back = iter(ctx.exchange.run(sent, ctx.include_self, gather=False) if sent else ())
-        return (None, None) + tuple(next(back) if f else None for f in ctx.float_mask)
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, exchange, include_self, *tensors):
-        return _setup(ctx, exchange, include_self, tensors, gather=True)
+    def forward(ctx, exchange, include_self, gather, *tensors):
+        ctx.exchange, ctx.include_self, ctx.gather = exchange, include_self, gather
+        ctx.float_mask = [t.is_floating_point() for t in tensors]
+        outs = exchange.run(list(tensors), include_self, gather=gather)
+        ctx.float_meta = [(o.shape, o.dtype, o.device) for o, f in zip(outs, ctx.float_mask) if f]
+        ctx.mark_non_differentiable(*[o for o, f in zip(outs, ctx.float_mask) if not f])
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -202,13 +190,11 @@ class _Gather(torch.autograd.Function):
         nblocks = ctx.exchange.world if ctx.include_self else ctx.exchange.world - 1
         out = []
         for f in ctx.float_mask:
-            if not f:
-                out.append(None)
-                continue
-            g = next(back)
-            # block j: the j-th rank's gradient of this rank's rows; summed in fp32
-            out.append(g.unflatten(0, (nblocks, -1)).float().sum(0).to(g.dtype))
-        return (None, None) + tuple(out)
+            g = next(back) if f else None
+            if g is not None and ctx.gather:
+                g = g.unflatten(0, (nblocks, -1)).float().sum(0).to(g.dtype)
+            out.append(g)
+        return (None, None, None) + tuple(out)
 
 
 def _grads_defined(tensors: tuple[torch.Tensor, ...]) -> None:
@@ -221,7 +207,7 @@ def gather_blocks(exchange: CopyEngineExchange, include_self: bool, *tensors: to
     block ``j`` from the ``j``-th rank (this rank left out unless ``include_self``).
     Differentiable in the floating-point tensors; integer ones travel along."""
     _grads_defined(tensors)
-    return _Gather.apply(exchange, include_self, *tensors)
+    return _Exchange.apply(exchange, include_self, True, *tensors)
 
 
 def swap_blocks(exchange: CopyEngineExchange, include_self: bool, *tensors: torch.Tensor) -> tuple:
@@ -229,4 +215,4 @@ def swap_blocks(exchange: CopyEngineExchange, include_self: bool, *tensors: torc
     goes to the ``j``-th rank, block ``j`` of the result comes from it. Differentiable in the
     floating-point tensors (its own adjoint)."""
     _grads_defined(tensors)
-    return _Swap.apply(exchange, include_self, *tensors)
+    return _Exchange.apply(exchange, include_self, False, *tensors)
