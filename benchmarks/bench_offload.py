@@ -264,7 +264,7 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
                                           ("lru", lo, 2), ("lru", "next_layer", whole))]
     for policy, prefetch, extra, lead, cpu, slots, *more in variants:
         staging = more[0] if more else 0
-        for batch in (1, 8):
+        for batch in args.batches:
             name = f"moekit {policy}"
             if prefetch != "none":
                 name += f" +{prefetch}" + (f"+{extra}" if extra else "") + (" whole" if lead == whole else "")
@@ -528,8 +528,9 @@ def plot_staging(doc: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in doc["runs"] if "error" not in r and r["name"].startswith("moekit") and "resident" not in r["name"]]
-    fig, axes = plt.subplots(2, 2, figsize=(16, 2.2 + 0.32 * len(runs)), gridspec_kw={"width_ratios": [1, 1]})
-    for row, batch in enumerate((1, 8)):
+    batches = sorted({r["batch"] for r in runs})
+    fig, axes = plt.subplots(len(batches), 2, figsize=(16, 2.2 + 0.32 * len(runs)), squeeze=False)
+    for row, batch in enumerate(batches):
         rs = [r for r in runs if r["batch"] == batch]
         labels = [r["name"].replace("moekit ", "") + f" [{r['slots']}" + (f"+{r['staging_slots']}" if r.get("staging_slots") else "")
                   + " slots]" for r in rs]
@@ -614,6 +615,8 @@ def main(argv=None) -> int:
                    help="full: the whole matrix; staging: staged prefetch against lru with the same cache and "
                         "with the same memory, at --slots (default half the experts)")
     p.add_argument("--staging", type=int, default=2, help="staging slots of the staged runs (default 2)")
+    p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8],
+                   help="comma-separated batch sizes of the moekit runs (default 1,8)")
     p.add_argument("--quick", action="store_true",
                    help="skip transformers' offloading and its grouped_mm all-on-GPU rows (the eager rows stay: "
                         "they are the token reference)")
@@ -644,7 +647,7 @@ def main(argv=None) -> int:
     default_impl = model.config._experts_implementation
     for impl in ("eager",) if args.quick else (default_impl, "eager"):  # transformers' default (grouped_mm on GPU) and its eager loop
         set_experts_implementation(model, impl)
-        for batch in (1, 8):
+        for batch in args.batches:
             ids = prompts(batch, args.prompt_len, model.config.vocab_size)
             decode(model, ids, args.warmup_tokens, args.device)
             res = decode(model, ids, args.new_tokens, args.device)

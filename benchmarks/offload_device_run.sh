@@ -7,7 +7,7 @@
 #
 # Mode staging: the staged-prefetch comparison (bench_offload.py --variants staging --quick) on the
 # Mixtral-8x7B config (16 slots, 2 staging) and on the Qwen3-30B-A3B config (16 and 32 slots, 8
-# staging): bench.log, qwen3.log and the two result JSONs and PNGs.
+# staging; batch 1 only): bench.log, qwen3.log and the two result JSONs and PNGs.
 #
 #   OUT=/tmp/out bash benchmarks/offload_device_run.sh profile [profile_offload.py args]
 #   OUT=/tmp/out TAG=s4 bash benchmarks/offload_device_run.sh bench [bench_offload.py args]
@@ -24,7 +24,7 @@ mkdir -p "$OUT"
   echo "cpus $(nproc)"; free -g | head -2; date -u
   git log --oneline -1 2>/dev/null
 } >"$OUT/env.txt" 2>&1
-timeout 120 python3 -m pytest -q -m gpu tests/offload -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1
+timeout 90 python3 -m pytest -q -m gpu tests/offload -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
 if [ "$MODE" = profile ]; then
   timeout 400 python3 benchmarks/profile_offload.py --out "$OUT/profile.json" --trace-dir /tmp/traces "$@" \
@@ -32,10 +32,10 @@ if [ "$MODE" = profile ]; then
   tar czf "$OUT/traces.tgz" -C /tmp traces 2>/dev/null
 elif [ "$MODE" = staging ]; then
   day=$(date -u +%F)
-  timeout 200 python3 benchmarks/bench_offload.py --variants staging --quick --staging 2 \
+  timeout 180 python3 benchmarks/bench_offload.py --variants staging --quick --staging 2 \
     --out "$OUT/offload_h100_${day}_${TAG:-s5}.json" 2>&1 | tee "$OUT/bench.log" | grep -E "^moekit|^all|^goal batch._same" | tail -50
-  timeout 160 python3 benchmarks/bench_offload.py --preset qwen3-30b-a3b --variants staging --quick --slots 16,32 \
-    --staging 8 --out "$OUT/offload_h100_${day}_${TAG:-s5}_qwen3.json" 2>&1 | tee "$OUT/qwen3.log" \
+  timeout 120 python3 benchmarks/bench_offload.py --preset qwen3-30b-a3b --variants staging --quick --slots 16,32 \
+    --staging 8 --batches 1 --out "$OUT/offload_h100_${day}_${TAG:-s5}_qwen3.json" 2>&1 | tee "$OUT/qwen3.log" \
     | grep -E "^moekit|^all|^goal batch._same" | tail -60
 else
   day=$(date -u +%F)
