@@ -564,7 +564,7 @@ def plot_staging(doc: dict, path: str) -> None:
     model = doc["model"]
     fig.suptitle(f"{model['preset']} config, {model['layers']} layers, random bf16 weights, {doc['machine']['device']}; "
                  f"blue: cache only, orange: staged prefetch [cache + staging slots]", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.015, 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
