@@ -2,8 +2,9 @@
 
 A guess is copied into a staging slot outside the cache and takes a cache slot only when its
 layer needs it, evicting then what a demand copy would have. So a wrong guess never evicts a
-cached expert: the cache's contents follow exactly those of the same cache without prefetch,
-and every staged hit comes on top of its hits. Greedy generation stays token-identical, also
+cached expert: while no layer call needs more experts than its quota of cache slots, the cache's
+contents follow exactly those of the same cache without prefetch, and every staged hit comes on
+top of its hits. Greedy generation stays token-identical, also
 when guesses are copied only in part."""
 
 import copy

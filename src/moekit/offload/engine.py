@@ -34,8 +34,9 @@ One engine serves every MoE layer of a model. For each layer call it
 
 With ``staging_slots > 0`` a guess is copied into a staging slot outside the cache instead
 (:mod:`moekit.offload.staging`) and joins the cache only when a layer needs it (step 2), evicting
-then the expert its demand copy would have evicted: the cache's contents are those of the same
-cache without prefetch, and a wrong guess costs only its own copy. ``prefetch="layer_output2"``
+then the expert its demand copy would have evicted: while no layer call needs more experts than
+its quota of cache slots, the cache's contents are those of the same cache without prefetch, and
+a wrong guess costs only its own copy. ``prefetch="layer_output2"``
 predicts the next two layers from a decoder layer's output (the nearer layer's guesses queued
 first).
 
