@@ -58,6 +58,17 @@ def test_generate_cli_prints_figures_and_writes_json(model_dir, tmp_path, capsys
     assert doc["stats"]["prefetch"] == "layer_output" and doc["stats"]["lead_chunks"] == 1
 
 
+def test_generate_cli_staging_slots(model_dir, capsys):
+    rc = main(["generate", "--model", str(model_dir), "--prompt", "the expert router", "--offload", "3",
+               "--prefetch", "layer_output2", "--staging-slots", "2", "--max-new-tokens", "4", "--dtype", "float32",
+               "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "staging" in printed and "staged_hits" in printed
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--offload", "2", "--staging-slots", "-1",
+                 "--device", "cpu", "--dtype", "float32"]) == 2
+    assert "staging_slots" in capsys.readouterr().err
+
+
 def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys):
     assert main(["trace", "--model", str(tmp_path), "--text", str(tmp_path / "none.txt"), "-o", "x.npz"]) == 2
     assert "moekit trace: error: --text" in capsys.readouterr().err

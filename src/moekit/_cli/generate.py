@@ -23,7 +23,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prefetch", default="none",
                    help="none | next_layer (next router on this layer's input) | layer_output (next router on "
                         "the decoder layer's output: later, more often right) | next_layer+layer_output (the first, "
-                        "replaced by the second when it arrives) (default none)")
+                        "replaced by the second when it arrives) | layer_output2 (the next two MoE layers from the "
+                        "decoder layer's output) (default none)")
+    p.add_argument("--staging-slots", type=int, default=0,
+                   help="GPU slots outside the cache where prefetched guesses wait: a guess enters the cache (and "
+                        "evicts) only when a layer needs it, so a wrong guess evicts nothing; taken from the budget "
+                        "when it is in bytes, on top of it when it is a slot count (default 0)")
     p.add_argument("--lead-chunks", type=int, default=2,
                    help="prefetch chunks kept queued on the copy stream; a large value queues whole guesses "
                         "at once (default 2)")
@@ -50,18 +55,19 @@ def run(args) -> int:
     model, tokenizer = load_causal_lm(args.model, args.dtype)
     handle = offload(model, cache_experts=slots, gpu_memory=memory, policy=args.policy,
                      prefetch=args.prefetch, cpu_compute=args.cpu_compute, device=args.device,
-                     lead_chunks=args.lead_chunks)
+                     lead_chunks=args.lead_chunks, staging_slots=args.staging_slots)
     result = generate_and_measure(model, tokenizer, args.prompt, handle, args.max_new_tokens)
     console = Console()
     for prompt, text in zip(args.prompt, result["texts"]):
         console.print(f"[bold]{prompt}[/bold]{text}")
-    table = Table(title=f"offload: {handle.num_slots} GPU expert slots, policy={args.policy}, prefetch={args.prefetch}")
+    table = Table(title=f"offload: {handle.num_slots} GPU expert slots (+{args.staging_slots} staging), "
+                        f"policy={args.policy}, prefetch={args.prefetch}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key in ("hit_rate", "inflight_hit_rate", "prefetch_precision", "prefetch_recall", "prefetch_lead_s",
                 "h2d_bytes_per_token", "stall_s",
                 "pcie_utilization", "copy_busy_fraction", "tokens_per_s", "decode_tokens_per_s", "cpu_computed",
-                "demand_copies", "prefetch_copies"):
+                "demand_copies", "prefetch_copies", "staged_hits", "staged_misses"):
         value = result["stats"][key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
