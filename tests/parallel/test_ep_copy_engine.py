@@ -89,3 +89,36 @@ def test_transport_errors_name_the_argument(gloo_world):
     with pytest.raises(ValueError, match="NCCL group"):
         moekit.parallel.parallelize(moekit.MoE(moekit.MoEConfig(dim=8, ffn_dim=4, num_experts=2, top_k=1)),
                                     gloo_world, max_tokens_per_rank=4, transport="copy_engine")
+
+
+class _MirrorExchange:
+    """A stand-in transport for the autograd function alone: ``world`` ranks that all hold what
+    this rank holds, so a gather repeats this rank's block and a swap returns its input."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def run(self, tensors, include_self, gather):
+        blocks = self.world if include_self else self.world - 1
+        return [t.repeat(blocks, *([1] * (t.ndim - 1))) if gather else t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_exchange_gradients_sum_the_blocks_and_skip_integer_tensors(include_self):
+    from moekit.parallel.copy_engine import gather_blocks, swap_blocks
+
+    gen = torch.Generator().manual_seed(3)
+    exchange = _MirrorExchange(world=3)
+    blocks = 3 if include_self else 2
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    slots = torch.randint(0, 6, (4, 2), generator=gen)
+    x_QD, slot_QK, w_QK = gather_blocks(exchange, include_self, x, slots, w)
+    assert torch.equal(slot_QK, slots.repeat(blocks, 1)) and not slot_QK.requires_grad
+    dy = torch.randn(x_QD.shape, generator=gen, dtype=torch.float64)
+    # w_QK's output is unused: its gradient arrives as None and is exchanged as zeros
+    (y,) = swap_blocks(exchange, include_self, x_QD)
+    dx, dw = torch.autograd.grad((y * dy).sum(), [x, w])
+    # the mirror's gather is repeat and its swap the identity: the gradient is repeat's adjoint
+    torch.testing.assert_close(dx, dy.view(blocks, 4, 5).sum(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(dw, torch.zeros_like(w), rtol=0, atol=0)

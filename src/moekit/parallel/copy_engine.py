@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moekit.parallel.rows import sum_partials
+
 __all__ = ["CopyEngineExchange", "block_index", "gather_blocks", "pull_plan", "swap_blocks"]
 
 _ALIGN = 256  # bytes: every tensor of an exchange starts at a multiple of this in the buffer
@@ -112,7 +114,7 @@ class CopyEngineExchange:
         exchanges repeat every step, and each view is host time on the launch path):
         ``(own views, [(peer view, tensor index, first row, end row of the result)])``."""
         key = (tuple((t.shape, t.dtype) for t in tensors), include_self, gather, tensors[0].device)
-        if key in self._recipes and self._buffer is not None:
+        if key in self._recipes:  # emptied whenever the buffer is made anew
             return self._recipes[key]
         nblocks = self.world if include_self else self.world - 1
         rows = [t.shape[0] if gather else t.shape[0] // nblocks for t in tensors]
@@ -172,7 +174,8 @@ def _float_grads(ctx, grads) -> list[torch.Tensor]:
 class _Exchange(torch.autograd.Function):
     """``gather`` (all-gather) or swap (personalised all-to-all) of ``tensors``; the backward
     swaps the output gradients back (a swap is its own adjoint) and, for a gather, sums each
-    input's blocks (block ``j``: the ``j``-th rank's gradient of this rank's rows, in fp32)."""
+    input's blocks (block ``j``: the ``j``-th rank's gradient of this rank's rows) with
+    :func:`~moekit.parallel.rows.sum_partials`."""
 
     @staticmethod
     def forward(ctx, exchange, include_self, gather, *tensors):
@@ -192,12 +195,13 @@ class _Exchange(torch.autograd.Function):
         for f in ctx.float_mask:
             g = next(back) if f else None
             if g is not None and ctx.gather:
-                g = g.unflatten(0, (nblocks, -1)).float().sum(0).to(g.dtype)
+                cap = g.shape[0] // nblocks
+                g = sum_partials(g, nblocks, cap, cap, g.dtype)
             out.append(g)
         return (None, None, None) + tuple(out)
 
 
-def _grads_defined(tensors: tuple[torch.Tensor, ...]) -> None:
+def _check_tensors(tensors: tuple[torch.Tensor, ...]) -> None:
     if not tensors:
         raise ValueError("tensors: expected at least one tensor to exchange")
 
@@ -206,7 +210,7 @@ def gather_blocks(exchange: CopyEngineExchange, include_self: bool, *tensors: to
     """All-gather of ``[C, ...]`` blocks over the copy engines: ``[B * C, ...]`` per tensor,
     block ``j`` from the ``j``-th rank (this rank left out unless ``include_self``).
     Differentiable in the floating-point tensors; integer ones travel along."""
-    _grads_defined(tensors)
+    _check_tensors(tensors)
     return _Exchange.apply(exchange, include_self, True, *tensors)
 
 
@@ -214,5 +218,5 @@ def swap_blocks(exchange: CopyEngineExchange, include_self: bool, *tensors: torc
     """Personalised all-to-all of ``[B * C, ...]`` tensors over the copy engines: block ``j``
     goes to the ``j``-th rank, block ``j`` of the result comes from it. Differentiable in the
     floating-point tensors (its own adjoint)."""
-    _grads_defined(tensors)
+    _check_tensors(tensors)
     return _Exchange.apply(exchange, include_self, False, *tensors)

@@ -357,7 +357,7 @@ class ExpertParallelExperts(nn.Module):
 
 def _copy_engine(transport, group, max_tokens_per_rank) -> CopyEngineExchange | None:
     """The exchange object of ``transport`` (``None``: the process group's all-to-all)."""
-    if isinstance(transport, str) and transport == "all_to_all":
+    if transport == "all_to_all":
         return None
     if not isinstance(transport, CopyEngineExchange) and transport != "copy_engine":
         raise ValueError(f"transport: expected 'all_to_all', 'copy_engine' or a CopyEngineExchange, got {transport!r}")
