@@ -87,11 +87,12 @@ def _(indices_TK, num_experts):
 # ---------------------------------------------------------------------------------------------
 
 
-def _triton_gmm_serves(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _triton_gmm_serves(a: torch.Tensor) -> bool:
     """Selection rule: moekit's Triton grouped GEMM (:mod:`moekit.experts.triton_gmm`) replaces
     ``torch._grouped_mm`` for bf16 / fp16 operands on a Hopper-or-newer GPU (it loads through
-    TMA descriptors) whose rows are 16-byte aligned, in both layouts of this module, i.e. all
-    six GEMMs of a step. fp32 stays on ``torch._grouped_mm`` (the Triton kernel's exact fp32
+    TMA descriptors), in both layouts of this module, i.e. all six GEMMs of a step, where the
+    operands' rows are 16-byte aligned (:func:`~moekit.experts.triton_gmm.gmm_supported`,
+    checked in :func:`_gmm`). fp32 stays on ``torch._grouped_mm`` (the Triton kernel's exact fp32
     dot is slow), and so does anything older than Hopper.
 
     Measured on an H100 (``benchmarks/bench_gmm.py``, ``benchmarks/results/gmm_h100_2026-11-28.json``,
@@ -99,18 +100,10 @@ def _triton_gmm_serves(a: torch.Tensor, b: torch.Tensor) -> bool:
     sizes), the best of six tile configurations per GEMM: summed over the six, 3-7% faster than
     ``torch._grouped_mm`` on every shape and routing; GEMM by GEMM it lost on one (Mixtral
     ``dx``, 2.7%, every round) and four others were within the run's round-to-round spread.
-    The kernels' default configuration (``128x256x64``, 3 stages) was, in that run's single
-    timings, also faster summed over the six on every shape (6-14%)."""
-    if a.dtype not in (torch.bfloat16, torch.float16) or not steps.use_triton(a):
-        return False
-    if torch.cuda.get_device_capability(a.device)[0] < 9:
-        return False
-    from moekit.experts import triton_gmm
-
-    # The kernels take row-major operands: a transposed view is passed as its row-major base.
-    base_a = a.t() if b.ndim == 2 else a
-    base_b = b.transpose(-2, -1) if b.ndim == 3 and b.stride(-2) == 1 else b
-    return triton_gmm.gmm_supported(base_a, base_b)
+    With the kernels' defaults, the whole fwd+bwd step in one process took 1.2-6% less time than
+    with ``torch._grouped_mm`` on all four shapes (``gmm_defaults_ab_h100_2026-11-28.json``)."""
+    return (a.dtype in (torch.bfloat16, torch.float16) and steps.use_triton(a)
+            and torch.cuda.get_device_capability(a.device)[0] >= 9)
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -118,14 +111,18 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     ``b [E, K, O]`` (M-grouped; ``b`` row-major or a transposed ``[E, O, K]``), or
     ``a [M, N]`` (the transpose of a row-major ``[N, M]``) with ``b [N, O]`` (K-grouped weight
     gradient, ``[E, M, O]`` out). See :func:`_triton_gmm_serves` for which kernel runs."""
-    if _triton_gmm_serves(a, b):
+    if _triton_gmm_serves(a):
         from moekit.experts import triton_gmm
 
+        # The kernels take row-major operands: a transposed view is passed as its row-major base.
         if b.ndim == 2:
-            return triton_gmm.gmm_k_grouped(a.t(), b, offs)
-        if b.stride(-2) == 1:  # a transposed view of a row-major [E, O, K] weight
-            return triton_gmm.gmm_m_grouped(a, b.transpose(-2, -1), offs, w_is_ok=True)
-        return triton_gmm.gmm_m_grouped(a, b, offs, w_is_ok=False)
+            if triton_gmm.gmm_supported(a.t(), b):
+                return triton_gmm.gmm_k_grouped(a.t(), b, offs)
+        else:
+            w_is_ok = b.stride(-2) == 1  # a transposed view of a row-major [E, O, K] weight
+            w = b.transpose(-2, -1) if w_is_ok else b
+            if triton_gmm.gmm_supported(a, w):
+                return triton_gmm.gmm_m_grouped(a, w, offs, w_is_ok=w_is_ok)
     return torch._grouped_mm(a, b, offs=offs)
 
 
