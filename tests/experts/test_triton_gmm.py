@@ -1,6 +1,6 @@
 """moekit's Triton grouped GEMMs (:mod:`moekit.experts.triton_gmm`) in Triton's interpreter:
-both layouts of the M-grouped product and the K-grouped weight gradient equal a per-expert
-loop, with experts of zero rows, ``-1`` tail rows poisoned with NaN (never read, never
+both layouts of the M-grouped product and the K-grouped weight gradient (also accumulated into
+an existing output) equal a per-expert loop, with experts of zero rows, ``-1`` tail rows poisoned with NaN (never read, never
 written), and reduction / output widths that are not multiples of the tile.
 
 fp32 and fp16 only: the interpreter's ``tl.dot`` multiplies bf16 operands as their raw 16-bit
@@ -73,6 +73,26 @@ _CHECK = textwrap.dedent("""
         # against torch._grouped_mm itself (the op the kernels stand in for)
         ref = torch._grouped_mm(a[:nv].t(), b[:nv], offs=offs)
         assert rel(out, ref.double()) < tol
+        # accumulate: out += a^T b per expert; experts without rows keep their old value exactly
+        prev = torch.randn(E, K, O, generator=g).to(dtype)
+        acc = prev.clone()
+        assert tg.gmm_k_grouped(a, b, offs, config=cfg, out=acc, accumulate=True) is acc
+        assert rel(acc, prev.double() + loop_k(a[:nv], b[:nv], offs)) < tol, dtype
+        assert torch.equal(acc[1], prev[1]) and torch.equal(acc[4], prev[4])
+        # out without accumulate overwrites; no rows at all leaves an accumulated out as it was
+        over = torch.full_like(prev, 3.0)
+        assert torch.equal(tg.gmm_k_grouped(a, b, offs, config=cfg, out=over), out)
+        zero_offs = torch.zeros(E, dtype=torch.int32)
+        kept = prev.clone()
+        tg.gmm_k_grouped(a[:0], b[:0], zero_offs, config=cfg, out=kept, accumulate=True)
+        assert torch.equal(kept, prev)
+        for bad in (dict(accumulate=True), dict(out=prev[:, :1]), dict(out=prev.double(), accumulate=True)):
+            try:
+                tg.gmm_k_grouped(a, b, offs, config=cfg, **bad)
+            except ValueError as err:
+                assert "out" in str(err), err
+            else:
+                raise AssertionError(f"accepted {list(bad)}")
     print("ok")
 """)
 

@@ -109,6 +109,13 @@ def test_ragged_edges(dtype, config):
     assert _rel(got, torch._grouped_mm(a[:nv].t(), b[:nv], offs=offs)) < TOL[dtype]
     for e in (0, 3, 6):
         assert torch.all(got[e] == 0)
+    # accumulate (the joined weight gradient): out += a^T b, empty experts keep their value
+    prev = torch.randn(E, K, O, generator=gen).to("cuda", dtype)
+    acc = tg.gmm_k_grouped(a, b, offs, config=config, out=prev.clone(), accumulate=True)
+    want = prev.double() + torch._grouped_mm(a[:nv].float().t(), b[:nv].float(), offs=offs).double()
+    assert _rel(acc, want) < TOL[dtype]
+    for e in (0, 3, 6):
+        assert torch.equal(acc[e], prev[e])
 
 
 def test_no_host_sync():

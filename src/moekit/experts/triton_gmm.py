@@ -10,7 +10,10 @@ never read or written. Two products, with the semantics of ``torch._grouped_mm``
   forward gate+up and down projections) or ``[E, K, O]`` (``out = a @ W[e]``: the backward
   ``dau`` and ``dx``). ``out_NO``'s rows past ``offs_E[E-1]`` are left unwritten.
 - **K-grouped** (:func:`gmm_k_grouped`), the weight gradient ``out_EMO[e] = a_NM[rows_e]^T @
-  b_NO[rows_e]`` (``dw_out``, ``dw_in``); an expert without rows gets exact zeros.
+  b_NO[rows_e]`` (``dw_out``, ``dw_in``); an expert without rows gets exact zeros. With
+  ``accumulate`` the product is added to an existing ``out_EMO`` in the epilogue (fp32, one
+  rounding): two expert calls on the same weights then make one weight gradient with no add
+  pass (:mod:`moekit.experts.join`).
 
 The tile schedule lives on the GPU: a persistent grid of one program per multiprocessor walks
 the experts in order, reads each one's row range from ``offs_E`` and takes every
@@ -161,7 +164,7 @@ def _m_grouped_kernel(a_desc, w_desc, out_desc, offs_ptr, num_experts, O, K,
 def _k_grouped_kernel(a_desc, b_desc, out_desc, offs_ptr, num_experts, M, O,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr,
-                      SUBTILE: tl.constexpr, PRECISION: tl.constexpr):
+                      SUBTILE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(O, BLOCK_N)
@@ -179,12 +182,20 @@ def _k_grouped_kernel(a_desc, b_desc, out_desc, offs_ptr, num_experts, M, O,
             a = load_ragged(a_desc, start, rows, [off_k, off_m])  # [BLOCK_K, BLOCK_M]
             b = load_ragged(b_desc, start, rows, [off_k, off_n])  # [BLOCK_K, BLOCK_N]
             acc = tl.dot(a.T, b, acc, input_precision=PRECISION)
+        # ACCUMULATE: the output's tile is read in the epilogue (not before the loop: the
+        # accumulator's registers stay free for the pipeline) and added in fp32, so the sum is
+        # rounded once.
         if SUBTILE:
             halves = acc.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1)
             left, right = halves.split()
+            if ACCUMULATE:
+                left += out_desc.load([e, off_m, off_n]).reshape(BLOCK_M, BLOCK_N // 2).to(tl.float32)
+                right += out_desc.load([e, off_m, off_n + BLOCK_N // 2]).reshape(BLOCK_M, BLOCK_N // 2).to(tl.float32)
             out_desc.store([e, off_m, off_n], left.to(out_desc.dtype).reshape(1, BLOCK_M, BLOCK_N // 2))
             out_desc.store([e, off_m, off_n + BLOCK_N // 2], right.to(out_desc.dtype).reshape(1, BLOCK_M, BLOCK_N // 2))
         else:
+            if ACCUMULATE:
+                acc += out_desc.load([e, off_m, off_n]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
             out_desc.store([e, off_m, off_n], acc.to(out_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
 
 
@@ -248,18 +259,28 @@ def gmm_m_grouped(a_NK: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor, *, 
 
 
 def gmm_k_grouped(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor, *,
-                  config: GmmConfig | None = None) -> torch.Tensor:
+                  config: GmmConfig | None = None, out: torch.Tensor | None = None,
+                  accumulate: bool = False) -> torch.Tensor:
     """``out_EMO [E, M, O]``: ``out[e] = a_NM[rows_e]^T @ b_NO[rows_e]`` (zeros where expert
-    ``e`` has no rows). Both operands contiguous, with the same rows. ``config`` defaults to
-    :data:`DEFAULT_K_CONFIG` (:data:`FP32_CONFIG` for fp32)."""
+    ``e`` has no rows). Both operands contiguous, with the same rows. ``out`` (contiguous, the
+    operands' dtype): written in place and returned instead of a new tensor. ``accumulate``
+    (needs ``out``): ``out[e] += a_NM[rows_e]^T @ b_NO[rows_e]`` instead, the old value added to
+    the fp32 accumulator and the sum rounded once (an expert without rows keeps its ``out[e]``):
+    the weight gradient of a second set of rows on the same weights, without a separate add.
+    ``config`` defaults to :data:`DEFAULT_K_CONFIG` (:data:`FP32_CONFIG` for fp32)."""
     if a_NM.ndim != 2 or b_NO.ndim != 2 or a_NM.shape[0] != b_NO.shape[0]:
         raise ValueError(f"a_NM, b_NO: expected 2-D with equal rows, got {tuple(a_NM.shape)}, {tuple(b_NO.shape)}")
     E = offs_E.shape[0] if offs_E.ndim == 1 else -1
     _check_offs(offs_E, E)
     N, M = a_NM.shape
     O = b_NO.shape[1]
-    out_EMO = a_NM.new_empty(E, M, O)
-    if E == 0 or M == 0 or O == 0:
+    if accumulate and out is None:
+        raise ValueError("out: expected the tensor to accumulate into when accumulate=True, got None")
+    if out is not None and (out.shape != (E, M, O) or out.dtype != a_NM.dtype or not out.is_contiguous()):
+        raise ValueError(f"out: expected a contiguous {a_NM.dtype} tensor of shape [{E}, {M}, {O}], got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    out_EMO = a_NM.new_empty(E, M, O) if out is None else out
+    if E == 0 or M == 0 or O == 0 or (N == 0 and accumulate):
         return out_EMO
     if N == 0:
         return out_EMO.zero_()
@@ -271,5 +292,5 @@ def gmm_k_grouped(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor, 
     _k_grouped_kernel[(progs,)](
         a_desc, b_desc, out_desc, offs_E, E, M, O, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         GROUP_M=_GROUP_M, NUM_PROGS=progs, FLATTEN=c.flatten, SUBTILE=c.epilogue_subtile, PRECISION=_DOT_PRECISION[a_NM.dtype],
-        num_stages=c.num_stages, num_warps=c.num_warps)
+        ACCUMULATE=bool(accumulate), num_stages=c.num_stages, num_warps=c.num_warps)
     return out_EMO
