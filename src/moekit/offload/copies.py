@@ -40,6 +40,17 @@ def chunk_rows(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, i
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _merge_rows(chunks: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Consecutive ``(tensor, start, end, bytes)`` chunks of the same tensor joined into one."""
+    out: list[tuple[int, int, int, int]] = []
+    for which, a, b, size in chunks:
+        if out and out[-1][0] == which and out[-1][2] == a:
+            out[-1] = (which, out[-1][1], b, out[-1][3] + size)
+        else:
+            out.append((which, a, b, size))
+    return out
+
+
 class ChunkedCopier:
     """Copies experts of pinned host weights into device slots, chunk by chunk.
 
@@ -84,9 +95,12 @@ class ChunkedCopier:
     def missing_bytes(self, slot: int) -> int:
         return sum(c[3] for c in self.chunks[self.progress.get(slot, 0):])
 
-    def issue(self, key: tuple[int, int], slot: int, max_chunks: int | None = None) -> int:
+    def issue(self, key: tuple[int, int], slot: int, max_chunks: int | None = None, merged: bool = False) -> int:
         """Issue up to ``max_chunks`` (all remaining when None) chunks of expert ``key`` into
-        ``slot``; returns the bytes issued."""
+        ``slot``; returns the bytes issued. ``merged``: the chunks of each weight tensor go as
+        one copy, timed as one (they still count one by one in :meth:`queued`, until the copy
+        ends): the same bytes with a fifth of the host calls, for copies nothing needs to
+        interleave with (demand copies without prefetch)."""
         layer, expert = key
         done = self.progress.get(slot, 0)
         stop = len(self.chunks) if max_chunks is None else min(len(self.chunks), done + max_chunks)
@@ -94,25 +108,33 @@ class ChunkedCopier:
             return 0
         src = (self.host_w_in[layer][expert], self.host_w_out[layer][expert])
         dst = (self.slot_in[slot], self.slot_out[slot])
-        nbytes = 0
+        pieces = _merge_rows(self.chunks[done:stop]) if merged else self.chunks[done:stop]
+        nbytes = sum(size for *_, size in pieces)
         if self.cuda:
             with torch.cuda.stream(self.stream):
                 if slot in self._free:  # do not overwrite weights a queued computation still reads
                     self.stream.wait_event(self._free.pop(slot))
-                for which, a, b, size in self.chunks[done:stop]:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record(self.stream)
+                start = end = None
+                for which, a, b, _ in pieces:
+                    if start is None or not merged:
+                        start = torch.cuda.Event(enable_timing=True)
+                        start.record(self.stream)
                     dst[which][a:b].copy_(src[which][a:b], non_blocking=True)
+                    if not merged:
+                        end = torch.cuda.Event(enable_timing=True)
+                        end.record(self.stream)
+                        self._ends.append(end)
+                        self._timed.append((start, end))
+                if merged:
+                    end = torch.cuda.Event(enable_timing=True)
                     end.record(self.stream)
-                    self._ends.append(end)
+                    self._ends.extend([end] * (stop - done))
                     self._timed.append((start, end))
-                    nbytes += size
             self._ready[slot] = end
         else:
             t0 = time.perf_counter()
-            for which, a, b, size in self.chunks[done:stop]:
+            for which, a, b, _ in pieces:
                 dst[which][a:b].copy_(src[which][a:b])
-                nbytes += size
             self.sync_copy_s += time.perf_counter() - t0
         self.chunks_issued += stop - done
         self.progress[slot] = stop

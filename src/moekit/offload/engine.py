@@ -59,6 +59,7 @@ from moekit.offload.cache import ExpertCache
 from moekit.offload.copies import ChunkedCopier
 from moekit.offload.costs import TransferCosts
 from moekit.offload.counters import OffloadCounters
+from moekit.offload.routing_plan import combine_in_expert_order, plan_routing, write_expert_rows
 from moekit.offload.staging import StagingArea
 
 __all__ = ["OffloadCounters", "OffloadEngine", "rank_predictions"]
@@ -131,7 +132,11 @@ class OffloadEngine:
         self._queued_at: dict[int, float] = {}  # layer -> host time its prefetch was queued
         self._queue: list[tuple[int, int]] = []  # prefetch keys still to issue, best first
         self._guard: set[tuple[int, int]] = set()  # keys a prefetch must not evict
-        self._host_buf: torch.Tensor | None = None  # pinned, for the per-layer counts
+        self._host_bufs: dict[torch.dtype, torch.Tensor] = {}  # pinned, for the per-layer routing
+        self._index_buf: torch.Tensor | None = None  # pinned, for the per-layer index arrays
+        # without prefetch nothing needs a demand copy in chunks (chunks bound how long a demand
+        # copy waits behind prefetch chunks): one copy per weight tensor, fewer host calls
+        self.merge_demand_copies = not any(p is not None for p in self.predictors + self.out_predictors)
         self._pred_buf: torch.Tensor | None = None  # pinned, for a layer_output prediction
         # (target layer, host values, arrival event or None) of a layer_output prediction not read yet
         self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
@@ -144,7 +149,7 @@ class OffloadEngine:
     # ------------------------------------------------------------------ copies
     def _demand(self, key: tuple[int, int], slot: int) -> None:
         """Copy every missing chunk of ``key`` into ``slot`` now (a demand copy)."""
-        nbytes = self.copier.issue(key, slot)
+        nbytes = self.copier.issue(key, slot, merged=self.merge_demand_copies)
         self.counters.h2d_bytes += nbytes
         self.counters.demand_copies += 1
 
@@ -192,8 +197,8 @@ class OffloadEngine:
             self.pump()
 
     def _to_host(self, t: torch.Tensor) -> list:
-        """``t.tolist()`` for a 1-D float32 ``t``, feeding prefetch chunks to the copy stream
-        while the device catches up, and starting the prefetch of a pending ``layer_output``
+        """``t.tolist()`` for a 1-D ``t`` (int64 routing, or float32 routing and prediction),
+        feeding prefetch chunks to the copy stream while the device catches up, and starting the prefetch of a pending ``layer_output``
         prediction as soon as it arrives. Spins instead of sleeping (a sleep can overshoot by
         milliseconds on a virtual machine's timer) and blocks when there is nothing to feed or
         wait for; the pinned buffer is reused (its last copy was read before this one is
@@ -201,9 +206,11 @@ class OffloadEngine:
         t0 = time.perf_counter()
         if self.cuda:
             n = t.numel()
-            if self._host_buf is None or self._host_buf.numel() < n:
-                self._host_buf = torch.empty(max(n, 4 * self.num_experts), dtype=torch.float32, pin_memory=True)
-            host = self._host_buf[:n]
+            buf = self._host_bufs.get(t.dtype)
+            if buf is None or buf.numel() < n:
+                buf = torch.empty(max(n, 4 * self.num_experts), dtype=t.dtype, pin_memory=True)
+                self._host_bufs[t.dtype] = buf
+            host = buf[:n]
             host.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
@@ -316,34 +323,27 @@ class OffloadEngine:
         """The routed-experts output ``[T, D]`` of MoE layer ``layer`` for ``x_TD [T, D]`` routed
         by ``indices_TK [T, k]`` with combine weights ``weights_TK [T, k]``."""
         num_experts = self.num_experts
+        num_tokens, top_k = indices_TK.shape
         flat = indices_TK.reshape(-1)
-        valid = (flat >= 0) & (flat < num_experts)
-        flat = torch.where(valid, flat, num_experts)  # padding slots counted in a dropped bin
-        parts = [self._count(flat, num_experts + 1)[:num_experts]]
         predictor = self.predictors[layer]
-        if predictor is not None:
-            parts.append(self._prediction_tensor(predictor, x_TD))
-        host = self._to_host(torch.cat(parts))  # the one host synchronisation of the layer
+        if predictor is None:  # the routing itself is all the host needs: counted there
+            host = self._to_host(flat)  # the one host synchronisation of the layer
+        else:
+            host = self._to_host(torch.cat([flat.to(torch.float32), self._prediction_tensor(predictor, x_TD)]))
+        plan = plan_routing(host[:num_tokens * top_k], top_k, num_experts)
         # a layer_output prediction that arrived with the counts: too late for this layer (only
         # scored); its guesses for later layers are queued after this layer's demand copies
         late = self._read_prediction(self._pending, known=layer) if self._pending is not None else []
         self._pending = None
-        counts_E = [int(v) for v in host[:num_experts]]
-        needed = [e for e in range(num_experts) if counts_E[e] > 0]
+        counts_E = plan.counts_E
+        needed = plan.needed()
         c = self.counters
-        queued_at = self._queued_at.pop(layer, None)
-        if queued_at is not None:
-            c.prefetch_lead_s += time.perf_counter() - queued_at
-            c.prefetch_leads += 1
-        c.layer_calls += 1
-        if layer == 0:
-            c.tokens += int(x_TD.shape[0])
-        self._score_prediction(layer, needed)
-        self._queue = [k for k in self._queue if k[0] != layer]  # its routing is known: stop guessing
 
-        # plan: hits, CPU-computed misses, demand copies (deferred when no slot is free)
+        # plan: hits, CPU-computed misses, demand copies (deferred when no slot is free); the
+        # copies are issued here, before any other bookkeeping of the layer
         protected = {(layer, e) for e in needed}
         slot_of: dict[int, int] = {}
+        landed: set[int] = set()  # hits: nothing to wait for, computed first
         on_cpu: list[int] = []
         copy_s = cpu_s = 0.0  # work queued on the copy engine / the CPU by this plan
         for e in needed:
@@ -362,6 +362,7 @@ class OffloadEngine:
                     c.prefetch_useful += key in self._prefetched
                     c.staged_hits += staged
                     c.victim_hits += staged and key not in self._prefetched
+                    landed.add(e)
                 else:
                     c.inflight_hits += 1
                     c.staged_inflight_hits += staged
@@ -390,34 +391,42 @@ class OffloadEngine:
                     continue
                 slot_of[e] = self._occupy(placed)
                 self._demand(key, slot_of[e])
+        queued_at = self._queued_at.pop(layer, None)
+        if queued_at is not None:
+            c.prefetch_lead_s += time.perf_counter() - queued_at
+            c.prefetch_leads += 1
+        c.layer_calls += 1
+        if layer == 0:
+            c.tokens += num_tokens
+        self._score_prediction(layer, needed)
+        self._queue = [k for k in self._queue if k[0] != layer]  # its routing is known: stop guessing
         c.cpu_computed += len(on_cpu)
         if predictor is not None:
             e = num_experts
-            self._set_prefetch([(layer + 1, host[e:2 * e], host[2 * e:])], protected)
+            self._set_prefetch([(layer + 1, host[num_tokens * top_k:][:e], host[num_tokens * top_k + e:])], protected)
         if late:
             self._set_prefetch(late, protected)
 
-        order = torch.argsort(flat, stable=True)
-        starts = [0] * (num_experts + 1)
-        for e in range(num_experts):
-            starts[e + 1] = starts[e] + counts_E[e]
-        k = indices_TK.shape[1]
-
-        def rows_of(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-            rows = order[starts[e]:starts[e + 1]]
-            return rows // k, rows % k  # token and top-k position of each assignment to e
-
+        # the rows of every assignment, sorted by expert, gathered once (routing_plan)
+        n = plan.num_assignments
+        idx = self._index_to_device(plan.index)
+        tok_N, comb_KT = idx[:n], idx[2 * n:].view(top_k, num_tokens)
+        x_ND = x_TD.index_select(0, tok_N)
+        w_N1 = weights_TK.reshape(-1).index_select(0, idx[n:2 * n]).unsqueeze(1)
+        y_ND1 = torch.empty((n + 1, x_TD.shape[1]), dtype=x_TD.dtype, device=x_TD.device)
+        if plan.needs_zero_row:
+            y_ND1[n].zero_()
+        starts = plan.starts_E1
         # the CPU experts' rows go to the host first: the compute stream holds nothing yet that
         # waits on a copy, so this read-back does not wait for the copies
-        x_cpu = {e: x_TD[rows_of(e)[0]].to("cpu") for e in on_cpu}
+        x_host = x_TD.to("cpu") if on_cpu else None
 
-        # queue every copy and GPU expert, ascending expert order (transformers' eager loop order);
-        # with CPU experts the sums are deferred until those are done, and made in the same order
-        out_TD = torch.zeros_like(x_TD)
-        deferred: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e in needed:
-            if e in x_cpu:
-                continue
+        # queue every copy and GPU expert: the hits first (nothing to wait for: the device works
+        # while the copies run, and their slots are free early for streamed misses), then the
+        # others in ascending order; the sums come after, in the plain model's order
+        cpu_set = set(on_cpu)
+        order = [e for e in needed if e in landed] + [e for e in needed if e not in landed and e not in cpu_set]
+        for e in order:
             if e not in slot_of:  # more experts than free slots: stream through the slots
                 # a slot of an expert this layer has computed already, else one borrowed from
                 # another layer over the quota, else (fewer slots than experts still to come)
@@ -433,12 +442,8 @@ class OffloadEngine:
             slot = slot_of[e]
             if self.cuda:
                 self._wait_ready(slot)
-            tok, pos = rows_of(e)
-            y = self._expert(x_TD[tok], self.slot_in[slot], self.slot_out[slot]) * weights_TK[tok, pos, None]
-            if on_cpu:
-                deferred[e] = (tok, y)
-            else:
-                out_TD[tok] += y.to(out_TD.dtype)  # rows are distinct: same sums as index_add_, far cheaper on CPU
+            s, t = starts[e], starts[e + 1]
+            write_expert_rows(y_ND1[s:t], x_ND[s:t], w_N1[s:t], self.slot_in[slot], self.slot_out[slot], self.act_fn)
             self.copier.mark_read(slot)
             protected.discard((layer, e))
 
@@ -446,19 +451,29 @@ class OffloadEngine:
         # (computing them before queueing the rest left the copy stream idle for the streamed
         # misses, whose copies the host issues only when its loop reaches them)
         for e in on_cpu:
-            tok, pos = rows_of(e)
+            s, t = starts[e], starts[e + 1]
             t0 = time.perf_counter()
-            y = self._expert(x_cpu[e], self.host_w_in[layer][e], self.host_w_out[layer][e])
+            y = self._expert(x_host[plan.tok_N[s:t]], self.host_w_in[layer][e],
+                             self.host_w_out[layer][e])
             self.costs.observe_cpu(time.perf_counter() - t0, counts_E[e])
             if self.cuda:
                 y = y.pin_memory()  # an asynchronous copy back, behind the queued work
-            deferred[e] = (tok, y.to(self.device, non_blocking=True) * weights_TK[tok, pos, None])
-        for e in needed:
-            if e in deferred:
-                tok, y = deferred[e]
-                out_TD[tok] += y.to(out_TD.dtype)
+            torch.mul(y.to(self.device, non_blocking=True), w_N1[s:t], out=y_ND1[s:t])
+        out_TD = combine_in_expert_order(y_ND1, comb_KT, num_tokens)
         self.pump()
         return out_TD
+
+    def _index_to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` (a CPU int64 tensor) on the device. On CUDA through a pinned buffer, asynchronously on
+        the compute stream: the buffer is written again only after the next layer's routing has
+        been read, which the device produces after this copy, so no copy is overwritten early."""
+        if not self.cuda:
+            return host
+        if self._index_buf is None or self._index_buf.numel() < host.numel():
+            self._index_buf = torch.empty(max(host.numel(), 1024), dtype=torch.int64, pin_memory=True)
+        buf = self._index_buf[:host.numel()]
+        buf.copy_(host)
+        return buf.to(self.device, non_blocking=True)
 
     def _expert(self, x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor) -> torch.Tensor:
         gate_NF, up_NF = F.linear(x_ND, w_in_HD).chunk(2, dim=-1)
