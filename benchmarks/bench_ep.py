@@ -23,8 +23,10 @@ rank holds ``T`` tokens (weak scaling: tokens per GPU fixed) and times the route
   ``:cN`` (the layer's GEMMs leave ``N`` SMs to the NCCL kernels, ``sm_carveout=N``) and
   ``:hp`` (the EP group's NCCL streams at high priority), and the overlap modes ``:rf``
   (``remote_first``: the exchanged rows' path on a high-priority stream), and the fixed-size
-  modes ``:ce`` (their exchanges on the GPUs' copy engines, ``transport="copy_engine"``), e.g.
-  ``overlap_fixed:c16:hp:rf`` or ``overlap_fixed:c2:ce``.
+  modes ``:ce`` (their exchanges on the GPUs' copy engines, ``transport="copy_engine"``), and
+  the overlap modes ``:nj`` (no weight-gradient join: autograd adds the two expert calls'
+  weight gradients, as before ``join_weight_grads``), e.g. ``overlap_fixed:c16:hp:rf`` or
+  ``overlap_fixed:ce:rf:nj``.
 
 Routing is synthetic so that its skew is controlled: ``balanced`` gives every expert exactly
 ``T*k/E`` assignments on every rank; ``zipf`` samples ``k`` distinct experts per token with
@@ -40,11 +42,13 @@ Figures: median step time over ranks' CUDA-event timings (the slowest rank sets 
 the step includes their gradient all-reduce, also timed alone as ``replica_grad_sync_ms``,
 and ``step_ms_sync_once_per_4_micro`` is the step time per micro-batch when the gradients of
 4 micro-batches accumulate before the one replica sum of the optimizer step),
-``compute_only_ms_one_call`` / ``_two_calls`` (fixed-size modes, balanced): this rank's
-expert work of a step with no communication (one call over the group's rows as ``fixed``
-computes them; two calls, own rows and the others', as ``overlap fixed``), so EP=1's step
-time over it is the weak scaling the mode could reach if communication and synchronisation
-were free; ``step_ms_back_to_back`` the mean over the steps queued without a sync between
+``compute_only_ms_one_call`` / ``_two_calls`` / ``_two_calls_joined`` (the balanced row of
+the first fixed-size variant of ``--variants``): this rank's expert work of a step with no
+communication (one call over the group's rows as ``fixed`` computes them; two calls, own
+rows and the others', as ``overlap fixed`` does, one backward through both, their weight
+gradients added by autograd or joined by :mod:`moekit.experts.join`), so EP=1's step time
+over it is the weak scaling the mode could reach if communication and synchronisation were
+free; ``step_ms_back_to_back`` the mean over the steps queued without a sync between
 them (the host runs ahead of the GPU as in a training loop; ``step_ms`` waits for every
 step, so it also counts the GPU idling while the host launches the start of a step),
 tokens/s per GPU, useful TFLOP/s per GPU (``18*T*k*D*F`` for forward+backward, DESIGN.md)
@@ -173,16 +177,18 @@ BASE_VARIANTS = ("plain", "fixed", "overlap", "overlap_fixed")
 
 
 def parse_variant(label: str) -> dict:
-    """``base[:cN][:hp][:rf][:ce]`` -> settings. base: ``plain`` (Zipf without and with plans, and the
+    """``base[:cN][:hp][:rf][:ce][:nj]`` -> settings. base: ``plain`` (Zipf without and with plans, and the
     per-assignment dispatch, all deduplicated otherwise), ``fixed`` (fixed-size sync-free
     dispatch), ``overlap`` (own tokens on a side stream beside the deduplicated exchange),
     ``overlap_fixed`` (both); ``cN``: the layer's GEMMs leave ``N`` SMs free
     (``sm_carveout=N``); ``hp``: the EP group's NCCL streams at high priority; ``rf``
     (overlap modes): the exchanged rows' path on a high-priority stream (``remote_first``);
-    ``ce`` (fixed-size modes): the exchanges on the copy engines (``transport="copy_engine"``)."""
+    ``ce`` (fixed-size modes): the exchanges on the copy engines (``transport="copy_engine"``);
+    ``nj`` (overlap modes): the two expert calls' weight gradients added by autograd
+    (``join_weight_grads=False``)."""
     base, *opts = label.split(":")
     out = {"label": label, "fixed": "fixed" in base, "overlap": base.startswith("overlap"), "sm_carveout": None,
-           "high_priority": False, "remote_first": False, "transport": "all_to_all"}
+           "high_priority": False, "remote_first": False, "transport": "all_to_all", "join_weight_grads": True}
     if base not in BASE_VARIANTS:
         raise ValueError(f"--variants: unknown dispatch {base!r} in {label!r}; expected one of {BASE_VARIANTS}")
     for opt in opts:
@@ -192,11 +198,13 @@ def parse_variant(label: str) -> dict:
             out["remote_first"] = True
         elif opt == "ce" and out["fixed"]:
             out["transport"] = "copy_engine"
+        elif opt == "nj" and out["overlap"]:
+            out["join_weight_grads"] = False
         elif opt[:1] == "c" and opt[1:].isdigit():
             out["sm_carveout"] = int(opt[1:])
         else:
             raise ValueError(f"--variants: unknown option {opt!r} in {label!r}; expected cN (SM carveout), hp, "
-                             f"rf (overlap modes only) or ce (fixed-size modes only)")
+                             f"rf / nj (overlap modes only) or ce (fixed-size modes only)")
     if base == "plain" and opts:
         raise ValueError(f"--variants: {label!r}: options apply to fixed / overlap / overlap_fixed only")
     return out
@@ -265,11 +273,13 @@ def _a2a_ms(module, idx, x, device, iters, warmup) -> tuple[float, int]:
     return ms, 4 * remote_rows * x.shape[1] * x.element_size()
 
 
-def _compute_only_ms(module, shape, routing, rank, device, dtype, iters, warmup) -> tuple[float, float]:
+def _compute_only_ms(module, shape, routing, rank, device, dtype, iters, warmup) -> tuple[float, float, float]:
     """This rank's expert work per fwd+bwd step in the fixed-size modes with no communication
     at all (the other ranks' routing is rebuilt locally): one call over the group's ``P * C``
     rows (as ``fixed`` computes them) and two calls, this rank's rows then the others' (as
-    ``overlap fixed`` does, one stream, their weight gradients summed). ms, this rank."""
+    ``overlap fixed`` does, one stream, one backward through both), their weight gradients
+    added by autograd, and joined (:mod:`moekit.experts.join`). ms, this rank."""
+    from moekit.experts.join import WeightGradJoin
     from moekit.parallel import assignment_slots
     from moekit.parallel.dispatch import local_slots
 
@@ -292,13 +302,18 @@ def _compute_only_ms(module, shape, routing, rank, device, dtype, iters, warmup)
             p.grad = None
         module.local(x, torch.cat([own_TK, rest_QK]), w).backward(dy)
 
-    def two_calls():
-        for p in module.parameters():
-            p.grad = None
-        module.local(x_own, own_TK, w_own).backward(dy[:num_tokens])
-        module.local(x_rest, rest_QK, w_rest).backward(dy[num_tokens:])
+    def two_calls(joined: bool):
+        def run():
+            for p in module.parameters():
+                p.grad = None
+            join = WeightGradJoin() if joined else None
+            y_own = module.local_call(x_own, own_TK, w_own, join)
+            y_rest = module.local_call(x_rest, rest_QK, w_rest, join)
+            torch.autograd.backward([y_own, y_rest], [dy[:num_tokens], dy[num_tokens:]])
+        return run
 
-    return _timed(one_call, device, iters, warmup), _timed(two_calls, device, iters, warmup)
+    return (_timed(one_call, device, iters, warmup), _timed(two_calls(False), device, iters, warmup),
+            _timed(two_calls(True), device, iters, warmup))
 
 
 def _profile(step, device, path: str | None) -> None:
@@ -349,7 +364,8 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
            "ep": ep, "routing": routing, "plan": plan_rows is not None, "dedup": dedup if ep > 1 else None,
            "fixed": fixed, "overlap": overlap, "variant": variant["label"] if ep > 1 else "",
            "sm_carveout": variant["sm_carveout"], "nccl_high_priority": variant["high_priority"],
-           "remote_first": variant["remote_first"], "transport": variant["transport"]}
+           "remote_first": variant["remote_first"], "transport": variant["transport"],
+           "join_weight_grads": variant["join_weight_grads"] if ep > 1 and overlap else None}
     with torch.device(device):  # allocate (and randomly initialise) the weights on the device
         if ep == 1:
             module = GroupedExperts(cfg).to(dtype)
@@ -359,7 +375,8 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
                                            max_tokens_per_rank=num_tokens if fixed else None,
                                            overlap=overlap, sm_carveout=variant["sm_carveout"],
                                            remote_first=variant["remote_first"],
-                                           transport=variant["transport"]).to(dtype)
+                                           transport=variant["transport"],
+                                           join_weight_grads=variant["join_weight_grads"]).to(dtype)
     if ep > 1:
         if plan_rows is not None:
             skew_p2l = plan_rows[1]
@@ -387,10 +404,11 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
         # gradient accumulation: the replica sum once per optimizer step of MICRO micro-batches
         accum_ms = _timed(_step_fn(module, x, idx, w, dy, True, MICRO), device, max(iters // 2, 3), 2)
         row[f"step_ms_sync_once_per_{MICRO}_micro"] = _max_over(accum_ms, device) / MICRO
-    if ep > 1 and fixed and routing == "balanced" and variant["label"] in ("fixed", "overlap_fixed"):
-        one, two = _compute_only_ms(module, shape, routing, rank, device, dtype, iters, warmup)
+    if ep > 1 and routing == "balanced" and plan_rows is None and variant.get("compute_only"):
+        one, two, joined = _compute_only_ms(module, shape, routing, rank, device, dtype, iters, warmup)
         row["compute_only_ms_one_call"] = _max_over(one, device)
         row["compute_only_ms_two_calls"] = _max_over(two, device)
+        row["compute_only_ms_two_calls_joined"] = _max_over(joined, device)
     if ep > 1:
         a2a_ms, remote_bytes = _a2a_ms(module, idx, x, device, iters, warmup)  # plain launches: no carveout
         row["a2a_ms"] = _max_over(a2a_ms, device)
@@ -437,6 +455,9 @@ def worker(rank: int, args) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     eps = [ep for ep in args.eps if args.world % ep == 0]
     variants = [parse_variant(v) for v in args.variants]
+    first_fixed = next((v for v in variants if v["fixed"]), None)
+    if first_fixed:  # the compute-only ceilings (no communication: the same for every fixed-size variant)
+        first_fixed["compute_only"] = True
 
     def make_groups(high_priority: bool) -> dict:
         # high priority: NCCL's blocks are scheduled before queued GEMM blocks as SMs free up
@@ -526,8 +547,10 @@ def _fmt(row: dict) -> str:
 def _compute_only(row: dict) -> str:
     if "compute_only_ms_one_call" not in row:
         return ""
+    joined = row.get("compute_only_ms_two_calls_joined")
     return (f" | no comm: 1 call {row['compute_only_ms_one_call']:.2f} ms, "
-            f"2 calls {row['compute_only_ms_two_calls']:.2f} ms")
+            f"2 calls {row['compute_only_ms_two_calls']:.2f} ms"
+            + (f", 2 calls joined {joined:.2f} ms" if joined is not None else ""))
 
 
 def _ratio(num: dict, den: dict, key: str) -> float:
@@ -579,7 +602,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 continue
             v = {"weak_scaling_efficiency_balanced": _ratio(bal, base, tps),
                  **{f"ceiling_without_communication_{n}": base["step_ms"] / bal[f"compute_only_ms_{n}"]
-                    for n in ("one_call", "two_calls") if f"compute_only_ms_{n}" in bal},
+                    for n in ("one_call", "two_calls", "two_calls_joined") if f"compute_only_ms_{n}" in bal},
                  "weak_scaling_efficiency_balanced_back_to_back": _ratio(bal, base, b2b),
                  "weak_scaling_efficiency_balanced_fwd_only": _ratio(bal, base, fwd)}
             zipf = by_variant.get((shape, ep, "zipf", True, label))
@@ -697,7 +720,8 @@ def main(argv=None) -> int:
                         "no-dedup), fixed, overlap, overlap_fixed; the last three take options ':cN' (the layer's "
                         "GEMMs leave N SMs free), ':hp' (NCCL streams at high priority) and, for the overlap modes, "
                         "':rf' (remote path on a high-priority stream), for the fixed-size modes ':ce' (copy-engine "
-                        "exchanges), e.g. overlap_fixed:c16:hp:rf, overlap_fixed:c2:ce")
+                        "exchanges), for the overlap modes ':nj' (no weight-gradient join), e.g. "
+                        "overlap_fixed:c16:hp:rf, overlap_fixed:c2:ce, overlap_fixed:ce:rf:nj")
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="EP groups' NCCL streams at high priority")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -286,6 +286,25 @@ def check_host_syncs(device, **mode):
                                     + "\n".join(syncs))
 
 
+def _max_joined_calls(fn) -> int:
+    """Run ``fn()``; return the most expert calls any one WeightGradJoin registered in it."""
+    from moekit.experts.join import WeightGradJoin
+
+    seen: dict[int, int] = {}
+    register = WeightGradJoin.register
+
+    def counting(self, w_in, w_out):
+        register(self, w_in, w_out)
+        seen[id(self)] = self.calls
+
+    WeightGradJoin.register = counting
+    try:
+        fn()
+    finally:
+        WeightGradJoin.register = register
+    return max(seen.values(), default=0)
+
+
 def _modes(backend: str) -> tuple[dict, ...]:
     """The dispatch modes to run: ``MODES`` (and ``GPU_MODES``, ``CE_MODES`` on NCCL); the
     environment variable ``EP_MODES`` = ``base`` / ``gpu`` / ``ce`` keeps only that set."""
@@ -363,8 +382,16 @@ def _run_scenario(scenario, device, f64, tol64, tol32, mode):
         p2l = p2l[torch.randperm(p2l.shape[0], generator=gen)]
         check_equivalence(device, torch.float32, tol32, sizes=[7, 0, 5, 9][:WORLD], phy2log=p2l, top_k=3,
                           balance="none", backend="grouped_mm", **kw)
-        check_equivalence(device, torch.float32, tol32, sizes=[6] * WORLD, top_k=8, balance="none",
-                          backend="grouped_mm", **kw)
+        # every rank has own and received rows here: in the overlap modes both expert calls
+        # share one weight-gradient join (moekit.experts.join), unless it is switched off
+        joined = _max_joined_calls(lambda: check_equivalence(device, torch.float32, tol32, sizes=[6] * WORLD,
+                                                             top_k=8, balance="none", backend="grouped_mm", **kw))
+        assert joined == (2 if kw.get("overlap") else 0), (kw, joined)
+        if kw.get("overlap"):
+            joined = _max_joined_calls(lambda: check_equivalence(
+                device, torch.float32, tol32, sizes=[6] * WORLD, top_k=8, balance="none", backend="grouped_mm",
+                join_weight_grads=False, **kw))
+            assert joined == 0, (kw, joined)
     elif scenario == "bf16":
         check_equivalence(device, torch.bfloat16, 5e-2, sizes=[64] * WORLD, num_experts=8, shared=1, **kw)
     elif scenario == "syncs":

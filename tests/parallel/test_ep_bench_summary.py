@@ -27,13 +27,15 @@ def _bench():
 def test_variant_labels():
     parse = _bench().parse_variant
     assert parse("fixed") == {"label": "fixed", "fixed": True, "overlap": False, "sm_carveout": None,
-                              "high_priority": False, "remote_first": False, "transport": "all_to_all"}
+                              "high_priority": False, "remote_first": False, "transport": "all_to_all",
+                              "join_weight_grads": True}
+    assert parse("overlap_fixed:ce:rf:nj")["join_weight_grads"] is False
     assert parse("overlap_fixed:c2:ce")["transport"] == "copy_engine"
     v = parse("overlap_fixed:c16:hp:rf")
     assert (v["fixed"], v["overlap"], v["sm_carveout"], v["high_priority"], v["remote_first"]) == (
         True, True, 16, True, True)
     assert parse("overlap:rf")["fixed"] is False
-    for bad in ("fast", "fixed:rf", "overlap:c", "overlap:cx", "plain:hp", "fixed:x", "overlap:ce"):
+    for bad in ("fast", "fixed:rf", "overlap:c", "overlap:cx", "plain:hp", "fixed:x", "overlap:ce", "fixed:nj"):
         with pytest.raises(ValueError, match="--variants"):
             parse(bad)
 
@@ -56,7 +58,8 @@ def test_summary_divides_the_right_rows():
             _row(2, "zipf", 50, variant="plain", plan=True, extra=2),
             _row(2, "balanced", 40, variant="plain", dedup=False),
             _row(2, "balanced", 80, variant="fixed") | {"compute_only_ms_one_call": 8.0,
-                                                        "compute_only_ms_two_calls": 12.5},
+                                                        "compute_only_ms_two_calls": 12.5,
+                                                        "compute_only_ms_two_calls_joined": 11.0},
             _row(2, "zipf", 76, variant="fixed", plan=True, extra=0),
             _row(2, "balanced", 86, variant="overlap_fixed:c16:hp", fwd=45, b2b=108),
             _row(2, "zipf", 77.4, variant="overlap_fixed:c16:hp", plan=True, extra=0)]
@@ -78,6 +81,7 @@ def test_summary_divides_the_right_rows():
     # EP=1's 10 ms step over the EP=2 expert work without communication
     assert s["variants"]["fixed"]["ceiling_without_communication_one_call"] == pytest.approx(10 / 8.0)
     assert s["variants"]["fixed"]["ceiling_without_communication_two_calls"] == pytest.approx(10 / 12.5)
+    assert s["variants"]["fixed"]["ceiling_without_communication_two_calls_joined"] == pytest.approx(10 / 11.0)
     assert "ceiling_without_communication_one_call" not in best
     assert s["goal_weak_scaling_ge_0.85"] is True and s["goal_plan_recovery_ge_0.90"] is True
     (s,) = _bench().summarize([r for r in rows if r["variant"] not in ("overlap_fixed:c16:hp", "fixed")])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import moekit
 from moekit.experts import ExpertsConfig
@@ -69,13 +68,6 @@ def test_block_index_leaves_out_the_rank_itself():
     assert [block_index(p, 2, True) for p in range(5)] == list(range(5))
     with pytest.raises(ValueError, match="peer"):
         block_index(2, 2, False)
-
-
-@pytest.fixture
-def gloo_world():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 def test_transport_errors_name_the_argument(gloo_world):

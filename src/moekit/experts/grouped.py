@@ -19,6 +19,12 @@ Forward, for ``T`` tokens, ``K`` slots each (``N = T*K`` assignments, ``-1`` slo
    (so the expert outputs are never stored), then two grouped GEMMs give the weight
    gradients, one the input gradient, and a gather-sum un-permutes it.
 
+Two or more calls on the same weights whose outputs are summed (the overlap modes of expert
+parallelism: own rows and received rows) can share one weight gradient: given one
+:class:`~moekit.experts.join.WeightGradJoin`, the later calls' weight-gradient GEMMs add into
+the first call's output in their epilogue instead of autograd adding two full gradients
+(:func:`experts_grouped_sorted`). Without a join nothing changes.
+
 Decode-sized calls (``T*K <= DECODE_MAX_SLOTS`` with no gradient needed) skip the sort:
 ``moekit::experts_decode`` runs each slot's expert as matrix-vector products in Triton
 (:mod:`moekit.experts.triton_decode`), reading each chosen expert's weights once. Eager calls
@@ -39,9 +45,11 @@ from __future__ import annotations
 import torch
 
 from moekit.experts import steps
+from moekit.experts.join import WeightGradJoin
 from moekit.experts.sorted import experts_sorted
 
-__all__ = ["DECODE_MAX_SLOTS", "experts_grouped_mm", "grouped_mm_supported", "route_by_expert", "route_by_sort"]
+__all__ = ["DECODE_MAX_SLOTS", "experts_grouped_mm", "experts_grouped_sorted", "grouped_mm_supported",
+           "route_by_expert", "route_by_sort"]
 
 # Up to this many token-expert slots (T*K) an inference call takes the per-slot decode kernels:
 # sorting costs several launches. Measured on an H100 (benchmarks/bench_layer.py, CUDA graphs):
@@ -169,17 +177,46 @@ def _experts_bwd(dy_TD: torch.Tensor, x_ND: torch.Tensor, weights_TK: torch.Tens
                  h_NH: torch.Tensor, activation: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``dx_TD``, ``dweights_TK``, ``dw_in_EHD``, ``dw_out_EDF``."""
+    dy_ND, dh_NH, aw_NF, dw_N = _hidden_grads(dy_TD, x_ND, weights_TK, w_out_EDF, order_N, inv_TK, offs_E, h_NH,
+                                              activation)
+    dw_out_EDF = _gmm(dy_ND.t(), aw_NF, offs_E)
+    dw_in_EHD = _gmm(dh_NH.t(), x_ND, offs_E)
+    dx_TD, dweights_TK = _input_grads(dh_NH, dw_N, w_in_EHD, inv_TK, offs_E, weights_TK.dtype)
+    return dx_TD, dweights_TK, dw_in_EHD, dw_out_EDF
+
+
+def _hidden_grads(dy_TD, x_ND, weights_TK, w_out_EDF, order_N, inv_TK, offs_E, h_NH, activation):
+    """The backward up to the hidden layer: ``dy_ND`` (``dy`` in expert order), ``dh_NH``,
+    ``aw_NF`` (weighted activation, the down projection's input) and ``dw_N`` (routing-weight
+    gradient per sorted row, fp32)."""
     dy_ND = steps.permute_rows(dy_TD, order_N, inv_TK, x_ND.dtype)
     # Gradient of the unweighted hidden: dout[token] @ W_out (the routing weight is applied in
     # the fused activation backward, which also yields d(weight) = <dau, a>).
     dau_NF = _gmm(dy_ND, w_out_EDF, offs_E)
     dh_NH, aw_NF, dw_N = steps.act_backward(h_NH, dau_NF, weights_TK.reshape(-1), order_N, offs_E, activation)
-    dw_out_EDF = _gmm(dy_ND.t(), aw_NF, offs_E)
-    dw_in_EHD = _gmm(dh_NH.t(), x_ND, offs_E)
+    return dy_ND, dh_NH, aw_NF, dw_N
+
+
+def _input_grads(dh_NH, dw_N, w_in_EHD, inv_TK, offs_E, weights_dtype):
+    """``dx_TD`` (the gate+up projection's input gradient, un-permuted) and ``dweights_TK``."""
     dx_ND = _gmm(dh_NH, w_in_EHD, offs_E)
-    dx_TD = steps.gather_sum(dx_ND, inv_TK, None, x_ND.dtype)
-    dweights_TK = torch.where(inv_TK >= 0, dw_N[inv_TK.clamp(min=0)], 0.0).to(weights_TK.dtype)
-    return dx_TD, dweights_TK, dw_in_EHD, dw_out_EDF
+    dx_TD = steps.gather_sum(dx_ND, inv_TK, None, dh_NH.dtype)
+    dweights_TK = torch.where(inv_TK >= 0, dw_N[inv_TK.clamp(min=0)], 0.0).to(weights_dtype)
+    return dx_TD, dweights_TK
+
+
+def _weight_grad_into(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor,
+                      out_EMO: torch.Tensor) -> torch.Tensor:
+    """``out_EMO[e] += a_NM[rows_e]^T @ b_NO[rows_e]`` in place; returns ``out_EMO``. moekit's
+    Triton kernel adds in its epilogue (fp32, one rounding, no extra pass); where
+    ``torch._grouped_mm`` serves (fp32, CPU, pre-Hopper; it has no ``out``), the product is
+    added by a separate ``add_``, the pass the join saves on the GPU."""
+    if _triton_gmm_serves(a_NM):
+        from moekit.experts import triton_gmm
+
+        if triton_gmm.gmm_supported(a_NM, b_NO, out_EMO):
+            return triton_gmm.gmm_k_grouped(a_NM, b_NO, offs_E, out=out_EMO, accumulate=True)
+    return out_EMO.add_(torch._grouped_mm(a_NM.t(), b_NO, offs=offs_E))
 
 
 @_experts_bwd.register_fake
@@ -207,6 +244,43 @@ def _backward(ctx, dy_TD, _dh_unused, _dx_unused):
 
 
 _experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _JoinedExperts(torch.autograd.Function):
+    """The forward op with a backward that joins its weight gradient with the other calls of
+    ``join`` (:mod:`moekit.experts.join`). The backward computes the input gradients first, so
+    that they run beside the other calls' work, and the weight gradients last: new tensors for
+    the first call to get there, accumulated into them (after waiting for their writes) for the
+    others. Eager only (``torch.compile`` of the overlap modes is not supported anyway: they
+    switch CUDA streams)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation, join):
+        y_TD, h_NH, x_ND = _experts_fwd(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation)
+        join.register(w_in_EHD, w_out_EDF)
+        ctx.activation, ctx.join = activation, join
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x_ND, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        join: WeightGradJoin = ctx.join
+        if dy_TD is None:  # no gradient reached this call: it adds nothing, but it still counts
+            dw_in, dw_out = join.deliver(None, None)
+            return None, None, dw_in, dw_out, None, None, None, None, None
+        x_ND, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, h_NH = ctx.saved_tensors
+        dy_ND, dh_NH, aw_NF, dw_N = _hidden_grads(dy_TD.contiguous(), x_ND, weights_TK, w_out_EDF, order_N, inv_TK,
+                                                  offs_E, h_NH, ctx.activation)
+        dx_TD, dweights_TK = _input_grads(dh_NH, dw_N, w_in_EHD, inv_TK, offs_E, weights_TK.dtype)
+        into = join.into()
+        if into is None:
+            dw_in_EHD, dw_out_EDF = _gmm(dh_NH.t(), x_ND, offs_E), _gmm(dy_ND.t(), aw_NF, offs_E)
+        else:
+            dw_in_EHD = _weight_grad_into(dh_NH, x_ND, offs_E, into[0])
+            dw_out_EDF = _weight_grad_into(dy_ND, aw_NF, offs_E, into[1])
+        dw_in_EHD, dw_out_EDF = join.deliver(dw_in_EHD, dw_out_EDF)
+        return dx_TD, dweights_TK, dw_in_EHD, dw_out_EDF, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,11 +344,14 @@ def experts_grouped_mm(
     w_in_EHD: torch.Tensor,
     w_out_EDF: torch.Tensor,
     activation: str,
+    *,
+    join: WeightGradJoin | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`moekit.experts.reference.experts_reference`; ``[T, D]`` out.
 
     Falls back to :func:`moekit.experts.sorted.experts_sorted` for operands the grouped GEMM
-    does not take (fp64, unaligned widths, no tokens).
+    does not take (fp64, unaligned widths, no tokens); that path ignores ``join`` (autograd
+    adds its weight gradient). ``join``: see :func:`experts_grouped_sorted`.
     """
     _check_operands(x_TD, indices_TK, weights_TK, w_in_EHD, w_out_EDF, activation)
     if torch.is_autocast_enabled(x_TD.device.type):
@@ -292,6 +369,20 @@ def experts_grouped_mm(
                       w_in_EHD.contiguous(), w_out_EDF.contiguous(), activation)
     order_N, inv_TK, offs_E = route_by_expert(indices_TK, w_in_EHD.shape[0])
     # Contiguous operands: the kernels index rows with one stride and slots as t*K + j.
-    y_TD, _, _ = _experts_fwd(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD.contiguous(),
-                              w_out_EDF.contiguous(), order_N, inv_TK, offs_E, activation)
+    return experts_grouped_sorted(x_TD.contiguous(), weights_TK.contiguous(), w_in_EHD.contiguous(),
+                                  w_out_EDF.contiguous(), order_N, inv_TK, offs_E, activation,
+                                  join if needs_grad else None)
+
+
+def experts_grouped_sorted(x_TD: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor,
+                           w_out_EDF: torch.Tensor, order_N: torch.Tensor, inv_TK: torch.Tensor,
+                           offs_E: torch.Tensor, activation: str, join: WeightGradJoin | None = None) -> torch.Tensor:
+    """The grouped expert ops on a routing already sorted by :func:`route_by_expert` (all
+    operands contiguous; ``order_N`` may be cut to the valid rows): ``y_TD [T, D]``. ``join``:
+    this call's weight gradient is joined with the other calls given the same join (module
+    docstring); ``None``, or no gradient recorded: the custom op with its own backward."""
+    if join is not None and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x_TD, weights_TK, w_in_EHD, w_out_EDF)):
+        return _JoinedExperts.apply(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation, join)
+    y_TD, _, _ = _experts_fwd(x_TD, weights_TK, w_in_EHD, w_out_EDF, order_N, inv_TK, offs_E, activation)
     return y_TD

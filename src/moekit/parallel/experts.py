@@ -64,9 +64,12 @@ from torch import nn
 
 from moekit.experts import ExpertsConfig, GroupedExperts, resolve_backend
 from moekit.experts.grouped import (  # also registers the moekit:: ops
+    experts_grouped_mm,
+    experts_grouped_sorted,
     grouped_mm_supported,
     route_by_expert,
 )
+from moekit.experts.join import WeightGradJoin
 from moekit.parallel.carveout import carved_out, check_sm_carveout
 from moekit.parallel.comm import (
     all_to_all,
@@ -115,6 +118,10 @@ class ExpertParallelExperts(nn.Module):
     NCCL or gloo), ``"copy_engine"`` (the GPUs' copy engines over symmetric memory, NCCL groups
     of one node; :mod:`moekit.parallel.copy_engine`) or a :class:`CopyEngineExchange` to share
     with other layers (one buffer and stream for all; :func:`moekit.parallel.parallelize` does so).
+    join_weight_grads (overlap modes, grouped-GEMM backend): the two expert calls of a forward
+    (own rows, received rows) make ONE weight gradient, the second call's weight-gradient GEMMs
+    accumulating into the first's output, instead of two that autograd adds
+    (:mod:`moekit.experts.join`; same results up to rounding order); no effect in other modes.
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
@@ -122,8 +129,12 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True,
                  max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None,
-                 remote_first: bool = False, transport: str | CopyEngineExchange = "all_to_all"):
+                 remote_first: bool = False, transport: str | CopyEngineExchange = "all_to_all",
+                 join_weight_grads: bool = True):
         super().__init__()
+        if not isinstance(join_weight_grads, bool):
+            raise ValueError(f"join_weight_grads: expected True or False, got {join_weight_grads!r}")
+        self.join_weight_grads = join_weight_grads
         if remote_first and not overlap:
             raise ValueError("remote_first: expected False unless overlap=True (it orders the two streams of the "
                              "overlap), got remote_first=True with overlap=False")
@@ -325,16 +336,34 @@ class ExpertParallelExperts(nn.Module):
         return t
 
     def _compute_local(self, x_QD: torch.Tensor, slots_QK: torch.Tensor, weights_QK: torch.Tensor,
-                       num_assign: int) -> torch.Tensor:
+                       num_assign: int, join: WeightGradJoin | None = None) -> torch.Tensor:
         """Run the local slots on the received rows: ``[Q, D]``. ``num_assign`` (host int)
-        is the number of entries ``>= 0`` in ``slots_QK``."""
+        is the number of entries ``>= 0`` in ``slots_QK``. ``join``: see :meth:`local_call`."""
         w_in, w_out = self.local.w_in, self.local.w_out
         # No rows (or no valid entry): every backend keeps its result connected to all inputs
         # (moekit.experts.reference.connect), so this rank still runs the collectives' backward.
         if slots_QK.shape[1] > 1 and self._compact_grouped(x_QD):
             return compact_grouped_experts(x_QD, slots_QK, weights_QK, w_in, w_out, num_assign,
-                                           self.cfg.activation)
-        return self.local(x_QD, slots_QK, weights_QK)
+                                           self.cfg.activation, join)
+        return self.local_call(x_QD, slots_QK, weights_QK, join)
+
+    def new_join(self) -> WeightGradJoin | None:
+        """A join for the expert calls of one forward (``None``: ``join_weight_grads`` is off,
+        or no gradient is being recorded)."""
+        return WeightGradJoin() if self.join_weight_grads and torch.is_grad_enabled() else None
+
+    def local_call(self, x_QD: torch.Tensor, slots_QK: torch.Tensor, weights_QK: torch.Tensor,
+                   join: WeightGradJoin | None = None) -> torch.Tensor:
+        """``self.local(x_QD, slots_QK, weights_QK)`` (``[Q, D]``); with a ``join`` (from
+        :meth:`new_join`, shared by the calls of one forward) and the grouped-GEMM backend, the
+        calls' weight gradients are joined into one (:mod:`moekit.experts.join`). Other backends
+        ignore the join: autograd adds their gradients."""
+        if join is None or resolve_backend(self.cfg.backend, x_QD.device) != "grouped_mm":
+            return self.local(x_QD, slots_QK, weights_QK)
+        w_in, w_out = self.local.w_in, self.local.w_out
+        if w_in.dtype != x_QD.dtype:  # as GroupedExperts.forward: the kernels take one dtype
+            w_in, w_out = w_in.to(x_QD.dtype), w_out.to(x_QD.dtype)
+        return experts_grouped_mm(x_QD, slots_QK, weights_QK, w_in, w_out, self.cfg.activation, join=join)
 
     def _compact_grouped(self, x_QD: torch.Tensor) -> bool:
         """Whether the local slots run on the grouped-GEMM ops with only the valid rows."""
@@ -372,7 +401,7 @@ def _copy_engine(transport, group, max_tokens_per_rank) -> CopyEngineExchange | 
 
 def compact_grouped_experts(x_UD: torch.Tensor, slots_UK: torch.Tensor, weights_UK: torch.Tensor,
                             w_in_SHD: torch.Tensor, w_out_SDF: torch.Tensor, num_assign: int,
-                            activation: str) -> torch.Tensor:
+                            activation: str, join: WeightGradJoin | None = None) -> torch.Tensor:
     """The grouped-GEMM expert ops of :mod:`moekit.experts.grouped` on the ``num_assign``
     valid entries of a ``-1``-padded routing only: ``[U, D]``.
 
@@ -380,10 +409,9 @@ def compact_grouped_experts(x_UD: torch.Tensor, slots_UK: torch.Tensor, weights_
     are never used); a deduplicated EP receiver's rows are about half empty for ``k = 8`` over
     2 ranks. The sort puts the valid entries first, so truncating the sorted order to the
     count known on the host leaves every later step (gathers, GEMMs, activation, gather-sum,
-    and the backward) working on valid rows only.
+    and the backward) working on valid rows only. ``join``: see
+    :meth:`ExpertParallelExperts.local_call`.
     """
     order_N, inv_UK, offs_S = route_by_expert(slots_UK, w_in_SHD.shape[0])
-    y_UD, _, _ = torch.ops.moekit.experts_grouped_fwd(
-        x_UD.contiguous(), weights_UK.contiguous(), w_in_SHD.contiguous(), w_out_SDF.contiguous(),
-        order_N[:num_assign], inv_UK, offs_S, activation)
-    return y_UD
+    return experts_grouped_sorted(x_UD.contiguous(), weights_UK.contiguous(), w_in_SHD.contiguous(),
+                                  w_out_SDF.contiguous(), order_N[:num_assign], inv_UK, offs_S, activation, join)

@@ -35,6 +35,11 @@ alone at the end; with the remote path ahead at every kernel boundary, its retur
 all-to-all runs while the own tokens' experts are still computing. Autograd runs the
 backward on the same streams, so the same holds there.
 
+Both expert calls of a forward read the same weights. With ``join_weight_grads`` (the
+default) they share a :class:`~moekit.experts.join.WeightGradJoin`: whichever call's backward
+runs second accumulates its weight gradient into the first one's (the K-grouped GEMM adds in
+its epilogue), so the backward writes one weight gradient, not two that autograd then adds.
+
 The result, and every gradient, is the same sum as the other dispatch modes (the tests compare
 all of them with the single-process layer). On CPU (gloo) there are no streams: the same
 computation runs in order.
@@ -152,20 +157,21 @@ def _mark(x_TD: torch.Tensor):
     return event
 
 
-def _start_own(module, x_TD: torch.Tensor, own_TK: torch.Tensor, weights_TK: torch.Tensor, after=None):
+def _start_own(module, x_TD: torch.Tensor, own_TK: torch.Tensor, weights_TK: torch.Tensor, join, after=None):
     """Launch this rank's own choices on the expert backend: on CUDA on the side stream, after
     the main stream's work so far (or only after the event ``after`` from :func:`_mark`: work
     queued since, such as all-to-alls, is not waited for), so that what the main stream does
-    next runs beside it. Returns ``(y_own_TD, streams)``; pass both to :func:`_finish`."""
+    next runs beside it. ``join``: the forward's weight-gradient join (``module.new_join()``).
+    Returns ``(y_own_TD, streams)``; pass both to :func:`_finish`."""
     if x_TD.device.type != "cuda":
-        return module.local(x_TD, own_TK, weights_TK), None
+        return module.local_call(x_TD, own_TK, weights_TK, join), None
     main, side = torch.cuda.current_stream(x_TD.device), _side_stream(module, x_TD.device)
     if after is None:
         side.wait_stream(main)
     else:
         side.wait_event(after)
     with torch.cuda.stream(side):
-        y_own = module.local(x_TD, own_TK, weights_TK)
+        y_own = module.local_call(x_TD, own_TK, weights_TK, join)
     for t in (x_TD, own_TK, weights_TK):  # read on the side stream: keep their memory until it did
         t.record_stream(side)
     return y_own, (main, side)
@@ -190,7 +196,8 @@ def overlapped_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
     rows = remote_rows(slot_TK, rank, num_ranks, per)
     recv_counts_P2 = exchange_counts(rows.send_counts_P2, group)
     # own tokens' experts queued before the host sync, which then waits for the main stream only
-    y_own, streams = _start_own(module, x_TD, local_slots(slot_TK, rank, per), weights_TK)
+    join = module.new_join()
+    y_own, streams = _start_own(module, x_TD, local_slots(slot_TK, rank, per), weights_TK, join)
     send_rows, _send_assign, recv_rows, recv_assign = torch.cat(
         [rows.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
     num_rows = sum(send_rows)
@@ -201,7 +208,7 @@ def overlapped_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
         x_recv = all_to_all(module._sendable(spread(x_TD, token_V, rows.inv_TP)), recv_rows, send_rows, group)
         slots_UK = all_to_all_plain(slots_VK, recv_rows, send_rows, group)
         weights_UK = all_to_all(module._sendable(weights_VK), recv_rows, send_rows, group)
-        y_recv = module._compute_local(x_recv, slots_UK, weights_UK, sum(recv_assign))
+        y_recv = module._compute_local(x_recv, slots_UK, weights_UK, sum(recv_assign), join)
         y_back = all_to_all(y_recv, send_rows, recv_rows, group)
         y_remote = collect(y_back, token_V, rows.inv_TP)
     return _finish(_join_remote(y_remote, remote), y_own, streams)
@@ -222,7 +229,7 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
     own_TK = local_slots(slot_TK, rank, per)
     copies = num_ranks - 1
     if copies == 0:
-        y_own, streams = _start_own(module, x_TD, own_TK, weights_TK)
+        y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, None)
         return _finish(torch.zeros_like(y_own), y_own, streams)
     inputs_ready = _mark(x_TD)
     remote = _remote_stream(module, x_TD, (x_TD, slot_TK, weights_TK))
@@ -230,9 +237,10 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
         x_QD, slot_QK, w_QK = module.gather_fixed(False, *pad_rows(cap, x_TD, slot_TK, weights_TK))
     # own choices on the side stream, launched after the all-to-alls (which so hold their SMs
     # before the expert GEMMs fill the GPU) and not waiting for them
-    y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, after=inputs_ready)
+    join = module.new_join()
+    y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, join, after=inputs_ready)
     with torch.cuda.stream(remote):
-        y_QD = module.local(x_QD, local_slots(slot_QK, rank, per), w_QK)
+        y_QD = module.local_call(x_QD, local_slots(slot_QK, rank, per), w_QK, join)
         # block q of what comes back: other rank q's partial sums for this rank's C rows
         y_back = module.swap_fixed(False, y_QD)
         y_remote = sum_partials(y_back, copies, cap, num_tokens, x_TD.dtype)
