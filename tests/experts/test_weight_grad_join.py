@@ -46,7 +46,10 @@ def _grads(w_in, w_out, calls, join, order=(0, 1), streams=None, retain=False, p
         x, idx, w, dy = calls[i]
         with torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext():
             y = experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu", join=join)
-        loss = loss + (y.float() * dy.float()).sum()
+            term = (y.float() * dy.float()).sum()
+        if streams:  # the sum runs on the main stream
+            torch.cuda.current_stream().wait_stream(streams[i])
+        loss = loss + term
     for _ in range(passes):
         loss.backward(retain_graph=retain or passes > 1)
     return [t.grad.clone() for t in (w_in, w_out, *[c[0] for c in calls], *[c[2] for c in calls])]

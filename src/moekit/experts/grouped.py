@@ -49,7 +49,7 @@ from moekit.experts.join import WeightGradJoin
 from moekit.experts.sorted import experts_sorted
 
 __all__ = ["DECODE_MAX_SLOTS", "experts_grouped_mm", "experts_grouped_sorted", "grouped_mm_supported",
-           "route_by_expert", "route_by_sort"]
+           "route_by_expert"]
 
 # Up to this many token-expert slots (T*K) an inference call takes the per-slot decode kernels:
 # sorting costs several launches. Measured on an H100 (benchmarks/bench_layer.py, CUDA graphs):
@@ -63,10 +63,11 @@ DECODE_MAX_SLOTS = 64
 # ---------------------------------------------------------------------------------------------
 
 
-def route_by_sort(indices_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`route_by_expert` with ``torch.sort(stable=True)``: the definition, and the path
-    off CUDA (the GPU runs the counting sort of :mod:`moekit.experts.triton_route`, which its
-    tests compare with this)."""
+@torch.library.custom_op("moekit::route_by_expert", mutates_args=())
+def route_by_expert(indices_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """indices_TK ``[T, K]`` (``-1`` = no expert) -> ``order_N [N]`` (slot of each sorted row,
+    int64), ``inv_TK [T, K]`` (sorted row of each slot or ``-1``, int64), ``offs_E [E]``
+    (int32 end of each expert's rows). Experts appear in ascending order, stably."""
     flat = indices_TK.reshape(-1)
     empty = flat < 0
     # int32 keys: half the radix-sort passes of int64.
@@ -78,20 +79,6 @@ def route_by_sort(indices_TK: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     inv[order_N] = torch.arange(order_N.numel(), device=flat.device)
     inv_TK = torch.where(empty, -1, inv).view(indices_TK.shape)
     return order_N, inv_TK, offs_E
-
-
-@torch.library.custom_op("moekit::route_by_expert", mutates_args=())
-def route_by_expert(indices_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """indices_TK ``[T, K]`` (``-1`` = no expert) -> ``order_N [N]`` (slot of each sorted row,
-    int64), ``inv_TK [T, K]`` (sorted row of each slot or ``-1``, int64), ``offs_E [E]``
-    (int32 end of each expert's rows). Experts appear in ascending order, stably: slots of
-    one expert in slot order, ``-1`` slots last. On CUDA a Triton counting sort
-    (:func:`moekit.experts.triton_route.route_slots`), elsewhere :func:`route_by_sort`."""
-    if steps.use_triton(indices_TK):
-        from moekit.experts import triton_route
-
-        return triton_route.route_slots(indices_TK, num_experts)
-    return route_by_sort(indices_TK, num_experts)
 
 
 @route_by_expert.register_fake
