@@ -119,15 +119,29 @@ class OffloadHandle:
         self.forward_log: list[ForwardRecord] = []
         self._hooks = [model.register_forward_pre_hook(self._start),
                        model.register_forward_hook(self._stop)]
-        # decoder layers ending MoE layer i: their output feeds prefetch="layer_output"
-        for i, module in enumerate(out_modules):
-            if module is not None:
-                self._hooks.append(module.register_forward_hook(self._layer_output_hook(i)))
-        # between the host's launches inside each decoder layer: start an arrived prediction's
-        # prefetch and keep prefetch chunks queued (OffloadEngine.poll)
-        for module in poll_modules:
+        self._out_modules, self._poll_modules = out_modules, list(poll_modules)
+        self._prefetch_hooks: list = []
+        self._install_prefetch_hooks()
+
+    def _install_prefetch_hooks(self) -> None:
+        """The hooks a prefetch needs, only while the engine prefetches (a module with hooks
+        takes ``nn.Module``'s slower call path: host time on every decode step): forward hooks
+        on the decoder layers ending MoE layer i, whose output feeds ``prefetch="layer_output"``,
+        and pre-hooks on the modules inside each decoder layer, between the host's launches, to
+        start an arrived prediction's prefetch and keep prefetch chunks queued
+        (:meth:`OffloadEngine.poll`)."""
+        for h in self._prefetch_hooks:
+            h.remove()
+        self._prefetch_hooks = []
+        engine = self.engine
+        if not engine.prefetching:  # no predictor of any kind: nothing to hook
+            return
+        for i, module in enumerate(self._out_modules):
+            if module is not None and engine.out_predictors[i] is not None:
+                self._prefetch_hooks.append(module.register_forward_hook(self._layer_output_hook(i)))
+        for module in self._poll_modules:
             for child in module.children():
-                self._hooks.append(child.register_forward_pre_hook(self._poll_hook))
+                self._prefetch_hooks.append(child.register_forward_pre_hook(self._poll_hook))
 
     def _layer_output_hook(self, layer: int):
         def hook(module, args, output):
@@ -189,6 +203,7 @@ class OffloadHandle:
                                     staging_slots=staging)
         for layer in self.layers:
             object.__setattr__(layer, "engine", self.engine)
+        self._install_prefetch_hooks()
         self.policy, self.prefetch = policy, prefetch
         self.forward_log = []
 
@@ -258,9 +273,9 @@ class OffloadHandle:
 
     def remove_hooks(self) -> None:
         """Stop timing forward passes (the model stays offloaded)."""
-        for h in self._hooks:
+        for h in self._hooks + self._prefetch_hooks:
             h.remove()
-        self._hooks = []
+        self._hooks, self._prefetch_hooks = [], []
 
 
 def _tensor_bytes(model: nn.Module) -> int:

@@ -134,9 +134,9 @@ class OffloadEngine:
         self._guard: set[tuple[int, int]] = set()  # keys a prefetch must not evict
         self._host_bufs: dict[torch.dtype, torch.Tensor] = {}  # pinned, for the per-layer routing
         self._index_buf: torch.Tensor | None = None  # pinned, for the per-layer index arrays
-        # without prefetch nothing needs a demand copy in chunks (chunks bound how long a demand
-        # copy waits behind prefetch chunks): one copy per weight tensor, fewer host calls
-        self.merge_demand_copies = not any(p is not None for p in self.predictors + self.out_predictors)
+        # whether any predictor is set; without one nothing needs a demand copy in chunks (chunks
+        # bound how long a demand copy waits behind prefetch chunks): one copy per weight tensor
+        self.prefetching = any(p is not None for p in self.predictors + self.out_predictors)
         self._pred_buf: torch.Tensor | None = None  # pinned, for a layer_output prediction
         # (target layer, host values, arrival event or None) of a layer_output prediction not read yet
         self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
@@ -149,7 +149,7 @@ class OffloadEngine:
     # ------------------------------------------------------------------ copies
     def _demand(self, key: tuple[int, int], slot: int) -> None:
         """Copy every missing chunk of ``key`` into ``slot`` now (a demand copy)."""
-        nbytes = self.copier.issue(key, slot, merged=self.merge_demand_copies)
+        nbytes = self.copier.issue(key, slot, merged=not self.prefetching)
         self.counters.h2d_bytes += nbytes
         self.counters.demand_copies += 1
 
