@@ -129,13 +129,14 @@ def check_equivalence(device, dtype, tol, *, sizes, phy2log=None, num_experts=8,
     return ref, ep, modules
 
 
-def check_accumulation(device, dtype, tol, **mode):
+def check_accumulation(device, dtype, tol, backend="auto", **mode):
     """Gradient accumulation: two micro-batches' backward passes, then ONE replica / DP
-    gradient reduction (once per optimizer step) == the reference's accumulated gradients."""
+    gradient reduction (once per optimizer step) == the reference's accumulated gradients.
+    backend: the expert backend of both layers."""
     gen = torch.Generator().manual_seed(17)
     p2l = torch.cat([torch.arange(8), torch.tensor([0, 0, 2, 5][:WORLD]), torch.tensor([1, 3, 4, 6][:WORLD])])
     p2l = p2l[torch.randperm(p2l.shape[0], generator=gen)]
-    cfg = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=8, top_k=3, balance="none")
+    cfg = moekit.MoEConfig(dim=16, ffn_dim=12, num_experts=8, top_k=3, balance="none", backend=backend)
     ref = _reference(cfg, device, dtype, 4)
     ep = copy.deepcopy(ref)
     modules = parallelize(ep, None, p2l[None], **mode)
@@ -392,6 +393,8 @@ def _run_scenario(scenario, device, f64, tol64, tol32, mode):
                 device, torch.float32, tol32, sizes=[6] * WORLD, top_k=8, balance="none", backend="grouped_mm",
                 join_weight_grads=False, **kw))
             assert joined == 0, (kw, joined)
+        # joined weight gradients of two micro-batches accumulate into .grad, with replicas
+        check_accumulation(device, torch.float32, tol32, backend="grouped_mm", **kw)
     elif scenario == "bf16":
         check_equivalence(device, torch.bfloat16, 5e-2, sizes=[64] * WORLD, num_experts=8, shared=1, **kw)
     elif scenario == "syncs":
