@@ -265,58 +265,10 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
     for policy, prefetch, extra, lead, cpu, slots, *more in variants:
         staging = more[0] if more else 0
         for batch in args.batches:
-            name = f"moekit {policy}"
-            if prefetch != "none":
-                name += f" +{prefetch}" + (f"+{extra}" if extra else "") + (" whole" if lead == whole else "")
-            name += f" staged {staging}" if staging else ""
-            name += " +cpu" if cpu else ""
-            if slots == num_experts_total:
-                name = "moekit all experts resident"
-            try:
-                handle.reconfigure(cache_experts=slots, policy=policy, prefetch=prefetch, cpu_compute=cpu,
-                                   prefetch_extra=extra, lead_chunks=lead, staging_slots=staging)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                ids = prompts(batch, args.prompt_len, cpu_model.config.vocab_size)
-                decode(model, ids, args.warmup_tokens, args.device)  # fills the cache: steady state
-                handle.reset_stats()
-                res = decode(model, ids, args.new_tokens, args.device)
-                s = handle.stats()
-                dec = [r for r in handle.forward_log[1:]]
-                dec_bytes = sum(r.h2d_bytes for r in dec)
-                dec_s = sum(r.seconds for r in dec)
-                dec_act = sum(r.activations for r in dec)
-                dec_hit = sum(r.hits for r in dec) / dec_act if dec_act else float("nan")
-                dec_late = sum(r.inflight_hits for r in dec) / dec_act if dec_act else float("nan")
-                tokens = batch * len(dec)
-                bound = bw * tokens / dec_bytes if dec_bytes else float("inf")
-                runs.append(dict(name=name, batch=batch, slots=slots, staging_slots=staging, policy=policy,
-                                 prefetch=prefetch, cpu_compute=cpu,
-                                 **{k: s[k] for k in ("staged_hits", "staged_inflight_hits", "staged_misses",
-                                                      "staged_dropped", "victim_hits")},
-                                 prefetch_extra=extra, lead_chunks=lead, copy_busy_fraction=s["copy_busy_fraction"],
-                                 copy_bandwidth_bytes_per_s=s["copy_bandwidth_bytes_per_s"],
-                                 host_wait_s=s["host_wait_s"], prefetch_bytes=s["prefetch_bytes"],
-                                 prefetch_useful=s["prefetch_useful"], prefetch_lead_s=s["prefetch_lead_s"],
-                                 wall_s=s["wall_s"],
-                                 decode_tokens_per_s=res["decode_tokens_per_s"], decode_hit_rate=dec_hit,
-                                 decode_inflight_hit_rate=dec_late, hit_rate=s["hit_rate"],
-                                 inflight_hit_rate=s["inflight_hit_rate"], inflight_hits=s["inflight_hits"], prefetch_precision=s["prefetch_precision"],
-                                 prefetch_recall=s["prefetch_recall"], h2d_bytes_per_token=dec_bytes / max(tokens, 1),
-                                 decode_pcie_utilization=(dec_bytes / dec_s) / bw if dec_s else float("nan"),
-                                 pcie_utilization=s["pcie_utilization"], stall_s=s["stall_s"],
-                                 copy_bound_tokens_per_s=bound,
-                                 fraction_of_copy_bound=res["decode_tokens_per_s"] / bound if dec_bytes else None,
-                                 cpu_computed=s["cpu_computed"], demand_copies=s["demand_copies"],
-                                 prefetch_copies=s["prefetch_copies"],
-                                 misses=s["activations"] - s["hits"] - s["inflight_hits"],
-                                 activations=s["activations"], tokens=res["tokens"],
-                                 gpu_budget_bytes=handle.dense_bytes + (slots + staging) * expert_bytes + args.reserve_bytes,
-                                 peak_allocated_bytes=(torch.cuda.max_memory_allocated()
-                                                       if args.device == "cuda" else None)))
-            except Exception as exc:  # keep the other figures of a one-shot device run
-                runs.append(dict(name=name, batch=batch, slots=slots, error=repr(exc)))
+            name = run_name(policy, prefetch, extra, lead, cpu, slots, staging, num_experts_total)
+            runs.append(measure(model, handle, cpu_model, args, name, batch, expert_bytes, bw, policy=policy,
+                                prefetch=prefetch, prefetch_extra=extra, lead_chunks=lead, cpu_compute=cpu,
+                                cache_experts=slots, staging_slots=staging))
             print_run(runs[-1])
     mem = {}
     costs = handle.engine.costs
@@ -327,6 +279,178 @@ def moekit_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: 
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return runs, mem
+
+
+def run_name(policy, prefetch, extra, lead, cpu, slots, staging, num_experts_total) -> str:
+    if slots == num_experts_total:
+        return "moekit all experts resident"
+    name = f"moekit {policy}"
+    if prefetch != "none":
+        name += f" +{prefetch}" + (f"+{extra}" if extra else "") + (" whole" if lead == 10**6 else "")
+    return name + (f" staged {staging}" if staging else "") + (" +cpu" if cpu else "")
+
+
+def measure(model, handle, cpu_model, args, name: str, batch: int, expert_bytes: int, bw: float, **config) -> dict:
+    """One moekit run: ``handle.reconfigure(**config)``, a warm-up generation that fills the
+    cache, then the timed one; its figures (an ``error`` entry instead if it fails, so a one-shot
+    device run keeps the others). The engine's host time per layer call (wall time inside
+    ``engine.forward`` less its wait for the routing) is taken by wrapping the engine's method."""
+    slots, staging = config["cache_experts"], config["staging_slots"]
+    try:
+        handle.reconfigure(**config)
+        engine_time = _time_engine(handle.engine)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        ids = prompts(batch, args.prompt_len, cpu_model.config.vocab_size)
+        decode(model, ids, args.warmup_tokens, args.device)  # fills the cache: steady state
+        handle.reset_stats()
+        engine_time.update(s=0.0, calls=0)
+        res = decode(model, ids, args.new_tokens, args.device)
+        s = handle.stats()
+        dec = [r for r in handle.forward_log[1:]]
+        dec_bytes = sum(r.h2d_bytes for r in dec)
+        dec_s = sum(r.seconds for r in dec)
+        dec_act = sum(r.activations for r in dec)
+        dec_hit = sum(r.hits for r in dec) / dec_act if dec_act else float("nan")
+        dec_late = sum(r.inflight_hits for r in dec) / dec_act if dec_act else float("nan")
+        tokens = batch * len(dec)
+        bound = bw * tokens / dec_bytes if dec_bytes else float("inf")
+        step_ms, copy_ms = 1e3 * dec_s / max(len(dec), 1), 1e3 * dec_bytes / bw / max(len(dec), 1)
+        return dict(name=name, batch=batch, slots=slots, staging_slots=staging, policy=config["policy"],
+                    prefetch=config["prefetch"], cpu_compute=config["cpu_compute"],
+                    **{k: s.get(k, 0) for k in ("staged_hits", "staged_inflight_hits", "staged_misses",
+                                                "staged_dropped", "victim_hits")},
+                    prefetch_extra=config["prefetch_extra"], lead_chunks=config["lead_chunks"],
+                    copy_busy_fraction=s["copy_busy_fraction"],
+                    copy_bandwidth_bytes_per_s=s["copy_bandwidth_bytes_per_s"],
+                    host_wait_s=s["host_wait_s"], prefetch_bytes=s["prefetch_bytes"],
+                    prefetch_useful=s["prefetch_useful"], prefetch_lead_s=s["prefetch_lead_s"],
+                    wall_s=s["wall_s"], step_ms=step_ms, copy_ms_per_step=copy_ms, no_copy_ms_per_step=step_ms - copy_ms,
+                    engine_host_ms_per_layer_call=(1e3 * (engine_time["s"] - s["host_wait_s"]) / engine_time["calls"]
+                                                   if engine_time["calls"] else float("nan")),
+                    cpu_busy_s=s.get("cpu_busy_s"),
+                    decode_tokens_per_s=res["decode_tokens_per_s"], decode_hit_rate=dec_hit,
+                    decode_inflight_hit_rate=dec_late, hit_rate=s["hit_rate"],
+                    inflight_hit_rate=s["inflight_hit_rate"], inflight_hits=s["inflight_hits"],
+                    prefetch_precision=s["prefetch_precision"],
+                    prefetch_recall=s["prefetch_recall"], h2d_bytes_per_token=dec_bytes / max(tokens, 1),
+                    decode_pcie_utilization=(dec_bytes / dec_s) / bw if dec_s else float("nan"),
+                    pcie_utilization=s["pcie_utilization"], stall_s=s["stall_s"],
+                    copy_bound_tokens_per_s=bound,
+                    fraction_of_copy_bound=res["decode_tokens_per_s"] / bound if dec_bytes else None,
+                    cpu_computed=s["cpu_computed"], demand_copies=s["demand_copies"],
+                    prefetch_copies=s["prefetch_copies"],
+                    misses=s["activations"] - s["hits"] - s["inflight_hits"],
+                    activations=s["activations"], tokens=res["tokens"],
+                    gpu_budget_bytes=handle.dense_bytes + (slots + staging) * expert_bytes + args.reserve_bytes,
+                    peak_allocated_bytes=(torch.cuda.max_memory_allocated() if args.device == "cuda" else None))
+    except Exception as exc:  # keep the other figures of a one-shot device run
+        return dict(name=name, batch=batch, slots=slots, error=repr(exc))
+
+
+def _time_engine(engine) -> dict:
+    """Wrap ``engine.forward`` (the instance's attribute, which the offloaded layers call) to sum
+    its wall seconds and calls into the returned dict."""
+    acc = {"s": 0.0, "calls": 0}
+    inner = engine.forward
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            acc["s"] += time.perf_counter() - t0
+            acc["calls"] += 1
+
+    engine.forward = timed
+    return acc
+
+
+# The engine A/B (``--variants engines``): (policy, prefetch, prefetch_extra, lead_chunks, cpu_compute,
+# slots: "half" or "all", batches): the goal runs of both speed goals and the all-resident ceiling
+ENGINE_VARIANTS = [("lru", "none", 0, 2, False, "half", (1, 8)), ("lfu", "none", 0, 2, False, "half", (1,)),
+                   ("lfu", "none", 0, 2, True, "half", (1, 8)), ("lfu", "layer_output", 1, 2, True, "half", (8,)),
+                   ("lru", "none", 0, 2, False, "all", (1, 8))]
+
+
+def engines_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: float) -> tuple[list, dict]:
+    """This tree's offload engine against ``args.baseline`` (an importable copy of an earlier
+    moekit, e.g. the fifth session's built by ``offload_device_run.sh engines``), each with its own
+    copy of the model, in one process: every variant of :data:`ENGINE_VARIANTS` runs on both,
+    the order of the two alternating between ``args.repeats`` repeats. Rows of the baseline are
+    named ``... [<baseline>]``. Each model's GPU memory stays allocated while the other runs:
+    ``other_engine_bytes`` is what a row's peak includes of the other."""
+    import importlib
+
+    from moekit.offload import offload
+
+    engines = {}
+    for tag, fn in ((args.baseline, importlib.import_module(args.baseline + ".offload").offload), ("new", offload)):
+        model = copy.deepcopy(cpu_model)
+        engines[tag] = (model, fn(model, cache_experts=num_experts_total // 2, device=args.device))
+    runs = []
+    for repeat in range(args.repeats):
+        for policy, prefetch, extra, lead, cpu, which, batches in ENGINE_VARIANTS:
+            slots = num_experts_total if which == "all" else num_experts_total // 2
+            for batch in [b for b in batches if b in args.batches]:
+                tags = list(engines) if repeat % 2 == 0 else list(engines)[::-1]
+                for tag in tags:
+                    model, handle = engines[tag]
+                    other = next(h for t, (_, h) in engines.items() if t != tag)
+                    name = run_name(policy, prefetch, extra, lead, cpu, slots, 0, num_experts_total)
+                    name += f" [{tag}]" if tag != "new" else ""
+                    run = measure(model, handle, cpu_model, args, name, batch, expert_bytes, bw, policy=policy,
+                                  prefetch=prefetch, prefetch_extra=extra, lead_chunks=lead, cpu_compute=cpu,
+                                  cache_experts=slots, staging_slots=0)
+                    run.update(engine=tag, repeat=repeat,
+                               other_engine_bytes=other.dense_bytes + other.num_slots * expert_bytes)
+                    runs.append(run)
+                    print_run(run)
+    costs = engines["new"][1].engine.costs
+    mem = {"cost_model": dict(h2d_bytes_per_s=costs.h2d_bytes_per_s, expert_bytes=costs.expert_bytes,
+                              cpu_s_fixed=costs.cpu_s_fixed, cpu_s_per_token=costs.cpu_s_per_token)}
+    del engines
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return runs, mem
+
+
+def summarize_engines(runs: list, baseline: str) -> dict:
+    """Per variant and batch: median tokens/s, fraction of the copy bound, no-copy and engine host
+    milliseconds of both engines over the repeats, the ratio new / baseline, and each engine's
+    tokens/s as a fraction of its own all-resident run."""
+    import statistics
+
+    ok = [r for r in runs if "error" not in r and r.get("engine")]
+    out: dict = {}
+    for key in sorted({(r["name"].replace(f" [{baseline}]", ""), r["batch"]) for r in ok}):
+        row = {}
+        for tag in (baseline, "new"):
+            rs = [r for r in ok if r["engine"] == tag and r["batch"] == key[1]
+                  and r["name"].replace(f" [{baseline}]", "") == key[0]]
+            if not rs:
+                continue
+            med = {f: statistics.median(r[f] for r in rs) for f in (
+                "decode_tokens_per_s", "step_ms", "no_copy_ms_per_step", "engine_host_ms_per_layer_call",
+                "decode_hit_rate") if all(isinstance(r.get(f), (int, float)) for r in rs)}
+            bounds = [r["fraction_of_copy_bound"] for r in rs if r.get("fraction_of_copy_bound") and not r["cpu_compute"]]
+            if bounds:
+                med["fraction_of_copy_bound"] = statistics.median(bounds)
+            med["tok_s_all"] = [r["decode_tokens_per_s"] for r in rs]
+            row[tag] = med
+        if baseline in row and "new" in row:
+            row["tok_s_ratio_new_over_baseline"] = row["new"]["decode_tokens_per_s"] / row[baseline]["decode_tokens_per_s"]
+        out[f"{key[0]} @ batch {key[1]}"] = row
+    for key, row in out.items():  # fraction of the same engine's all-resident speed
+        batch = key.rsplit(" ", 1)[1]
+        ceiling = out.get(f"moekit all experts resident @ batch {batch}", {})
+        for tag in (baseline, "new"):
+            if tag in row and tag in ceiling:
+                row[tag]["fraction_of_own_all_resident"] = (row[tag]["decode_tokens_per_s"]
+                                                            / ceiling[tag]["decode_tokens_per_s"])
+    return out
 
 
 def staging_variants(budgets: list[int], staging: int, total: int, preset: str) -> list[tuple]:
@@ -569,6 +693,52 @@ def plot_staging(doc: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_engines(doc: dict, path: str) -> None:
+    """The engine A/B: per batch, each variant's decode tokens/s on both engines (bars: median,
+    dots: each repeat), labelled with the fraction of the copy bound and the milliseconds per
+    step with no copy running."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, baseline = doc["engines"], doc.get("baseline", "moekit_s5")
+    batches = sorted({int(k.rsplit(" ", 1)[1]) for k in summary})
+    fig, axes = plt.subplots(1, len(batches), figsize=(8 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        keys = [k for k in summary if k.endswith(f"@ batch {batch}")]
+        for i, key in enumerate(keys):
+            for j, (tag, color) in enumerate(((baseline, "tab:gray"), ("new", "tab:blue"))):
+                med = summary[key].get(tag)
+                if not med:
+                    continue
+                y = i + (0.2 if j else -0.2)
+                ax.barh(y, med["decode_tokens_per_s"], height=0.38, color=color, label=tag if i == 0 else None)
+                ax.plot(med["tok_s_all"], [y] * len(med["tok_s_all"]), "k.", markersize=4)
+                text = f" {med['decode_tokens_per_s']:.1f}"
+                if "fraction_of_copy_bound" in med:
+                    text += f"  {med['fraction_of_copy_bound']:.2f} of bound"
+                if "no_copy_ms_per_step" in med and "resident" not in key:
+                    text += f"  no copy {med['no_copy_ms_per_step']:.1f} ms/step"
+                if "engine_host_ms_per_layer_call" in med:
+                    text += f"  engine {med['engine_host_ms_per_layer_call']:.2f} ms/layer"
+                ax.text(max(med["tok_s_all"]), y, text, va="center", fontsize=7)
+        ax.set_yticks(range(len(keys)))
+        ax.set_yticklabels([k.replace(f" @ batch {batch}", "").replace("moekit ", "") for k in keys], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlim(10, 8000)
+        ax.set_xlabel("decode tokens/s (log; bar: median, dots: repeats)")
+        ax.set_title(f"batch {batch}", fontsize=9)
+        ax.legend(fontsize=8, loc="lower right")
+    model = doc["model"]
+    fig.suptitle(f"{model['preset']} config, {model['layers']} layers, random bf16 weights, {doc['machine']['device']}: "
+                 f"offload engine {baseline} (gray) vs this tree (blue), same process, interleaved", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def redraw(path: str, draw) -> int:
     """``draw(doc, png_path)`` for the result file ``path`` (its PNG beside it); returns 0."""
     with open(path) as fh:
@@ -611,9 +781,13 @@ def main(argv=None) -> int:
                    help="comma-separated expert-slot counts: run only lru / lfu / prefetch at these budgets "
                         "(no CPU compute, no transformers offloading); default: the full matrix at half and a "
                         "quarter of the experts")
-    p.add_argument("--variants", default="full", choices=("full", "staging"),
+    p.add_argument("--variants", default="full", choices=("full", "staging", "engines"),
                    help="full: the whole matrix; staging: staged prefetch against lru with the same cache and "
-                        "with the same memory, at --slots (default half the experts)")
+                        "with the same memory, at --slots (default half the experts); engines: this tree's "
+                        "engine against --baseline on the goal runs, interleaved")
+    p.add_argument("--baseline", default="moekit_s5",
+                   help="--variants engines: the importable package of the earlier moekit to compare with")
+    p.add_argument("--repeats", type=int, default=2, help="--variants engines: repeats of each run per engine")
     p.add_argument("--staging", type=int, default=2, help="staging slots of the staged runs (default 2)")
     p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8],
                    help="comma-separated batch sizes of the moekit runs (default 1,8)")
@@ -623,7 +797,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an existing result file")
     args = p.parse_args(argv)
     if args.plot:
-        return redraw(args.plot, plot_staging if args.variants == "staging" else plot)
+        return redraw(args.plot, {"staging": plot_staging, "engines": plot_engines}.get(args.variants, plot))
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
 
@@ -659,7 +833,8 @@ def main(argv=None) -> int:
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    mk_runs, mem = moekit_runs(model, args, expert_bytes, num_experts_total, bw)
+    mk_runs, mem = (engines_runs if args.variants == "engines" else moekit_runs)(
+        model, args, expert_bytes, num_experts_total, bw)
     runs += mk_runs
     budget = dense_bytes + (num_experts_total // 2) * expert_bytes + args.reserve_bytes
     if not args.slots and not args.quick:
@@ -675,6 +850,9 @@ def main(argv=None) -> int:
     goals = summarize_goals(runs)
     for key, value in goals.items():
         print(f"goal {key}: {value}")
+    engines = summarize_engines(runs, args.baseline) if args.variants == "engines" else None
+    for key, value in (engines or {}).items():
+        print(f"engines {key}: " + json.dumps(value, default=lambda v: round(v, 4)))
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     doc = {
         "command": " ".join([sys.executable, *sys.argv]),
@@ -692,7 +870,9 @@ def main(argv=None) -> int:
         "routing_diagnostics": diagnostics,
         "memory": mem,
         "variants": args.variants,
+        "baseline": args.baseline if args.variants == "engines" else None,
         "goals": goals,
+        "engines": engines,
         "runs": runs,
     }
     tag = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-") or args.device
@@ -704,7 +884,7 @@ def main(argv=None) -> int:
         json.dump(doc, fh, indent=2, default=float)
     os.replace(tmp, out)
     try:
-        (plot_staging if args.variants == "staging" else plot)(doc, os.path.splitext(out)[0] + ".png")
+        {"staging": plot_staging, "engines": plot_engines}.get(args.variants, plot)(doc, os.path.splitext(out)[0] + ".png")
     except ImportError:  # matplotlib is optional (the "plot" extra)
         pass
     print(f"wrote {out}")

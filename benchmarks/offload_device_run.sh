@@ -12,6 +12,16 @@
 #   OUT=/tmp/out bash benchmarks/offload_device_run.sh profile [profile_offload.py args]
 #   OUT=/tmp/out TAG=s4 bash benchmarks/offload_device_run.sh bench [bench_offload.py args]
 #   OUT=/tmp/out TAG=s5 bash benchmarks/offload_device_run.sh staging
+#
+# Mode engines: this tree's offload engine against the fifth session's in one process
+# (bench_offload.py --variants engines --quick; the goal runs at batch 1 and 8, interleaved, 2
+# repeats). The baseline is an importable copy of the package renamed moekit_s5, made before the
+# call and carried with it (build/ is ignored by git):
+#   rm -rf build/s5 && mkdir -p build/s5 && git archive 19ae59a~1 src/moekit | tar -x -C build/s5 \
+#     && mv build/s5/src/moekit build/s5/moekit_s5 && rmdir build/s5/src \
+#     && grep -rl moekit build/s5/moekit_s5 --include=*.py | xargs sed -i -E \
+#        's/\bmoekit\.([a-z_]+)/moekit_s5.\1/g; s/from moekit import/from moekit_s5 import/g'
+#   OUT=/tmp/out TAG=s6 bash benchmarks/offload_device_run.sh engines     (run with carry build/s5)
 set -u
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/offload_out}
@@ -37,6 +47,12 @@ elif [ "$MODE" = staging ]; then
   timeout 120 python3 benchmarks/bench_offload.py --preset qwen3-30b-a3b --variants staging --quick --slots 16,32 \
     --staging 8 --batches 1 --out "$OUT/offload_h100_${day}_${TAG:-s5}_qwen3.json" 2>&1 | tee "$OUT/qwen3.log" \
     | grep -E "^moekit|^all|^goal batch._same" | tail -60
+elif [ "$MODE" = engines ]; then
+  day=$(date -u +%F)
+  export PYTHONPATH="$PWD/src:$PWD/build/s5"
+  timeout 400 python3 benchmarks/bench_offload.py --variants engines --quick --repeats "${REPEATS:-2}" \
+    --out "$OUT/offload_h100_${day}_${TAG:-s6}.json" "$@" 2>&1 | grep -v USDT | tee "$OUT/bench.log" \
+    | grep -E "^moekit|^all|^engines|^pinned|^model|rror" | cut -c1-330 | tail -60
 else
   day=$(date -u +%F)
   timeout 420 python3 benchmarks/bench_offload.py --out "$OUT/offload_h100_${day}_${TAG:-s4}.json" "$@" \

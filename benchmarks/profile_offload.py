@@ -200,7 +200,7 @@ def annotate(handle, model) -> list:
     wrap("forward", "offload.engine")
     wrap("_to_host", "offload.wait_counts")
     wrap("predict_from_output", "offload.prediction")
-    wrap("_take_prediction", "offload.prediction")
+    wrap("_read_prediction", "offload.prediction")
     state = {}
 
     def pre(module, args):

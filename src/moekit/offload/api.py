@@ -235,6 +235,7 @@ class OffloadHandle:
             "h2d_bytes_per_token": c.h2d_bytes / c.tokens if c.tokens else float("nan"),
             "stall_s": c.stall_s,
             "host_wait_s": c.host_wait_s,
+            "cpu_busy_s": c.cpu_busy_s,
             "copy_busy_s": engine.copier.busy_s + engine.copier.sync_copy_s,
             "copy_busy_fraction": (engine.copier.busy_s + engine.copier.sync_copy_s) / wall if wall > 0 else float("nan"),
             "copy_bandwidth_bytes_per_s": (c.h2d_bytes / engine.copier.busy_s if engine.copier.busy_s > 0

@@ -34,7 +34,8 @@ class OffloadCounters:
     known, summed over the layer calls that had one, and their number (how early a prefetch
     starts: an expert copy must fit in that time to land as a hit). h2d_bytes (of which
     prefetch_bytes): bytes copied to the device. stall_s: time the computation waited for
-    copies. host_wait_s: time the host waited for a layer's counts. tokens: tokens through the
+    copies. host_wait_s: time the host waited for a layer's counts. cpu_busy_s: time the
+    host spent computing experts on the CPU. tokens: tokens through the
     first MoE layer. wall_s: wall time of the model's forward passes.
     """
 
@@ -59,6 +60,7 @@ class OffloadCounters:
     prefetch_bytes: int = 0
     stall_s: float = 0.0
     host_wait_s: float = 0.0
+    cpu_busy_s: float = 0.0
     tokens: int = 0
     wall_s: float = 0.0
     layer_calls: int = 0

@@ -455,7 +455,9 @@ class OffloadEngine:
             t0 = time.perf_counter()
             y = self._expert(x_host[plan.tok_N[s:t]], self.host_w_in[layer][e],
                              self.host_w_out[layer][e])
-            self.costs.observe_cpu(time.perf_counter() - t0, counts_E[e])
+            seconds = time.perf_counter() - t0
+            self.costs.observe_cpu(seconds, counts_E[e])
+            c.cpu_busy_s += seconds
             if self.cuda:
                 y = y.pin_memory()  # an asynchronous copy back, behind the queued work
             torch.mul(y.to(self.device, non_blocking=True), w_N1[s:t], out=y_ND1[s:t])
