@@ -30,6 +30,7 @@ import argparse
 import gzip
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -311,6 +312,69 @@ def plot(doc: dict, path: str) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- engine host path
+# ops that launch no device kernel (views, allocations, metadata): left out of the op counts
+NO_KERNEL = {"aten::slice", "aten::select", "aten::view", "aten::unsqueeze", "aten::reshape", "aten::chunk",
+             "aten::split", "aten::narrow", "aten::expand", "aten::as_strided", "aten::_reshape_alias",
+             "aten::alias", "aten::detach", "aten::t", "aten::transpose", "aten::lift_fresh", "aten::empty",
+             "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::_unsafe_view", "aten::numpy_T",
+             "aten::to", "aten::_to_copy", "aten::squeeze", "aten::flatten"}
+
+
+def engine_host(args) -> dict:
+    """Host microseconds and kernel-launching ops per ``OffloadEngine.forward`` call of this
+    tree's engine and of ``--baseline`` (an importable earlier moekit), on the CPU, one thread,
+    tiny experts (D=64, F=128; 4 layers of 8, top-2): at batch 1 and 8, with every expert
+    resident (32 slots: a layer whose experts all hit, where the host sets the pace) and with 16
+    slots (misses copied, synchronously on a CPU device). The two engines alternate over
+    ``--repeats`` x 200 calls; the op counts come from ``torch.profiler`` (top-level aten ops
+    that launch a kernel: on CUDA each is a launch)."""
+    import importlib
+
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    L, E, D, FF, k = 4, 8, 64, 128, 2
+    gen = torch.Generator().manual_seed(0)
+    w_in = [torch.randn(E, 2 * FF, D, generator=gen) for _ in range(L)]
+    w_out = [torch.randn(E, D, FF, generator=gen) for _ in range(L)]
+    out: dict = {}
+    for batch in (1, 8):
+        for slots in (32, 16):
+            x = torch.randn(batch, D, generator=gen)
+            routes = [torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(batch)]) for _ in range(200)]
+            w = torch.softmax(torch.randn(batch, k, generator=gen), -1)
+            engines, times, ops = {}, {}, {}
+            for pkg in (args.baseline, "moekit"):
+                mod = importlib.import_module(pkg + ".offload")
+                costs = mod.TransferCosts(50e9, 3 * FF * D * 4, float("inf"), 0.0)
+                engines[pkg] = mod.OffloadEngine(w_in, w_out, slots, "lru", torch.device("cpu"), F.silu, costs)
+                for i in range(200):  # warm: the cache holds what it will hold
+                    engines[pkg].forward(i % L, x, routes[i], w)
+                times[pkg] = []
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for i in range(40):
+                        engines[pkg].forward(i % L, x, routes[i], w)
+                top = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+                kernels = [n for n in top if n not in NO_KERNEL]
+                ops[pkg] = {"kernel_ops_per_call": len(kernels) / 40, "all_top_level_ops_per_call": len(top) / 40,
+                            "kernel_ops": {n: kernels.count(n) / 40 for n in sorted(set(kernels))}}
+            for _ in range(args.repeats):
+                for pkg, engine in engines.items():
+                    t0 = time.perf_counter()
+                    for i in range(200):
+                        engine.forward(i % L, x, routes[i], w)
+                    times[pkg].append((time.perf_counter() - t0) / 200 * 1e6)
+            key = f"batch {batch}, {slots} slots" + (" (all resident)" if slots == 32 else " (misses)")
+            out[key] = {pkg: dict(us_per_call_median=statistics.median(times[pkg]), us_per_call_min=min(times[pkg]),
+                                  **ops[pkg]) for pkg in engines}
+            print(f"{key:<32} " + "  ".join(
+                f"{pkg}: {out[key][pkg]['us_per_call_median']:6.0f} us (min {out[key][pkg]['us_per_call_min']:5.0f}), "
+                f"{out[key][pkg]['kernel_ops_per_call']:5.1f} kernel ops" for pkg in engines), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mixtral-8x7b", choices=sorted(bench.PRESETS))
@@ -326,7 +390,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON summary path")
     p.add_argument("--trace-dir", default=None, help="folder for gzipped Chrome traces")
     p.add_argument("--plot", default=None, metavar="JSON", help="only draw the PNG of an existing result file")
+    p.add_argument("--engine-host", action="store_true",
+                   help="only the engine's host path on the CPU, this tree against --baseline (engine_host)")
+    p.add_argument("--baseline", default="moekit_s5", help="--engine-host: the importable earlier moekit")
     args = p.parse_args(argv)
+    if args.engine_host:
+        doc = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+               "versions": bench._versions(), "baseline": args.baseline, "results": engine_host(args)}
+        if args.out:
+            _write_json(doc, args.out)
+        return 0
     if args.plot:
         return bench.redraw(args.plot, plot)
     from moekit.offload import offload
@@ -395,13 +469,17 @@ def main(argv=None) -> int:
         print(f"{key:<46} {r['tok_s_median']:7.2f} [{r['tok_s_min']:6.2f}-{r['tok_s_max']:6.2f}] {r['hit_median']:6.3f} "
               f"{r['inflight_median']:5.3f} {r['pcie_median']:5.2f} " + " ".join(f"{c:5.2f}" for c in cols[1:]))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=2, default=float)
-        os.replace(tmp, args.out)
-        print(f"wrote {args.out}")
+        _write_json(doc, args.out)
     return 0
+
+
+def _write_json(doc: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=2, default=float)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
