@@ -4,14 +4,17 @@ missing experts, and the counters.
 
 One engine serves every MoE layer of a model. For each layer call it
 
-1. counts the tokens per expert of the layer and moves the counts to the host: the one host
-   synchronisation of the layer. While it waits it keeps feeding prefetch chunks to the copy
-   stream (:meth:`OffloadEngine.pump`);
-2. stops the prefetch aimed at this layer (its routing is now known: unissued chunks of a
-   wrong guess are never copied) and looks every needed expert up in the cache
-   (:class:`~moekit.offload.cache.ExpertCache`); a miss is copied into a slot (demand copy,
-   all its missing chunks at once) or, when the cost model says it finishes sooner, computed
-   on the CPU for the tokens that need it (list scheduling over the two queues);
+1. moves the layer's routing choices ``[T, k]`` as they are to the host (pinned memory, an
+   event): the one host synchronisation of the layer, and the only device work before it.
+   While it waits it keeps feeding prefetch chunks to the copy stream
+   (:meth:`OffloadEngine.pump`). The host works out the tokens per expert and the order of
+   every sum from them (:func:`~moekit.offload.routing_plan.plan_routing`);
+2. looks every needed expert up in the cache (:class:`~moekit.offload.cache.ExpertCache`) and
+   issues its copies at once: a miss is copied into a slot (demand copy, all its missing
+   chunks at once; one copy per weight tensor when nothing is prefetched) or, when the cost
+   model says it finishes sooner, computed on the CPU for the tokens that need it (list
+   scheduling over the two queues). Only then the bookkeeping, and the prefetch aimed at this
+   layer stops (its routing is known: unissued chunks of a wrong guess are never copied);
 3. with ``prefetch="next_layer"``, predicts the *next* layer's experts by running the next
    layer's router on this layer's input, ranks them (predicted top-k first, then by predicted
    probability mass) and queues them for prefetch; with ``prefetch="layer_output"`` the
@@ -24,9 +27,13 @@ One engine serves every MoE layer of a model. For each layer call it
    the decoder layers call it between the host's launches; it also keeps prefetch chunks
    queued there) or while the host waits for the next layer's counts (step 1);
    ``prefetch="next_layer+layer_output"`` queues the first and replaces it by the second;
-4. computes each needed expert once for all the tokens of the batch routed to it, in ascending
-   expert order, exactly like ``transformers``' eager expert loop (so results are the plain
-   model's), the compute stream waiting on a slot's copy only when it reaches that expert.
+4. computes each needed expert once for all the tokens of the batch routed to it: the rows of
+   the layer gathered once in expert order, the resident experts first (the device works while
+   the copies run, and their slots are free early for streamed misses), then the copied ones,
+   the compute stream waiting on a slot's copy only when it reaches that expert; the sums are
+   then made in the order of ``transformers``' eager expert loop, so results are the plain
+   model's bit for bit (:mod:`moekit.offload.routing_plan`: ``2 + 2k`` device operations per
+   layer call and five per expert).
    Misses sent to the CPU are computed after every copy and device expert of the layer is
    queued, so the copy engine, the device and the CPU work at once; their sums then follow
    in the same ascending order, and their measured times refine the cost model
