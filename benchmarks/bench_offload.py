@@ -704,8 +704,8 @@ def plot_engines(doc: dict, path: str) -> None:
 
     summary, baseline = doc["engines"], doc.get("baseline", "moekit_s5")
     batches = sorted({int(k.rsplit(" ", 1)[1]) for k in summary})
-    fig, axes = plt.subplots(1, len(batches), figsize=(8 * len(batches), 4.5), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
+    fig, axes = plt.subplots(len(batches), 1, figsize=(12, 3.2 * len(batches)), squeeze=False)
+    for ax, batch in zip(axes[:, 0], batches):
         keys = [k for k in summary if k.endswith(f"@ batch {batch}")]
         for i, key in enumerate(keys):
             for j, (tag, color) in enumerate(((baseline, "tab:gray"), ("new", "tab:blue"))):
@@ -727,10 +727,10 @@ def plot_engines(doc: dict, path: str) -> None:
         ax.set_yticklabels([k.replace(f" @ batch {batch}", "").replace("moekit ", "") for k in keys], fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
-        ax.set_xlim(10, 8000)
+        ax.set_xlim(10, 60000)
         ax.set_xlabel("decode tokens/s (log; bar: median, dots: repeats)")
         ax.set_title(f"batch {batch}", fontsize=9)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper right")
     model = doc["model"]
     fig.suptitle(f"{model['preset']} config, {model['layers']} layers, random bf16 weights, {doc['machine']['device']}: "
                  f"offload engine {baseline} (gray) vs this tree (blue), same process, interleaved", fontsize=9)
