@@ -134,14 +134,28 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
 
+def _gate_up_act(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, offs_E: torch.Tensor,
+                 activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h_NH [N, H]`` (the gate+up projection, kept for the backward) and ``a_NF [N, F]`` (its
+    activation). SwiGLU on the Triton GEMMs' GPUs runs in the GEMM's epilogue
+    (:mod:`moekit.experts.triton_gmm_swiglu`: ``h`` is not read back); otherwise the GEMM, then
+    the activation kernel."""
+    if activation == "swiglu" and _triton_gmm_serves(x_ND):
+        from moekit.experts import triton_gmm_swiglu
+
+        if triton_gmm_swiglu.gate_up_swiglu_supported(x_ND, w_in_EHD):
+            return triton_gmm_swiglu.gmm_gate_up_swiglu(x_ND, w_in_EHD, offs_E)
+    h_NH = _gmm(x_ND, w_in_EHD.transpose(-2, -1), offs_E)
+    return h_NH, steps.act_forward(h_NH, offs_E, activation)
+
+
 @torch.library.custom_op("moekit::experts_grouped_fwd", mutates_args=())
 def _experts_fwd(x_TD: torch.Tensor, weights_TK: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor,
                  order_N: torch.Tensor, inv_TK: torch.Tensor, offs_E: torch.Tensor,
                  activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``y_TD [T, D]`` and, for the backward, ``h_NH [N, H]`` and ``x_ND [N, D]``."""
     x_ND = steps.permute_rows(x_TD, order_N, inv_TK, x_TD.dtype)
-    h_NH = _gmm(x_ND, w_in_EHD.transpose(-2, -1), offs_E)
-    a_NF = steps.act_forward(h_NH, offs_E, activation)
+    h_NH, a_NF = _gate_up_act(x_ND, w_in_EHD, offs_E, activation)
     y_ND = _gmm(a_NF, w_out_EDF.transpose(-2, -1), offs_E)
     y_TD = steps.gather_sum(y_ND, inv_TK, weights_TK, x_TD.dtype)
     return y_TD, h_NH, x_ND
@@ -177,10 +191,18 @@ def _hidden_grads(dy_TD, x_ND, weights_TK, w_out_EDF, order_N, inv_TK, offs_E, h
     ``aw_NF`` (weighted activation, the down projection's input) and ``dw_N`` (routing-weight
     gradient per sorted row, fp32)."""
     dy_ND = steps.permute_rows(dy_TD, order_N, inv_TK, x_ND.dtype)
+    weights_flat = weights_TK.reshape(-1)
+    if activation == "swiglu" and _triton_gmm_serves(dy_ND):
+        from moekit.experts import triton_gmm_swiglu
+
+        # the activation backward in the dau GEMM's epilogue: dau never reaches memory
+        if triton_gmm_swiglu.dau_swiglu_supported(dy_ND, w_out_EDF, h_NH):
+            return dy_ND, *triton_gmm_swiglu.gmm_dau_swiglu_backward(dy_ND, w_out_EDF, h_NH, weights_flat,
+                                                                      order_N, offs_E)
     # Gradient of the unweighted hidden: dout[token] @ W_out (the routing weight is applied in
     # the fused activation backward, which also yields d(weight) = <dau, a>).
     dau_NF = _gmm(dy_ND, w_out_EDF, offs_E)
-    dh_NH, aw_NF, dw_N = steps.act_backward(h_NH, dau_NF, weights_TK.reshape(-1), order_N, offs_E, activation)
+    dh_NH, aw_NF, dw_N = steps.act_backward(h_NH, dau_NF, weights_flat, order_N, offs_E, activation)
     return dy_ND, dh_NH, aw_NF, dw_N
 
 
