@@ -1,10 +1,9 @@
-"""The grouped GEMMs with the SwiGLU (forward) and its backward in their epilogues
-(:mod:`moekit.experts.triton_gmm_swiglu`) equal the unfused path: ``h`` a per-expert loop and
-``a`` the SwiGLU of ``h`` as stored; ``dh``, ``w * a`` and ``<dau, a>`` what the activation
-backward gives for the per-expert ``dau``. In Triton's interpreter on CPU (fp32 / fp16: the
+"""The gate+up grouped GEMM with the SwiGLU in its epilogue
+(:mod:`moekit.experts.triton_gmm_swiglu`) equals the unfused path: ``h`` a per-expert loop and
+``a`` the SwiGLU of ``h`` as stored, in Triton's interpreter on CPU (fp32 / fp16: the
 interpreter has no bf16 dot) and on the GPU in bf16 against ``torch._grouped_mm`` + the
-activation kernels. The layer-level GPU tests (``test_experts_gpu.py``) run both inside the
-whole forward and backward (outputs and all gradients against the fp32 reference)."""
+activation kernel; and the whole layer (outputs and all gradients) with the fusion forced on
+equals the layer without it."""
 
 import os
 import subprocess
@@ -24,7 +23,7 @@ _CHECK = textwrap.dedent("""
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     ti._patch_lang_tensor = _patched
 
-    from moekit.experts import steps, triton_gmm as tg, triton_gmm_swiglu as ts
+    from moekit.experts import triton_gmm as tg, triton_gmm_swiglu as ts
 
     def rel(x, y):
         return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
@@ -50,29 +49,11 @@ _CHECK = textwrap.dedent("""
             assert rel(h[:nv], torch.cat(ref)) < tol
             gate, up = h[:nv, :F].double(), h[:nv, F:].double()
             assert rel(a[:nv], gate * torch.sigmoid(gate) * up) < tol
-            # backward: dau = dy @ w_out[e], then the activation backward (torch path on CPU)
-            n = nv + tail
-            dy = torch.randn(n, D, generator=g).to(dtype); dy[nv:] = float("nan")
-            w_out = torch.randn(E, D, F, generator=g).to(dtype)
-            order, wts = torch.randperm(n, generator=g), torch.rand(n, generator=g)
-            dh, aw, dw = ts.gmm_dau_swiglu_backward(dy, w_out, h, wts, order, offs, config=cfg)
-            dau, start = [], 0
-            for e, end in enumerate(offs.tolist()):
-                dau.append(dy[start:end].double() @ w_out[e].double())
-                start = end
-            dau = torch.cat(dau + [torch.zeros(tail, F, dtype=torch.float64)]).to(dtype)
-            want = steps.act_backward(h, dau, wts, order, offs, "swiglu")
-            for got_t, want_t in zip((dh, aw, dw), want):
-                assert rel(got_t[:nv], want_t[:nv]) < 2 * tol, (F, D, dtype)
     # bad input
     x = torch.randn(8, 16)
-    bad = ((ts.gmm_gate_up_swiglu, (x, torch.randn(2, 7, 16), offs[:2])),
-           (ts.gmm_gate_up_swiglu, (x, torch.randn(2, 8, 12), offs[:2])),
-           (ts.gmm_dau_swiglu_backward, (x, torch.randn(2, 16, 8), torch.randn(8, 12), torch.rand(8),
-                                         torch.arange(8), offs[:2])))
-    for fn, args in bad:
+    for args in ((x, torch.randn(2, 7, 16), offs[:2]), (x, torch.randn(2, 8, 12), offs[:2])):
         try:
-            fn(*args)
+            ts.gmm_gate_up_swiglu(*args)
         except ValueError:
             pass
         else:
@@ -114,13 +95,32 @@ def test_gate_up_swiglu_gpu_equals_unfused(T, D, F, E, K, zipf):
     a_ref = steps.act_forward(h, offs, "swiglu")  # the activation kernel on the same h
     rel_a = ((a[:n].double() - a_ref[:n].double()).norm() / a_ref[:n].double().norm()).item()
     assert rel_a < 1e-3, rel_a
-    # backward: dau GEMM + activation backward kernel, against the fused kernel
-    dy = torch.randn(order.numel(), D, device="cuda", generator=gen).bfloat16()
-    w_out = (torch.randn(E, D, F, device="cuda", generator=gen) / F ** 0.5).bfloat16()
-    wts = torch.rand(idx.numel(), device="cuda", generator=gen)
-    got = triton_gmm_swiglu.gmm_dau_swiglu_backward(dy, w_out, h, wts, order, offs)
-    dau = torch._grouped_mm(dy, w_out, offs=offs)
-    want = steps.act_backward(h, dau, wts, order, offs, "swiglu")
-    for name, x_got, x_want in zip(("dh", "aw", "dw"), got, want):
-        err = ((x_got[:n].double() - x_want[:n].double()).norm() / x_want[:n].double().norm()).item()
-        assert err < 2e-3, (name, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a Hopper-or-newer GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,D,F,E,K", [(512, 256, 128, 64, 8), (1, 256, 128, 64, 8), (100, 128, 64, 16, 1),
+                                       (64, 4096, 200, 8, 2)])
+def test_layer_with_fused_forward_equals_unfused(T, D, F, E, K, dtype, monkeypatch):
+    from moekit.experts import grouped
+
+    gen = torch.Generator(device="cuda").manual_seed(T + D)
+    idx = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=1).indices
+    idx[0, 0] = -1
+    x = torch.randn(T, D, device="cuda", generator=gen).to(dtype)
+    w = torch.rand(T, K, device="cuda", generator=gen)
+    w_in = (torch.randn(E, 2 * F, D, device="cuda", generator=gen) / D ** 0.5).to(dtype)
+    w_out = (torch.randn(E, D, F, device="cuda", generator=gen) / F ** 0.5).to(dtype)
+    dy = torch.randn(T, D, device="cuda", generator=gen).to(dtype)
+
+    def run(min_dim):
+        monkeypatch.setattr(grouped, "FUSED_SWIGLU_MIN_DIM", min_dim)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, w_in, w_out)]
+        y = grouped.experts_grouped_mm(leaves[0], idx, leaves[1], leaves[2], leaves[3], "swiglu")
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    fused, unfused = run(0), run(10 ** 9)
+    for name, a, b in zip(("y", "dx", "dw", "dw_in", "dw_out"), fused, unfused):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-5, msg=name)

@@ -48,8 +48,8 @@ from moekit.experts import steps
 from moekit.experts.join import WeightGradJoin
 from moekit.experts.sorted import experts_sorted
 
-__all__ = ["DECODE_MAX_SLOTS", "experts_grouped_mm", "experts_grouped_sorted", "grouped_mm_supported",
-           "route_by_expert"]
+__all__ = ["DECODE_MAX_SLOTS", "FUSED_SWIGLU_MIN_DIM", "experts_grouped_mm", "experts_grouped_sorted",
+           "grouped_mm_supported", "route_by_expert"]
 
 # Up to this many token-expert slots (T*K) an inference call takes the per-slot decode kernels:
 # sorting costs several launches. Measured on an H100 (benchmarks/bench_layer.py, CUDA graphs):
@@ -134,13 +134,22 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
 
+# The SwiGLU runs in the gate+up GEMM's epilogue from this model width up. Same-process A/B on
+# an H100 (benchmarks/ab_swiglu_epilogue.py, results/swiglu_ab_h100_2026-11-28.json, medians of
+# four rounds): forward 8.95 vs 9.83 ms Mixtral (D = 4096), 9.38 vs 9.99 ms DeepSeek slice
+# (D = 7168), forward+backward unchanged within the rounds' spread; at D = 2048 (OLMoE, Qwen3)
+# the forward is unchanged and OLMoE's forward+backward 2.7% slower (9.72 vs 9.46 ms): the
+# saved pass over h shrinks against the GEMM as D grows, the heavier epilogue does not.
+FUSED_SWIGLU_MIN_DIM = 4096
+
+
 def _gate_up_act(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, offs_E: torch.Tensor,
                  activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``h_NH [N, H]`` (the gate+up projection, kept for the backward) and ``a_NF [N, F]`` (its
-    activation). SwiGLU on the Triton GEMMs' GPUs runs in the GEMM's epilogue
-    (:mod:`moekit.experts.triton_gmm_swiglu`: ``h`` is not read back); otherwise the GEMM, then
-    the activation kernel."""
-    if activation == "swiglu" and _triton_gmm_serves(x_ND):
+    activation). SwiGLU with ``D >= FUSED_SWIGLU_MIN_DIM`` on the Triton GEMMs' GPUs runs in the
+    GEMM's epilogue (:mod:`moekit.experts.triton_gmm_swiglu`: ``h`` is not read back);
+    otherwise the GEMM, then the activation kernel."""
+    if activation == "swiglu" and x_ND.shape[1] >= FUSED_SWIGLU_MIN_DIM and _triton_gmm_serves(x_ND):
         from moekit.experts import triton_gmm_swiglu
 
         if triton_gmm_swiglu.gate_up_swiglu_supported(x_ND, w_in_EHD):
@@ -191,18 +200,10 @@ def _hidden_grads(dy_TD, x_ND, weights_TK, w_out_EDF, order_N, inv_TK, offs_E, h
     ``aw_NF`` (weighted activation, the down projection's input) and ``dw_N`` (routing-weight
     gradient per sorted row, fp32)."""
     dy_ND = steps.permute_rows(dy_TD, order_N, inv_TK, x_ND.dtype)
-    weights_flat = weights_TK.reshape(-1)
-    if activation == "swiglu" and _triton_gmm_serves(dy_ND):
-        from moekit.experts import triton_gmm_swiglu
-
-        # the activation backward in the dau GEMM's epilogue: dau never reaches memory
-        if triton_gmm_swiglu.dau_swiglu_supported(dy_ND, w_out_EDF, h_NH):
-            return dy_ND, *triton_gmm_swiglu.gmm_dau_swiglu_backward(dy_ND, w_out_EDF, h_NH, weights_flat,
-                                                                      order_N, offs_E)
     # Gradient of the unweighted hidden: dout[token] @ W_out (the routing weight is applied in
     # the fused activation backward, which also yields d(weight) = <dau, a>).
     dau_NF = _gmm(dy_ND, w_out_EDF, offs_E)
-    dh_NH, aw_NF, dw_N = steps.act_backward(h_NH, dau_NF, weights_flat, order_N, offs_E, activation)
+    dh_NH, aw_NF, dw_N = steps.act_backward(h_NH, dau_NF, weights_TK.reshape(-1), order_N, offs_E, activation)
     return dy_ND, dh_NH, aw_NF, dw_N
 
 

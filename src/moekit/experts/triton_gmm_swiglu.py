@@ -1,24 +1,14 @@
-"""SwiGLU fused into the epilogues of the grouped GEMMs around it (Hopper, Triton, TMA).
+"""The gate+up grouped GEMM with the SwiGLU in its epilogue (Hopper, Triton, TMA).
 
-**Forward** (:func:`gmm_gate_up_swiglu`).
 The forward of the grouped expert path is ``h = x @ W_in[e]^T`` (``[N, 2F]``, gate columns
 then up columns), then ``a = silu(gate) * up`` (``[N, F]``) in a separate kernel that reads
-all of ``h`` back. Here one program computes a gate tile and the matching up tile
-(``[BLOCK_M, BLOCK_N]`` each, two fp32 accumulators over the same rows of ``x``), stores both
-into ``h`` (the backward needs them) and writes ``a`` from the same registers: ``h`` is never
-read back, which saves the activation kernel's pass over ``[N, 2F]`` and its launch.
-
-``a`` is computed from the gate and up values *as stored* (rounded to the output dtype), so
-``a`` equals what :func:`moekit.experts.steps.act_forward` gives on this ``h``.
-
-**Backward** (:func:`gmm_dau_swiglu_backward`). ``dau = dy @ W_out[e]`` (``[N, F]``) is
-followed by the activation backward, which reads ``dau`` back with ``h`` and the routing
-weights. Here the GEMM's epilogue does it on the tile in registers: it loads the matching gate
-and up tiles of ``h`` and each row's routing weight, and writes ``dh`` (``[N, 2F]``), the
-weighted activation ``w * a`` (the down projection's weight-gradient operand) and the tile's
-share of the routing-weight gradient ``<dau, a>`` per row (summed over the ``F / BLOCK_N``
-tiles afterwards, in a fixed order: deterministic, no atomics). ``dau`` is rounded to the
-working dtype first, as the unfused path stores it, so both compute the same values.
+all of ``h`` back. Here one program computes a gate tile and the matching up tile over the
+same rows of ``x`` (one ``[BLOCK_M, 2 * BLOCK_N]`` fp32 accumulator fed by a weight box that
+spans both halves), stores both into ``h`` (the backward needs them) and writes ``a`` from the
+same registers: ``h`` is never read back, which saves the activation kernel's pass over
+``[N, 2F]`` and its launch. ``a`` is computed from the gate and up values *as stored* (rounded
+to the output dtype), so it equals what :func:`moekit.experts.steps.act_forward` gives on this
+``h`` (bit-identical layer outputs and gradients on an H100, ``benchmarks/ab_swiglu_epilogue.py``).
 
 Everything else is :mod:`moekit.experts.triton_gmm`'s M-grouped kernel: a persistent grid
 walking the experts' row ranges from ``offs_E`` on the GPU (no host sync), activations through
@@ -26,6 +16,11 @@ ragged TMA descriptors (an expert's rows only; ``-1`` rows past ``offs_E[E-1]`` 
 nor written). The weight ``[E, 2F, D]`` is read as ``[E, 2, F, D]`` and ``h`` written as
 ``[N, 2, F]``, so a tile's columns never cross from the gate half into the up half, whatever
 ``F`` is.
+
+The same fusion of the activation *backward* into the ``dau`` GEMM's epilogue (load the
+matching ``h`` tiles, write ``dh``, ``w * a`` and per-row shares of ``<dau, a>``) was built and
+measured at commit c3fb3a3: its epilogue needs 128 x 128 tiles (255 registers and spills
+even so), and the layer's forward+backward got 2.5-6% slower on every shape, so it was dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +28,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.ragged_tma import create_ragged_descriptor, load_ragged, to_ragged_indices
+from triton.tools.ragged_tma import (
+    create_ragged_descriptor,
+    load_ragged,
+    to_ragged_indices,
+)
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moekit.experts.triton_gmm import (
@@ -47,13 +46,11 @@ from moekit.experts.triton_gmm import (
     gmm_supported,
 )
 
-__all__ = ["DEFAULT_SWIGLU_BWD_CONFIG", "DEFAULT_SWIGLU_CONFIG", "dau_swiglu_supported", "gate_up_swiglu_supported", "gmm_dau_swiglu_backward", "gmm_gate_up_swiglu"]
+__all__ = ["DEFAULT_SWIGLU_CONFIG", "gate_up_swiglu_supported", "gmm_gate_up_swiglu"]
 
 # block_n is the width of each of the two tiles (gate and up): 2 x 128 columns, the register
 # and shared-memory footprint of triton_gmm's 128 x 256 tile.
 DEFAULT_SWIGLU_CONFIG = GmmConfig(128, 128, 64, 3, 8, flatten=True)
-# The backward's epilogue holds the dau tile, two tiles of h and three outputs: 128 x 128.
-DEFAULT_SWIGLU_BWD_CONFIG = GmmConfig(128, 128, 64, 4, 8, flatten=True)
 
 
 @triton.jit
@@ -97,71 +94,6 @@ def _gate_up_swiglu_kernel(x_desc, w_desc, h_desc, a_desc, offs_ptr, num_experts
         a_desc.store([c0, c1, c2, off_n], act.to(a_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_N))
 
 
-@triton.jit
-def _act_bwd_half(dau, wr, h_desc, dh_desc, aw_desc, c0, c1, c2, off_n, BLOCK_M: tl.constexpr,
-                  WIDTH: tl.constexpr):
-    """The SwiGLU backward (``steps.act_backward``'s formulas) on ``WIDTH`` columns of a tile from
-    ``off_n``: stores ``dh`` (gate and up) and ``w * a``, returns ``<dau, a>`` per row."""
-    dau = dau.to(tl.float32)
-    g = h_desc.load([c0, c1, c2, 0, off_n]).reshape(BLOCK_M, WIDTH).to(tl.float32)
-    u = h_desc.load([c0, c1, c2, 1, off_n]).reshape(BLOCK_M, WIDTH).to(tl.float32)
-    s = tl.sigmoid(g)
-    silu = g * s
-    a = silu * u
-    da = wr * dau
-    dg = da * u * (s * (1.0 + g * (1.0 - s)))
-    du = da * silu
-    dh_desc.store([c0, c1, c2, 0, off_n], dg.to(dh_desc.dtype).reshape(1, 1, BLOCK_M, 1, WIDTH))
-    dh_desc.store([c0, c1, c2, 1, off_n], du.to(dh_desc.dtype).reshape(1, 1, BLOCK_M, 1, WIDTH))
-    aw_desc.store([c0, c1, c2, off_n], (wr * a).to(aw_desc.dtype).reshape(1, 1, BLOCK_M, WIDTH))
-    return tl.sum(dau * a, axis=1)
-
-
-@triton.jit
-def _dau_swiglu_bwd_kernel(dy_desc, w_desc, h_desc, dh_desc, aw_desc, weights_ptr, order_ptr, dwp_ptr,
-                           offs_ptr, num_experts, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr,
-                           NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(F, BLOCK_N)
-    steps_k = tl.cdiv(K, BLOCK_K)
-    ex = tl.arange(0, E_POW2)
-    live = ex < num_experts
-    ends = tl.load(offs_ptr + ex, mask=live, other=0)
-    starts = tl.load(offs_ptr + ex - 1, mask=live & (ex > 0), other=0)
-    tiles_m_e = tl.cdiv(ends - starts, BLOCK_M)
-    last_tile_e = tl.cumsum(tiles_m_e * tiles_n, 0)
-    total = tl.sum(tiles_m_e * tiles_n, 0)
-    for tile in tl.range(pid, total, NUM_PROGS, flatten=FLATTEN):
-        e = tl.sum((last_tile_e <= tile).to(tl.int32), 0)
-        here = ex == e
-        start = tl.sum(tl.where(here, starts, 0), 0)
-        rows = tl.sum(tl.where(here, ends - starts, 0), 0)
-        local = tile - tl.sum(tl.where(ex < e, tiles_m_e * tiles_n, 0), 0)
-        pid_m, pid_n = _swizzle(local, tl.cdiv(rows, BLOCK_M), tiles_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ks in range(steps_k):
-            off_k = ks * BLOCK_K
-            dy = load_ragged(dy_desc, start, rows, [off_m, off_k])
-            w = w_desc.load([e, off_k, off_n]).reshape(BLOCK_K, BLOCK_N)
-            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-        c0, c1, c2 = to_ragged_indices(start, rows, off_m)
-        r = off_m + tl.arange(0, BLOCK_M)
-        in_rows = r < rows
-        row = (start + r).to(tl.int64)
-        slot = tl.load(order_ptr + row, mask=in_rows, other=0)
-        wr = tl.load(weights_ptr + slot, mask=in_rows, other=0.0).to(tl.float32)[:, None]
-        # dau rounded as the unfused path stores it; the epilogue in two column halves (the
-        # whole tile's dau, h tiles and outputs at once need more than 255 registers)
-        left, right = acc.to(h_desc.dtype).reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
-        part = _act_bwd_half(left, wr, h_desc, dh_desc, aw_desc, c0, c1, c2, off_n, BLOCK_M, BLOCK_N // 2)
-        part += _act_bwd_half(right, wr, h_desc, dh_desc, aw_desc, c0, c1, c2, off_n + BLOCK_N // 2, BLOCK_M,
-                              BLOCK_N // 2)
-        tl.store(dwp_ptr + row * tiles_n + pid_n, part, mask=in_rows)
-
-
 def gate_up_swiglu_supported(x_ND: torch.Tensor, w_in_EHD: torch.Tensor) -> bool:
     """Whether :func:`gmm_gate_up_swiglu` takes these operands: what the TMA descriptors need
     (:func:`~moekit.experts.triton_gmm.gmm_supported`, contiguous), an even ``H = 2F`` and ``F``
@@ -170,14 +102,6 @@ def gate_up_swiglu_supported(x_ND: torch.Tensor, w_in_EHD: torch.Tensor) -> bool
         return False
     F = w_in_EHD.shape[1] // 2
     return F * x_ND.element_size() % 16 == 0 and gmm_supported(x_ND, w_in_EHD)
-
-
-def dau_swiglu_supported(dy_ND: torch.Tensor, w_out_EDF: torch.Tensor, h_NH: torch.Tensor) -> bool:
-    """Whether :func:`gmm_dau_swiglu_backward` takes these operands (as
-    :func:`gate_up_swiglu_supported`, for the three of them)."""
-    if h_NH.ndim != 2 or h_NH.shape[1] % 2 or not all(t.is_contiguous() for t in (dy_ND, w_out_EDF, h_NH)):
-        return False
-    return h_NH.shape[1] // 2 * h_NH.element_size() % 16 == 0 and gmm_supported(dy_ND, w_out_EDF, h_NH)
 
 
 def gmm_gate_up_swiglu(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, offs_E: torch.Tensor, *,
@@ -218,45 +142,3 @@ def gmm_gate_up_swiglu(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, offs_E: torch
         num_warps=c.num_warps)
     return h_NH, a_NF
 
-
-def gmm_dau_swiglu_backward(dy_ND: torch.Tensor, w_out_EDF: torch.Tensor, h_NH: torch.Tensor,
-                            weights_flat: torch.Tensor, order_N: torch.Tensor, offs_E: torch.Tensor, *,
-                            config: GmmConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dy_ND [N, D]`` (output gradient rows in expert order), ``w_out_EDF [E, D, F]``,
-    ``h_NH [N, 2F]`` (the forward's gate+up output), ``weights_flat [T*K]`` (routing weight of
-    each slot), ``order_N [N]`` (slot of each sorted row), ``offs_E [E]`` int32 -> ``dh_NH
-    [N, 2F]``, ``aw_NF [N, F]`` (``w * silu(gate) * up``) and ``dw_N [N]`` fp32 (``<dau, a>``),
-    where ``dau = dy @ w_out[e]`` per expert's rows: what ``steps.act_backward`` returns for that
-    ``dau``. Rows past ``offs_E[E-1]`` of all three are left unwritten (their values are never
-    used). ``config.block_n`` is the tile's width in ``F``."""
-    E, D, F = w_out_EDF.shape if w_out_EDF.ndim == 3 else (0, -1, -1)
-    N = dy_ND.shape[0] if dy_ND.ndim == 2 else -1
-    if dy_ND.ndim != 2 or w_out_EDF.ndim != 3 or dy_ND.shape[1] != D or h_NH.shape != (N, 2 * F):
-        raise ValueError(f"dy_ND, w_out_EDF, h_NH: expected [N, D], [E, D, F], [N, 2F], got {tuple(dy_ND.shape)}, "
-                         f"{tuple(w_out_EDF.shape)}, {tuple(h_NH.shape)}")
-    if not dau_swiglu_supported(dy_ND, w_out_EDF, h_NH):
-        raise ValueError("dy_ND, w_out_EDF, h_NH: expected contiguous fp32 / bf16 / fp16 tensors of one dtype "
-                         "with 16-byte aligned rows and gate / up halves")
-    _check_offs(offs_E, E)
-    dh_NH, aw_NF = h_NH.new_empty(N, 2 * F), h_NH.new_empty(N, F)
-    c = config or (FP32_CONFIG if dy_ND.dtype == torch.float32 else DEFAULT_SWIGLU_BWD_CONFIG)
-    tiles_n = triton.cdiv(F, c.block_n)
-    dwp_NP = torch.empty(N, tiles_n, dtype=torch.float32, device=dy_ND.device)
-    if N == 0 or F == 0:
-        return dh_NH, aw_NF, dwp_NP.sum(1)
-    if D == 0:
-        raise ValueError("dy_ND: expected a non-empty reduction (D > 0)")
-    dy_desc = create_ragged_descriptor(dy_ND, [c.block_m, c.block_k])
-    w_desc = TensorDescriptor(w_out_EDF, list(w_out_EDF.shape), list(w_out_EDF.stride()), [1, c.block_k, c.block_n])
-    half = c.block_n // 2  # the epilogue works in two column halves
-    h_desc = create_ragged_descriptor(h_NH.view(N, 2, F), [c.block_m, 1, half])
-    dh_desc = create_ragged_descriptor(dh_NH.view(N, 2, F), [c.block_m, 1, half])
-    aw_desc = create_ragged_descriptor(aw_NF, [c.block_m, half])
-    progs = _programs_for(dy_ND)
-    _dau_swiglu_bwd_kernel[(progs,)](
-        dy_desc, w_desc, h_desc, dh_desc, aw_desc, weights_flat, order_N, dwp_NP, offs_E, E, F, D,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_POW2=max(triton.next_power_of_2(E), 2),
-        GROUP_M=_GROUP_M, NUM_PROGS=progs, FLATTEN=c.flatten, PRECISION=_DOT_PRECISION[dy_ND.dtype],
-        num_stages=c.num_stages, num_warps=c.num_warps)
-    # per row, the tiles' shares in a fixed order (one partial per tile, no atomics)
-    return dh_NH, aw_NF, dwp_NP.sum(1)
