@@ -112,32 +112,46 @@ def _swizzle(local, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _m_grouped_kernel(a_desc, w_desc, out_desc, offs_ptr, num_experts, O, K,
-                      W_IS_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr,
-                      NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(O, BLOCK_N)
-    steps_k = tl.cdiv(K, BLOCK_K)
-    # Every expert's row range and tile count, as vectors: a tile finds its expert by one
-    # compare-and-sum instead of a loop, which keeps the tile loop flat (pipelinable).
+def _expert_tiles(offs_ptr, num_experts, tiles_n, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """The tile schedule of an M-grouped product: every expert's row range (``starts``,
+    ``ends``), row-tile count and one-past-last tile, as ``[E_POW2]`` vectors, and the total
+    tile count. A tile finds its expert by one compare-and-sum over these instead of a loop,
+    which keeps the persistent tile loop flat (pipelinable)."""
     ex = tl.arange(0, E_POW2)
     live = ex < num_experts
     ends = tl.load(offs_ptr + ex, mask=live, other=0)
     starts = tl.load(offs_ptr + ex - 1, mask=live & (ex > 0), other=0)
     tiles_m_e = tl.cdiv(ends - starts, BLOCK_M)
-    last_tile_e = tl.cumsum(tiles_m_e * tiles_n, 0)  # one past each expert's last tile
-    total = tl.sum(tiles_m_e * tiles_n, 0)
-    for tile in tl.range(pid, total, NUM_PROGS, flatten=FLATTEN):
-        e = tl.sum((last_tile_e <= tile).to(tl.int32), 0)
-        here = ex == e
-        start = tl.sum(tl.where(here, starts, 0), 0)
-        rows = tl.sum(tl.where(here, ends - starts, 0), 0)
-        local = tile - tl.sum(tl.where(ex < e, tiles_m_e * tiles_n, 0), 0)
-        pid_m, pid_n = _swizzle(local, tl.cdiv(rows, BLOCK_M), tiles_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+    last_tile_e = tl.cumsum(tiles_m_e * tiles_n, 0)
+    return ex, starts, ends, tiles_m_e, last_tile_e, tl.sum(tiles_m_e * tiles_n, 0)
+
+
+@triton.jit
+def _tile_at(tile, ex, starts, ends, tiles_m_e, last_tile_e, tiles_n, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile ``tile`` of :func:`_expert_tiles`'s schedule -> its expert ``e``, the expert's first
+    row and row count, and the tile's row and column offsets within the expert."""
+    e = tl.sum((last_tile_e <= tile).to(tl.int32), 0)
+    here = ex == e
+    start = tl.sum(tl.where(here, starts, 0), 0)
+    rows = tl.sum(tl.where(here, ends - starts, 0), 0)
+    local = tile - tl.sum(tl.where(ex < e, tiles_m_e * tiles_n, 0), 0)
+    pid_m, pid_n = _swizzle(local, tl.cdiv(rows, BLOCK_M), tiles_n, GROUP_M)
+    return e, start, rows, pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _m_grouped_kernel(a_desc, w_desc, out_desc, offs_ptr, num_experts, O, K,
+                      W_IS_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr,
+                      NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    tiles_n = tl.cdiv(O, BLOCK_N)
+    steps_k = tl.cdiv(K, BLOCK_K)
+    ex, starts, ends, tiles_m_e, last_tile_e, total = _expert_tiles(offs_ptr, num_experts, tiles_n, BLOCK_M, E_POW2)
+    for tile in tl.range(tl.program_id(0), total, NUM_PROGS, flatten=FLATTEN):
+        e, start, rows, off_m, off_n = _tile_at(tile, ex, starts, ends, tiles_m_e, last_tile_e, tiles_n,
+                                                BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ks in range(steps_k):
             off_k = ks * BLOCK_K

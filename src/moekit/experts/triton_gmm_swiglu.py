@@ -41,8 +41,9 @@ from moekit.experts.triton_gmm import (
     FP32_CONFIG,
     GmmConfig,
     _check_offs,
+    _expert_tiles,
     _programs_for,
-    _swizzle,
+    _tile_at,
     gmm_supported,
 )
 
@@ -58,25 +59,12 @@ def _gate_up_swiglu_kernel(x_desc, w_desc, h_desc, a_desc, offs_ptr, num_experts
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            E_POW2: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
                            FLATTEN: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
     tiles_n = tl.cdiv(F, BLOCK_N)
     steps_k = tl.cdiv(K, BLOCK_K)
-    ex = tl.arange(0, E_POW2)
-    live = ex < num_experts
-    ends = tl.load(offs_ptr + ex, mask=live, other=0)
-    starts = tl.load(offs_ptr + ex - 1, mask=live & (ex > 0), other=0)
-    tiles_m_e = tl.cdiv(ends - starts, BLOCK_M)
-    last_tile_e = tl.cumsum(tiles_m_e * tiles_n, 0)
-    total = tl.sum(tiles_m_e * tiles_n, 0)
-    for tile in tl.range(pid, total, NUM_PROGS, flatten=FLATTEN):
-        e = tl.sum((last_tile_e <= tile).to(tl.int32), 0)
-        here = ex == e
-        start = tl.sum(tl.where(here, starts, 0), 0)
-        rows = tl.sum(tl.where(here, ends - starts, 0), 0)
-        local = tile - tl.sum(tl.where(ex < e, tiles_m_e * tiles_n, 0), 0)
-        pid_m, pid_n = _swizzle(local, tl.cdiv(rows, BLOCK_M), tiles_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+    ex, starts, ends, tiles_m_e, last_tile_e, total = _expert_tiles(offs_ptr, num_experts, tiles_n, BLOCK_M, E_POW2)
+    for tile in tl.range(tl.program_id(0), total, NUM_PROGS, flatten=FLATTEN):
+        e, start, rows, off_m, off_n = _tile_at(tile, ex, starts, ends, tiles_m_e, last_tile_e, tiles_n,
+                                                BLOCK_M, BLOCK_N, GROUP_M)
         # one accumulator over the gate and the up tile (a [2 * BLOCK_N, BLOCK_K] weight box):
         # two dots into two accumulators serialise Hopper's asynchronous wgmma
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
