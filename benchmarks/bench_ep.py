@@ -479,10 +479,12 @@ def worker(rank: int, args) -> None:
                 continue
             plain = next((v for v in variants if v["label"] == "plain"), None)
             cases = [("balanced", None, True, None)]  # EP=1, and the EP=P deduplicated anchor
-            if ep == 1 or plain:
+            if (ep == 1 or plain) and not args.balanced_only:
                 cases.append(("zipf", None, True, None if ep == 1 else plain))
             planned_bal = {}
-            if ep > 1:
+            if ep > 1 and args.balanced_only:  # weak scaling only: no Zipf rows, no plans
+                cases += [("balanced", None, True, v) for v in variants if v["label"] != "plain"]
+            elif ep > 1:
                 # a plan with replicas (R = E + E/4 slots, EPLB-style) and one that only
                 # rearranges the experts (R = E: no replica gradients to sum in training)
                 for extra in (max(1, shape[4] // (4 * ep)), 0):
@@ -713,6 +715,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run)")
+    p.add_argument("--balanced-only", action="store_true",
+                   help="balanced routing only: no Zipf rows, no placement plans (weak scaling of the variants)")
     p.add_argument("--profile", action="store_true",
                    help="also write torch.profiler operator tables (balanced routing) to --out")
     p.add_argument("--variants", default="plain,fixed,overlap,overlap_fixed",
