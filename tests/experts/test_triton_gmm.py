@@ -6,25 +6,11 @@ written), and reduction / output widths that are not multiples of the tile.
 fp32 and fp16 only: the interpreter's ``tl.dot`` multiplies bf16 operands as their raw 16-bit
 integers (numpy has no bf16), so bf16 is checked on the GPU (``test_triton_gmm_gpu.py``)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
-
-# The interpreter holds every scalar as a 1-element array, and numpy >= 2.3 refuses int() of
-# one: loops whose bound is a run-time value (the kernels' tile and reduction loops) then fail
-# in the interpreter only. The shim makes its __index__ read the element; compiled kernels are
-# untouched (the GPU tests run them).
+# Run by the run_interpreted fixture (conftest.py: TRITON_INTERPRET=1 in a fresh process).
 _CHECK = textwrap.dedent("""
     import torch
-    import triton.runtime.interpreter as ti
-    _patch = ti._patch_lang_tensor
-    def _patched(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _patched
 
     from moekit.experts import triton_gmm as tg
 
@@ -97,8 +83,5 @@ _CHECK = textwrap.dedent("""
 """)
 
 
-def test_triton_gmm_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _CHECK], check=False, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+def test_triton_gmm_in_interpreter(run_interpreted):
+    run_interpreted(_CHECK)

@@ -5,23 +5,14 @@ interpreter has no bf16 dot) and on the GPU in bf16 against ``torch._grouped_mm`
 activation kernel; and the whole layer (outputs and all gradients) with the fusion forced on
 equals the layer without it."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+# Run by the run_interpreted fixture (conftest.py: TRITON_INTERPRET=1 in a fresh process).
 _CHECK = textwrap.dedent("""
     import torch
-    import triton.runtime.interpreter as ti
-    # numpy >= 2.3 refuses int() of the interpreter's 1-element scalars (see test_triton_gmm.py)
-    _patch = ti._patch_lang_tensor
-    def _patched(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _patched
 
     from moekit.experts import triton_gmm as tg, triton_gmm_swiglu as ts
 
@@ -62,11 +53,8 @@ _CHECK = textwrap.dedent("""
 """)
 
 
-def test_gate_up_swiglu_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _CHECK], check=False, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+def test_gate_up_swiglu_in_interpreter(run_interpreted):
+    run_interpreted(_CHECK)
 
 
 @pytest.mark.gpu
