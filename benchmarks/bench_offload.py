@@ -716,12 +716,12 @@ def plot_engines(doc: dict, path: str) -> None:
                 ax.barh(y, med["decode_tokens_per_s"], height=0.38, color=color, label=tag if i == 0 else None)
                 ax.plot(med["tok_s_all"], [y] * len(med["tok_s_all"]), "k.", markersize=4)
                 text = f" {med['decode_tokens_per_s']:.1f}"
-                if "fraction_of_copy_bound" in med:
+                if "fraction_of_copy_bound" in med and "resident" not in key:
                     text += f"  {med['fraction_of_copy_bound']:.2f} of bound"
                 if "no_copy_ms_per_step" in med and "resident" not in key:
                     text += f"  no copy {med['no_copy_ms_per_step']:.1f} ms/step"
                 if "engine_host_ms_per_layer_call" in med:
-                    text += f"  engine {med['engine_host_ms_per_layer_call']:.2f} ms/layer"
+                    text += f"  engine host {med['engine_host_ms_per_layer_call']:.2f} ms/layer call"
                 ax.text(max(med["tok_s_all"]), y, text, va="center", fontsize=7)
         ax.set_yticks(range(len(keys)))
         ax.set_yticklabels([k.replace(f" @ batch {batch}", "").replace("moekit ", "") for k in keys], fontsize=8)
