@@ -114,24 +114,35 @@ def _triton_gmm_serves(a: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(a.device)[0] >= 9)
 
 
-def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``torch._grouped_mm(a, b, offs=offs)`` for the two layouts used here: ``a [N, K]`` with
-    ``b [E, K, O]`` (M-grouped; ``b`` row-major or a transposed ``[E, O, K]``), or
-    ``a [M, N]`` (the transpose of a row-major ``[N, M]``) with ``b [N, O]`` (K-grouped weight
-    gradient, ``[E, M, O]`` out). See :func:`_triton_gmm_serves` for which kernel runs."""
-    if _triton_gmm_serves(a):
+def _gmm(a_NK: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """M-grouped ``torch._grouped_mm(a_NK, w, offs=offs_E)``: ``a_NK [N, K]`` with ``w [E, K, O]``,
+    row-major or a transposed view of a row-major ``[E, O, K]``; ``[N, O]`` out. See
+    :func:`_triton_gmm_serves` for which kernel runs."""
+    if _triton_gmm_serves(a_NK):
         from moekit.experts import triton_gmm
 
-        # The kernels take row-major operands: a transposed view is passed as its row-major base.
-        if b.ndim == 2:
-            if triton_gmm.gmm_supported(a.t(), b):
-                return triton_gmm.gmm_k_grouped(a.t(), b, offs)
-        else:
-            w_is_ok = b.stride(-2) == 1  # a transposed view of a row-major [E, O, K] weight
-            w = b.transpose(-2, -1) if w_is_ok else b
-            if triton_gmm.gmm_supported(a, w):
-                return triton_gmm.gmm_m_grouped(a, w, offs, w_is_ok=w_is_ok)
-    return torch._grouped_mm(a, b, offs=offs)
+        # The kernel takes row-major operands: a transposed view is passed as its row-major base.
+        w_is_ok = w.stride(-2) == 1  # a transposed view of a row-major [E, O, K] weight
+        base = w.transpose(-2, -1) if w_is_ok else w
+        if triton_gmm.gmm_supported(a_NK, base):
+            return triton_gmm.gmm_m_grouped(a_NK, base, offs_E, w_is_ok=w_is_ok)
+    return torch._grouped_mm(a_NK, w, offs=offs_E)
+
+
+def _weight_grad(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor,
+                 into: torch.Tensor | None = None) -> torch.Tensor:
+    """K-grouped weight gradient ``[E, M, O]``: ``a_NM[rows_e]^T @ b_NO[rows_e]`` per expert
+    (zeros for an expert without rows). ``into``: added to that tensor in place and returned
+    instead, the join's accumulation: moekit's Triton kernel adds in its epilogue (fp32, one
+    rounding, no extra pass); where ``torch._grouped_mm`` serves (fp32, CPU, pre-Hopper; it has
+    no ``out``), the product is added by a separate ``add_``, the pass the join saves on the GPU."""
+    if _triton_gmm_serves(a_NM):
+        from moekit.experts import triton_gmm
+
+        if triton_gmm.gmm_supported(a_NM, b_NO, *(() if into is None else (into,))):
+            return triton_gmm.gmm_k_grouped(a_NM, b_NO, offs_E, out=into, accumulate=into is not None)
+    dw_EMO = torch._grouped_mm(a_NM.t(), b_NO, offs=offs_E)
+    return dw_EMO if into is None else into.add_(dw_EMO)
 
 
 # The SwiGLU runs in the gate+up GEMM's epilogue from this model width up. Same-process A/B on
@@ -189,8 +200,8 @@ def _experts_bwd(dy_TD: torch.Tensor, x_ND: torch.Tensor, weights_TK: torch.Tens
     """Returns ``dx_TD``, ``dweights_TK``, ``dw_in_EHD``, ``dw_out_EDF``."""
     dy_ND, dh_NH, aw_NF, dw_N = _hidden_grads(dy_TD, x_ND, weights_TK, w_out_EDF, order_N, inv_TK, offs_E, h_NH,
                                               activation)
-    dw_out_EDF = _gmm(dy_ND.t(), aw_NF, offs_E)
-    dw_in_EHD = _gmm(dh_NH.t(), x_ND, offs_E)
+    dw_out_EDF = _weight_grad(dy_ND, aw_NF, offs_E)
+    dw_in_EHD = _weight_grad(dh_NH, x_ND, offs_E)
     dx_TD, dweights_TK = _input_grads(dh_NH, dw_N, w_in_EHD, inv_TK, offs_E, weights_TK.dtype)
     return dx_TD, dweights_TK, dw_in_EHD, dw_out_EDF
 
@@ -213,20 +224,6 @@ def _input_grads(dh_NH, dw_N, w_in_EHD, inv_TK, offs_E, weights_dtype):
     dx_TD = steps.gather_sum(dx_ND, inv_TK, None, dh_NH.dtype)
     dweights_TK = torch.where(inv_TK >= 0, dw_N[inv_TK.clamp(min=0)], 0.0).to(weights_dtype)
     return dx_TD, dweights_TK
-
-
-def _weight_grad_into(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor,
-                      out_EMO: torch.Tensor) -> torch.Tensor:
-    """``out_EMO[e] += a_NM[rows_e]^T @ b_NO[rows_e]`` in place; returns ``out_EMO``. moekit's
-    Triton kernel adds in its epilogue (fp32, one rounding, no extra pass); where
-    ``torch._grouped_mm`` serves (fp32, CPU, pre-Hopper; it has no ``out``), the product is
-    added by a separate ``add_``, the pass the join saves on the GPU."""
-    if _triton_gmm_serves(a_NM):
-        from moekit.experts import triton_gmm
-
-        if triton_gmm.gmm_supported(a_NM, b_NO, out_EMO):
-            return triton_gmm.gmm_k_grouped(a_NM, b_NO, offs_E, out=out_EMO, accumulate=True)
-    return out_EMO.add_(torch._grouped_mm(a_NM.t(), b_NO, offs=offs_E))
 
 
 @_experts_bwd.register_fake
@@ -283,12 +280,9 @@ class _JoinedExperts(torch.autograd.Function):
         dy_ND, dh_NH, aw_NF, dw_N = _hidden_grads(dy_TD.contiguous(), x_ND, weights_TK, w_out_EDF, order_N, inv_TK,
                                                   offs_E, h_NH, ctx.activation)
         dx_TD, dweights_TK = _input_grads(dh_NH, dw_N, w_in_EHD, inv_TK, offs_E, weights_TK.dtype)
-        into = join.into()
-        if into is None:
-            dw_in_EHD, dw_out_EDF = _gmm(dh_NH.t(), x_ND, offs_E), _gmm(dy_ND.t(), aw_NF, offs_E)
-        else:
-            dw_in_EHD = _weight_grad_into(dh_NH, x_ND, offs_E, into[0])
-            dw_out_EDF = _weight_grad_into(dy_ND, aw_NF, offs_E, into[1])
+        into_in, into_out = join.into() or (None, None)
+        dw_in_EHD = _weight_grad(dh_NH, x_ND, offs_E, into_in)
+        dw_out_EDF = _weight_grad(dy_ND, aw_NF, offs_E, into_out)
         dw_in_EHD, dw_out_EDF = join.deliver(dw_in_EHD, dw_out_EDF)
         return dx_TD, dweights_TK, dw_in_EHD, dw_out_EDF, None, None, None, None, None
 
