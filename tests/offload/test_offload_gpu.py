@@ -37,6 +37,16 @@ def _reference_and_budget(model, seed: int):
     return ids, expected, base, dense + 4 * expert_bytes + 2 * 2**20
 
 
+def _check_generation(model, ids, expected, base: int, budget: int) -> None:
+    """The offloaded model's greedy tokens equal the plain model's ``expected``, and its peak
+    GPU memory above ``base`` stays within ``budget`` (bytes)."""
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=12, do_sample=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= budget, f"peak {peak} > budget {budget}"
+
+
 @pytest.mark.parametrize("prefetch", ["none", "next_layer", "layer_output", "next_layer+layer_output"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
@@ -46,11 +56,7 @@ def test_gpu_offload_token_identical_and_under_budget(family, prefetch):
     handle = offload(model, gpu_memory=budget, reserve=2 * 2**20, policy="lru", prefetch=prefetch,
                      chunk_bytes=2048, lead_chunks=1, prefetch_extra=1)
     assert handle.num_slots == 4 and handle.engine.device.type == "cuda"
-    with torch.no_grad():
-        got = model.generate(ids, max_new_tokens=12, do_sample=False)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    peak = torch.cuda.max_memory_allocated() - base
-    assert peak <= budget, f"peak {peak} > budget {budget}"
+    _check_generation(model, ids, expected, base, budget)
     s = handle.stats()
     assert s["h2d_bytes"] > 0 and s["stall_s"] >= 0 and 0 < s["pcie_utilization"] < 1.5
     assert 0 < s["copy_busy_s"] < s["wall_s"]
@@ -108,11 +114,7 @@ def test_gpu_staged_prefetch_token_identical_and_under_budget(family, prefetch):
     handle = offload(model, gpu_memory=budget, reserve=2 * 2**20, prefetch=prefetch, staging_slots=2,
                      chunk_bytes=2048, lead_chunks=1)
     assert handle.num_slots == 2 and handle.engine.slot_in.shape[0] == 4
-    with torch.no_grad():
-        got = model.generate(ids, max_new_tokens=12, do_sample=False)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    peak = torch.cuda.max_memory_allocated() - base
-    assert peak <= budget, f"peak {peak} > budget {budget}"
+    _check_generation(model, ids, expected, base, budget)
     s = handle.stats()
     assert s["prefetch_copies"] > 0
     assert s["demand_copies"] == s["activations"] - s["hits"] - s["inflight_hits"]
