@@ -30,9 +30,11 @@ copy bandwidth measured in the same run.
 Useful FLOPs follow DESIGN.md: ``6*T*k*D*F`` forward, 3x for forward+backward. Times are
 medians of CUDA-event-timed repetitions run back to back after warm-up (the host is not
 synchronised between repetitions, as in a training loop); inputs are random (never zeros).
-Prefill contenders other than transformers' are timed in three interleaved rounds (order
-reversed every other round) and reported as the median of the round medians, with the
-per-round figures in ``ms_rounds``.
+Prefill contenders other than transformers' are timed in ``--rounds`` interleaved rounds
+(default 5, order reversed every other round) and reported as the median of the round medians,
+with the per-round figures in ``ms_rounds`` and the SM clock read after each round in
+``sm_clock_mhz_rounds`` (where NVML is available). ``--profile`` adds, per prefill shape, the
+GPU time of every kernel of moekit's and the bound's fwd+bwd step (``torch.profiler``).
 Writes ``layer_<gpu>_<date>.json`` with the exact command, versions and machine.
 """
 
@@ -89,18 +91,28 @@ def time_ms(fn, budget_s: float = 0.6, max_reps: int = 50, warmup: int = 3) -> f
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-ROUNDS = 3  # rounds of the close contenders (moekit, the bound, SonicMoE), alternating order
+ROUNDS = 5  # default rounds of the close contenders (moekit, the bound, SonicMoE), alternating order
 SLOW = ("hf_eager", "hf_grouped_mm")  # 2-40x slower than the rest: timed once
 
 
-def time_in_rounds(fns: dict, on_error) -> dict[str, list[float]]:
+def sm_clock_mhz() -> int | None:
+    """The SM clock now (NVML, through ``torch.cuda.clock_rate``), or None where NVML is missing:
+    a round that ran at a throttled clock shows up in the result file."""
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:
+        return None
+
+
+def time_in_rounds(fns: dict, on_error, rounds: int = ROUNDS, clocks: dict | None = None) -> dict[str, list[float]]:
     """``{impl: [ms per round]}``: the transformers implementations once, the others in
-    ``ROUNDS`` rounds in alternating order (forward, reversed, forward), so that a drift of
+    ``rounds`` rounds in alternating order (forward, reversed, forward, ...), so that a drift of
     the GPU's clocks over the run lands on every contender alike rather than on whichever
-    runs last. An implementation that raises is reported through ``on_error`` and left out."""
+    runs last. An implementation that raises is reported through ``on_error`` and left out.
+    ``clocks``, if given, receives ``{impl: [SM MHz read after each round]}``."""
     out: dict[str, list[float]] = {}
     close = [k for k in fns if k not in SLOW]
-    plan = [[k] for k in fns if k in SLOW] + [close if r % 2 == 0 else close[::-1] for r in range(ROUNDS)]
+    plan = [[k] for k in fns if k in SLOW] + [close if r % 2 == 0 else close[::-1] for r in range(rounds)]
     failed: set[str] = set()
     for batch in plan:
         for impl in batch:
@@ -119,6 +131,8 @@ def time_in_rounds(fns: dict, on_error) -> dict[str, list[float]]:
             finally:
                 torch.cuda.empty_cache()
             out.setdefault(impl, []).append(ms)
+            if clocks is not None:
+                clocks.setdefault(impl, []).append(sm_clock_mhz())
     return out
 
 
@@ -252,7 +266,7 @@ def step(fn, inputs, backward: bool, dy):
     return lambda: torch.autograd.grad(fn(), inputs, dy)
 
 
-def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False):
+def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False, rounds: int = ROUNDS):
     w_in, w_out = make_weights(D, F, E, gen)
     x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
     idx, w = routing(T, E, K, kind, gen)
@@ -276,12 +290,13 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False):
     rows = []
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         flops = 6 * T * K * D * F * (3 if backward else 1)
-        rounds = time_in_rounds({k: step(fn, inputs, backward, g) for k, (fn, inputs, g) in impls.items()},
-                                lambda impl, e: log(f"  {impl} {mode} failed: {e!r}"))
-        res = {impl: statistics.median(r) for impl, r in rounds.items()}
+        clocks: dict = {}
+        per_round = time_in_rounds({k: step(fn, inputs, backward, g) for k, (fn, inputs, g) in impls.items()},
+                                   lambda impl, e: log(f"  {impl} {mode} failed: {e!r}"), rounds, clocks)
+        res = {impl: statistics.median(r) for impl, r in per_round.items()}
         for impl, ms in res.items():
             rows.append(dict(shape=name, T=T, D=D, F=F, E=E, K=K, routing=kind, mode=mode, impl=impl, ms=ms,
-                             ms_rounds=rounds[impl],
+                             ms_rounds=per_round[impl], sm_clock_mhz_rounds=clocks.get(impl),
                              tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak,
                              speedup_vs_hf_grouped_mm=res.get("hf_grouped_mm", float("nan")) / ms,
                              speedup_vs_hf_eager=res.get("hf_eager", float("nan")) / ms,
@@ -378,31 +393,47 @@ def run_decode(name, D, F, E, K, T, kind, gen, copy_gbs, log):
 # ------------------------------------------------------------------------------ output
 
 
-def profile_olmoe(path: str) -> None:
-    """Kernel-time breakdown of moekit's OLMoE-shape forward+backward (torch.profiler)."""
+def kernel_times(fn, steps: int = 5) -> list[tuple[str, float, int]]:
+    """``[(kernel name, GPU ms per step, launches per step)]`` of ``fn()``, largest first
+    (``torch.profiler``, after warm-up). Kernel time, not wall time: idle gaps between kernels
+    (host-bound stretches) do not count."""
     from torch.profiler import ProfilerActivity, profile
 
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time_total > 0:
+            t = totals.setdefault(ev.name, [0.0, 0])
+            t[0] += ev.device_time_total / 1e3 / steps
+            t[1] += 1
+    return sorted(((k, v[0], v[1] // steps) for k, v in totals.items()), key=lambda r: -r[1])
+
+
+def profile_shape(name, T, D, F_, E, K, path: str) -> dict:
+    """Per-kernel GPU time of moekit's and the bound's fwd+bwd step on one prefill shape
+    (uniform routing), written to ``path`` as a table; returns the two kernel lists."""
     gen = torch.Generator(device="cuda").manual_seed(1)
-    name, T, D, F_, E, K = PREFILL[0]
     w_in, w_out = make_weights(D, F_, E, gen)
     x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
     idx, w = routing(T, E, K, "uniform", gen)
     w = w.bfloat16().requires_grad_()
     dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    fn = step(lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], True, dy)
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    gpu = events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
-    cpu = events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)
+    x_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+    fns = {"moekit": step(lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], True, dy),
+           "bmm_bound": step(lambda: bmm_bound_fn(x_EMD, w_in, w_out), [x_EMD, w_in, w_out], True, dy.view(E, -1, D))}
+    out = {impl: kernel_times(fn) for impl, fn in fns.items()}
     with open(path, "w") as f:
-        f.write(f"moekit {name} fwd+bwd, 5 iterations, uniform routing\n{gpu}\n\nby CPU time\n{cpu}\n")
-    print(gpu)
+        for impl, rows in out.items():
+            f.write(f"{impl} {name} fwd+bwd, uniform routing: {sum(r[1] for r in rows):.3f} ms of kernel time per step\n")
+            f.writelines(f"  {ms:8.3f} ms  x{n:<3d} {k[:110]}\n" for k, ms, n in rows)
+            f.write("\n")
+    return {impl: [dict(kernel=k, ms=ms, launches=n) for k, ms, n in rows] for impl, rows in out.items()}
 
 
 def machine_info() -> dict:
@@ -474,12 +505,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="folder for layer_<gpu>_<date>.json")
     p.add_argument("--quick", action="store_true", help="OLMoE prefill and T=1 decode only")
     p.add_argument("--shapes", default="", help="comma-separated prefill shape names (default: all)")
-    p.add_argument("--profile", action="store_true", help="also write a kernel-time breakdown (OLMoE fwd+bwd)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write each prefill shape's kernel-time breakdown (moekit and the bound, fwd+bwd)")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds of the close contenders (>= 1)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode shapes")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill shapes")
     p.add_argument("--no-sonic", action="store_true", help="skip the SonicMoE column")
     p.add_argument("--tag", default="", help="suffix of the result file name (layer_<gpu>_<date>_<tag>.json)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds: expected an integer >= 1, got {args.rounds}")
     if not torch.cuda.is_available():
         print("bench_layer: error: needs a CUDA device", file=sys.stderr)
         return 2
@@ -500,13 +535,13 @@ def main(argv=None) -> int:
     else:
         pin_quack_default_config()
         log(f"sonic: SonicMoE {version}, QuACK default GEMM configuration")
-    rows = []
+    rows, profiles = [], {}
 
     def save():  # after every shape, so that a run cut short still leaves its figures
         write_json(path, dict(command=command_line(argv),
                               machine=info, dense_bf16_peak_tflops=peak, copy_bandwidth_gbs=copy_gbs,
                               flops_definition="6*T*k*D*F forward, 3x for forward+backward (DESIGN.md)",
-                              rows=rows, log=lines))
+                              rows=rows, kernel_profiles=profiles, log=lines))
 
     for name, D, F_, E, K in DECODE_MODELS[: 0 if args.no_decode else 1 if args.quick else None]:
         for T in DECODE_T[: 1 if args.quick else None]:
@@ -515,12 +550,14 @@ def main(argv=None) -> int:
         save()
     for name, T, D, F_, E, K in shapes:
         for kind in ("uniform", "zipf"):
-            rows += run_prefill(name, T, D, F_, E, K, kind, gen, peak, log, sonic=version is not None)
+            rows += run_prefill(name, T, D, F_, E, K, kind, gen, peak, log, sonic=version is not None,
+                                rounds=args.rounds)
+        if args.profile:
+            profiles[name] = profile_shape(name, T, D, F_, E, K,
+                                           os.path.join(args.out, f"layer_profile_{name}_{slug}{'_' + args.tag if args.tag else ''}.txt"))
         save()
     print_table(rows)
     print(f"wrote {path}")
-    if args.profile:
-        profile_olmoe(os.path.join(args.out, f"layer_profile_{slug}.txt"))
     return 0
 
 
