@@ -22,6 +22,9 @@
 #     && grep -rl moekit build/s5/moekit_s5 --include=*.py | xargs sed -i -E \
 #        's/\bmoekit\.([a-z_]+)/moekit_s5.\1/g; s/from moekit import/from moekit_s5 import/g'
 #   OUT=/tmp/out TAG=s6 bash benchmarks/offload_device_run.sh engines     (run with carry build/s5)
+# BASELINE=moekit_s6 compares with the sixth session's engine instead (build/s6 made the same way
+# from the commit before the seventh session's CPU worker, the package renamed moekit_s6):
+#   OUT=/tmp/out TAG=s7 BASELINE=moekit_s6 REPEATS=3 bash benchmarks/offload_device_run.sh engines
 set -u
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/offload_out}
@@ -34,7 +37,7 @@ mkdir -p "$OUT"
   echo "cpus $(nproc)"; free -g | head -2; date -u
   git log --oneline -1 2>/dev/null
 } >"$OUT/env.txt" 2>&1
-timeout 90 python3 -m pytest -q -m gpu tests/offload -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1
+timeout 120 python3 -m pytest -q -m gpu tests/offload tests/hf -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
 if [ "$MODE" = profile ]; then
   timeout 400 python3 benchmarks/profile_offload.py --out "$OUT/profile.json" --trace-dir /tmp/traces "$@" \
@@ -49,10 +52,11 @@ elif [ "$MODE" = staging ]; then
     | grep -E "^moekit|^all|^goal batch._same" | tail -60
 elif [ "$MODE" = engines ]; then
   day=$(date -u +%F)
-  export PYTHONPATH="$PWD/src:$PWD/build/s5"
-  timeout 400 python3 benchmarks/bench_offload.py --variants engines --quick --repeats "${REPEATS:-2}" \
-    --out "$OUT/offload_h100_${day}_${TAG:-s6}.json" "$@" 2>&1 | grep -v USDT | tee "$OUT/bench.log" \
-    | grep -E "^moekit|^all|^engines|^pinned|^model|rror" | cut -c1-330 | tail -60
+  BASELINE=${BASELINE:-moekit_s5}
+  export PYTHONPATH="$PWD/src:$PWD/build/${BASELINE#moekit_}"
+  timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_offload.py --variants engines --quick \
+    --repeats "${REPEATS:-2}" --baseline "$BASELINE" --out "$OUT/offload_h100_${day}_${TAG:-s6}.json" "$@" 2>&1 | grep -v USDT | tee "$OUT/bench.log" \
+    | grep -E "^moekit|^all|^engines|^pinned|^model|rror" | cut -c1-330 | tail -70
 else
   day=$(date -u +%F)
   timeout 420 python3 benchmarks/bench_offload.py --out "$OUT/offload_h100_${day}_${TAG:-s4}.json" "$@" \

@@ -3,6 +3,7 @@ family, and the peak GPU memory stays under the configured budget."""
 
 import copy
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from tiny_models import FAMILY_NAMES, tiny_model  # noqa: E402
 
 from moekit.offload import TransferCosts, offload  # noqa: E402
 from moekit.offload.copies import ChunkedCopier  # noqa: E402
+from moekit.offload.cpu_experts import HostFlag  # noqa: E402
+from moekit.offload.routing_plan import experts_output_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -101,6 +104,61 @@ def test_gpu_cpu_computed_misses_match_the_plain_model():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     c = handle.engine.counters
     assert c.cpu_computed > 0 and c.demand_copies > 0
+    assert handle.stats()["cpu_overlap"]  # the device waited for the CPU rows itself
+
+
+def test_gpu_host_flag_holds_a_stream_until_the_host_sets_it():
+    flag = HostFlag.create(torch.device("cuda"))
+    assert flag is not None  # stream memory operations on mapped pinned memory
+    out = torch.zeros(4, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        flag.wait(stream, 1)
+        out.add_(1.0)
+        done = torch.cuda.Event()
+        done.record(stream)
+    time.sleep(0.05)
+    assert not done.query() and flag.value == 0
+    flag.set(1)
+    done.synchronize()
+    assert out.tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gpu_layer_with_cpu_experts_returns_before_they_finish_when_overlapped(overlap):
+    # every expert goes to the CPU (0.01 s there vs 1 s per copy), each CPU expert sleeps 0.1 s
+    # first: overlapped, engine.forward returns without waiting for them; either way the
+    # layer's output is the eager loop's
+    model = tiny_model("mixtral", seed=25)
+    handle = offload(model, cache_experts=1, cpu_compute=True)
+    engine = handle.engine
+    if not overlap:  # the same engine with the host waiting for the worker
+        engine.cpu.flag = None
+    eb = engine.expert_bytes
+    engine.costs = TransferCosts(h2d_bytes_per_s=float(eb), expert_bytes=eb, cpu_s_fixed=0.01, cpu_s_per_token=0.0)
+    act = engine.cpu.act_fn
+    engine.cpu.act_fn = lambda x: (time.sleep(0.1), act(x))[1]
+    g = torch.Generator().manual_seed(26)
+    dim, experts = engine.host_w_in[0].shape[2], engine.num_experts
+    x_TD = torch.randn(6, dim, generator=g).cuda()
+    idx_TK = torch.stack([torch.randperm(experts, generator=g)[:2] for _ in range(6)]).cuda()
+    w_TK = torch.rand(6, 2, generator=g).cuda()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = engine.forward(0, x_TD, idx_TK, w_TK)
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    cpu_experts = engine.counters.cpu_computed
+    assert cpu_experts >= 2
+    assert (host_s < 0.1) if overlap else (host_s > 0.1 * cpu_experts)
+    expected = experts_output_reference(x_TD, idx_TK, w_TK, engine.host_w_in[0].cuda(), engine.host_w_out[0].cuda(),
+                                        act)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    stats = handle.stats()
+    assert stats["cpu_overlap"] == overlap
+    assert (stats["cpu_wait_s"] > 0.1) if overlap else stats["cpu_wait_s"] == 0.0
 
 
 @pytest.mark.parametrize("prefetch", ["layer_output", "layer_output2"])

@@ -192,6 +192,7 @@ class OffloadHandle:
             costs = TransferCosts(costs.h2d_bytes_per_s, costs.expert_bytes, fixed, per_token, CPU_ADAPT)
         if old.cuda:
             old.resolve_stalls()
+        old.close()
         old.slot_in = old.slot_out = None  # free the old slots before allocating the new ones
         old.copier.slot_in = old.copier.slot_out = None
         extra = old.prefetch_extra if prefetch_extra is None else _nonnegative_int(prefetch_extra, "prefetch_extra")
@@ -221,8 +222,7 @@ class OffloadHandle:
     def stats(self) -> dict:
         """The figures of the module doc, plus the raw counters behind them."""
         engine = self.engine
-        if engine.cuda:
-            engine.resolve_stalls()
+        engine.resolve_stalls()  # also waits for the CPU worker, whose counters are read below
         c = engine.counters
         bw = engine.costs.h2d_bytes_per_s
         wall = c.wall_s
@@ -236,6 +236,8 @@ class OffloadHandle:
             "stall_s": c.stall_s,
             "host_wait_s": c.host_wait_s,
             "cpu_busy_s": c.cpu_busy_s,
+            "cpu_wait_s": c.cpu_wait_s,
+            "cpu_overlap": engine.cpu is not None and engine.cpu.overlapped,
             "copy_busy_s": engine.copier.busy_s + engine.copier.sync_copy_s,
             "copy_busy_fraction": (engine.copier.busy_s + engine.copier.sync_copy_s) / wall if wall > 0 else float("nan"),
             "copy_bandwidth_bytes_per_s": (c.h2d_bytes / engine.copier.busy_s if engine.copier.busy_s > 0

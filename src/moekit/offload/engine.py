@@ -34,10 +34,12 @@ One engine serves every MoE layer of a model. For each layer call it
    then made in the order of ``transformers``' eager expert loop, so results are the plain
    model's bit for bit (:mod:`moekit.offload.routing_plan`: ``2 + 2k`` device operations per
    layer call and five per expert).
-   Misses sent to the CPU are computed after every copy and device expert of the layer is
-   queued, so the copy engine, the device and the CPU work at once; their sums then follow
-   in the same ascending order, and their measured times refine the cost model
-   (:meth:`~moekit.offload.costs.TransferCosts.observe_cpu`).
+   Misses sent to the CPU go to a worker thread before the device work is queued
+   (:mod:`moekit.offload.cpu_experts`), so the copy engine, the device, the CPU and the
+   launching thread work at once; the device waits for their rows itself (a stream wait on a
+   counter in pinned memory) where the driver allows, so the host returns from the layer
+   without waiting. Their sums follow in the same ascending order, and their measured times
+   refine the cost model (:meth:`~moekit.offload.costs.TransferCosts.observe_cpu`).
 
 With ``staging_slots > 0`` a guess is copied into a staging slot outside the cache instead
 (:mod:`moekit.offload.staging`) and joins the cache only when a layer needs it (step 2), evicting
@@ -60,31 +62,24 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from moekit.offload.cache import ExpertCache
 from moekit.offload.copies import ChunkedCopier
 from moekit.offload.costs import TransferCosts
 from moekit.offload.counters import OffloadCounters
-from moekit.offload.routing_plan import combine_in_expert_order, plan_routing, write_expert_rows
+from moekit.offload.cpu_experts import CpuExperts
+from moekit.offload.prediction import PredictionMixin, Predictor, rank_predictions
+from moekit.offload.routing_plan import (
+    combine_in_expert_order,
+    plan_routing,
+    write_expert_rows,
+)
 from moekit.offload.staging import StagingArea
 
 __all__ = ["OffloadCounters", "OffloadEngine", "rank_predictions"]
 
-# x_TD -> (predicted indices [T, k] int64, predicted router probabilities [T, E]) of the next layer
-Predictor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-
-def rank_predictions(counts_E: list[float], mass_E: list[float], extra: int) -> list[int]:
-    """Experts to prefetch, best first: those in the predicted top-k of some token (most tokens
-    first, then most probability mass), then ``extra`` more by probability mass."""
-    order = sorted(range(len(counts_E)), key=lambda e: (-counts_E[e], -mass_E[e], e))
-    chosen = [e for e in order if counts_E[e] > 0]
-    rest = [e for e in order if counts_E[e] <= 0]
-    return chosen + rest[:max(extra, 0)]
-
-
-class OffloadEngine:
+class OffloadEngine(PredictionMixin):
     """Expert weights of ``L`` MoE layers on the host, ``num_slots`` slots on ``device``.
 
     host_w_in: per layer ``[E, 2F, D]`` (pinned when ``device`` is CUDA). host_w_out: per layer
@@ -101,7 +96,9 @@ class OffloadEngine:
     ahead). copy_landed: ``slot -> bool``, whether
     the copies issued into a slot have finished, asked when a layer looks its experts up
     (default :meth:`ChunkedCopier.landed`, a non-blocking event query; tests inject a fake to
-    make copies look late on a CPU device, where they are synchronous).
+    make copies look late on a CPU device, where they are synchronous). cpu_overlap: the device
+    waits for the CPU-computed experts itself where the driver allows
+    (:mod:`moekit.offload.cpu_experts`); False: the host waits for them before the layer returns.
     """
 
     def __init__(self, host_w_in: list[torch.Tensor], host_w_out: list[torch.Tensor], num_slots: int,
@@ -109,7 +106,7 @@ class OffloadEngine:
                  cpu_compute: bool = False, predictors: list[Predictor | None] | None = None,
                  out_predictors: list[Predictor | None] | None = None, chunk_bytes: int = 32 * 2**20,
                  lead_chunks: int = 2, prefetch_extra: int = 0, copy_landed: Callable[[int], bool] | None = None,
-                 staging_slots: int = 0):
+                 staging_slots: int = 0, cpu_overlap: bool = True):
         self.host_w_in, self.host_w_out = host_w_in, host_w_out
         self.device = torch.device(device)
         self.num_experts = int(host_w_in[0].shape[0])
@@ -148,6 +145,9 @@ class OffloadEngine:
         # (target layer, host values, arrival event or None) of a layer_output prediction not read yet
         self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
         self.counters = OffloadCounters()
+        # computes the misses sent to the CPU on a worker thread (cpu_experts)
+        self.cpu = CpuExperts(host_w_in, host_w_out, act_fn, self.device, self._cpu_done,
+                              overlap=cpu_overlap) if cpu_compute else None
 
     @property
     def num_slots(self) -> int:
@@ -234,14 +234,6 @@ class OffloadEngine:
         self.counters.host_wait_s += time.perf_counter() - t0
         return values
 
-    def _count(self, indices: torch.Tensor, bins: int) -> torch.Tensor:
-        """Tokens per bin ``[bins]`` (float32) of non-negative ``indices < bins``. Unlike
-        ``torch.bincount``, which reads the maximum back to size its output, this never
-        synchronises the host, so the host reaches :meth:`_to_host` early and pumps there."""
-        flat = indices.reshape(-1)
-        return torch.zeros(bins, dtype=torch.float32, device=flat.device).index_add_(
-            0, flat, torch.ones(flat.shape, dtype=torch.float32, device=flat.device))
-
     def _wait_ready(self, slot: int) -> None:
         ready = self.copier.take_ready(slot)
         if ready is None:
@@ -256,74 +248,31 @@ class OffloadEngine:
 
     def resolve_stalls(self) -> None:
         """Turn the recorded (compute reached the wait, copy finished) event pairs into stall
-        seconds, and the copy events into copy-engine busy seconds; synchronises the device."""
+        seconds, the (before, after) pairs of the waits for CPU experts into ``cpu_wait_s``, and
+        the copy events into copy-engine busy seconds; waits for the CPU worker and synchronises
+        the device."""
+        if self.cpu is not None:
+            self.cpu.drain()
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.copier.resolve()
-        for marker, ready in self.counters.pending_waits:
-            self.counters.stall_s += max(marker.elapsed_time(ready), 0.0) / 1e3
-        self.counters.pending_waits.clear()
+        c = self.counters
+        for marker, ready in c.pending_waits:
+            c.stall_s += max(marker.elapsed_time(ready), 0.0) / 1e3
+        for before, after in c.cpu_waits:
+            c.cpu_wait_s += max(before.elapsed_time(after), 0.0) / 1e3
+        c.pending_waits.clear()
+        c.cpu_waits.clear()
 
-    # ------------------------------------------------------------------ prediction
-    def _set_prefetch(self, targets: list[tuple[int, list[float], list[float]]],
-                      protected: set[tuple[int, int]]) -> None:
-        """Replace the prefetch queue by the ranked predictions ``[(layer, counts_E, mass_E),
-        ...]``, nearest layer first (its guesses are queued first)."""
-        self._queue = []
-        keys: list[tuple[int, int]] = []
-        for layer, counts_E, mass_E in targets:
-            if layer >= len(self.host_w_in):
-                continue
-            self._predicted[layer] = {e for e in range(self.num_experts) if counts_E[e] > 0}
-            self._queued_at.setdefault(layer, time.perf_counter())  # a later prediction keeps the first's lead
-            keys += [(layer, e) for e in rank_predictions(counts_E, mass_E, self.prefetch_extra)]
-        if not keys:
-            return
-        self._guard = set(protected) | set(keys)
-        self._queue = keys
-        self.pump()
+    def _cpu_done(self, seconds: float, num_tokens: int) -> None:
+        """One CPU expert finished (called on the worker thread): the cost model and the counter."""
+        self.costs.observe_cpu(seconds, num_tokens)
+        self.counters.cpu_busy_s += seconds
 
-    def _prediction_tensor(self, predictor: Predictor, x_TD: torch.Tensor) -> torch.Tensor:
-        idx_TK, probs_TE = predictor(x_TD)
-        return torch.cat([self._count(idx_TK, self.num_experts), probs_TE.float().sum(0)])
-
-    def predict_from_output(self, layer: int, h_TD: torch.Tensor) -> None:
-        """Predict the experts of MoE layer ``layer + 1`` (and ``layer + 2``, ... with several
-        out-predictors) from the output ``h_TD [T, D]`` of the decoder layer holding MoE layer
-        ``layer`` (``prefetch="layer_output"``). Does not wait: the prediction goes to the host
-        asynchronously and its prefetch starts when it has arrived (:meth:`poll`)."""
-        predictors = self.out_predictors[layer]
-        if predictors is None:
-            return
-        with torch.no_grad():
-            t = torch.cat([self._prediction_tensor(p, h_TD) for p in predictors])
-        arrived = None
-        if self.cuda:
-            if self._pred_buf is None or self._pred_buf.numel() < t.numel():
-                self._pred_buf = torch.empty(t.numel(), dtype=torch.float32, pin_memory=True)
-            # an unread earlier prediction is dropped: its host copy is overwritten after it in stream order
-            host = self._pred_buf[:t.numel()]
-            host.copy_(t, non_blocking=True)
-            arrived = torch.cuda.Event()
-            arrived.record(torch.cuda.current_stream(self.device))
-            t = host
-        self._pending = (layer + 1, t, arrived)
-
-    def _read_prediction(self, pending: tuple, known: int = -1) -> list[tuple[int, list[float], list[float]]]:
-        """Read an arrived ``layer_output`` prediction ``pending = (first target layer, host
-        values, event)``; return its targets after ``known`` (the last layer whose routing is
-        known) as ``[(layer, counts_E, mass_E), ...]`` for :meth:`_set_prefetch`. A target equal
-        to ``known`` is only kept for scoring precision and recall; earlier ones are stale."""
-        first, t, _ = pending
-        host, e = t.tolist(), self.num_experts
-        targets = []
-        for i in range(len(host) // (2 * e)):
-            layer, part = first + i, host[2 * e * i:2 * e * (i + 1)]
-            if layer > known:
-                targets.append((layer, part[:e], part[e:]))
-            elif layer == known and layer < len(self.host_w_in):
-                self._predicted[layer] = {j for j in range(e) if part[j] > 0}
-        return targets
+    def close(self) -> None:
+        """Finish the CPU worker's last job and stop its thread (the engine is not used again)."""
+        if self.cpu is not None:
+            self.cpu.close()
 
     # ------------------------------------------------------------------ one layer
     def forward(self, layer: int, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -424,9 +373,9 @@ class OffloadEngine:
         if plan.needs_zero_row:
             y_ND1[n].zero_()
         starts = plan.starts_E1
-        # the CPU experts' rows go to the host first: the compute stream holds nothing yet that
-        # waits on a copy, so this read-back does not wait for the copies
-        x_host = x_TD.to("cpu") if on_cpu else None
+        if on_cpu:  # their rows go to the host (the compute stream holds no wait on a copy yet) and the
+            # worker starts on them now, while this thread queues the device's work
+            self.cpu.submit(layer, on_cpu, starts, plan.tok_N, x_TD.to("cpu"))
 
         # queue every copy and GPU expert: the hits first (nothing to wait for: the device works
         # while the copies run, and their slots are free early for streamed misses), then the
@@ -454,20 +403,10 @@ class OffloadEngine:
             self.copier.mark_read(slot)
             protected.discard((layer, e))
 
-        # the CPU experts now, while the copy engine and the device work through what is queued
-        # (computing them before queueing the rest left the copy stream idle for the streamed
-        # misses, whose copies the host issues only when its loop reaches them)
-        for e in on_cpu:
-            s, t = starts[e], starts[e + 1]
-            t0 = time.perf_counter()
-            y = self._expert(x_host[plan.tok_N[s:t]], self.host_w_in[layer][e],
-                             self.host_w_out[layer][e])
-            seconds = time.perf_counter() - t0
-            self.costs.observe_cpu(seconds, counts_E[e])
-            c.cpu_busy_s += seconds
-            if self.cuda:
-                y = y.pin_memory()  # an asynchronous copy back, behind the queued work
-            torch.mul(y.to(self.device, non_blocking=True), w_N1[s:t], out=y_ND1[s:t])
+        if on_cpu:  # their rows, behind a device-side wait for the worker (or after a host wait)
+            waited = self.cpu.receive(on_cpu, starts, y_ND1, w_N1)
+            if waited is not None:
+                c.cpu_waits.append(waited)
         out_TD = combine_in_expert_order(y_ND1, comb_KT, num_tokens)
         self.pump()
         return out_TD
@@ -483,10 +422,6 @@ class OffloadEngine:
         buf = self._index_buf[:host.numel()]
         buf.copy_(host)
         return buf.to(self.device, non_blocking=True)
-
-    def _expert(self, x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor) -> torch.Tensor:
-        gate_NF, up_NF = F.linear(x_ND, w_in_HD).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate_NF) * up_NF, w_out_DF)
 
     def _resident(self, key: tuple[int, int]) -> int | None:
         """The slot holding (some chunks of) ``key``: a cache slot, else a staging slot, else None."""
@@ -526,12 +461,3 @@ class OffloadEngine:
             self._prefetched.discard(evicted)
             if evicted in self._queue:
                 self._queue.remove(evicted)
-
-    def _score_prediction(self, layer: int, needed: list[int]) -> None:
-        predicted = self._predicted.pop(layer, None)
-        if predicted is None:
-            return
-        c = self.counters
-        c.predicted += len(predicted)
-        c.predicted_used += len(predicted.intersection(needed))
-        c.needed_after_prediction += len(needed)
