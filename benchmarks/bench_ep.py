@@ -25,8 +25,9 @@ rank holds ``T`` tokens (weak scaling: tokens per GPU fixed) and times the route
   (``remote_first``: the exchanged rows' path on a high-priority stream), and the fixed-size
   modes ``:ce`` (their exchanges on the GPUs' copy engines, ``transport="copy_engine"``), and
   the overlap modes ``:nj`` (no weight-gradient join: autograd adds the two expert calls'
-  weight gradients, as before ``join_weight_grads``), e.g. ``overlap_fixed:c16:hp:rf`` or
-  ``overlap_fixed:ce:rf:nj``.
+  weight gradients, as before ``join_weight_grads``), and ``overlap_fixed`` ``:of`` (the own
+  rows' expert call launched before the exchange, ``own_first=True``), e.g.
+  ``overlap_fixed:c16:hp:rf``, ``overlap_fixed:ce:rf:nj`` or ``overlap_fixed:ce:rf:of``.
 
 Routing is synthetic so that its skew is controlled: ``balanced`` gives every expert exactly
 ``T*k/E`` assignments on every rank; ``zipf`` samples ``k`` distinct experts per token with
@@ -51,6 +52,7 @@ over it is the weak scaling the mode could reach if communication and synchronis
 free; ``step_ms_back_to_back`` the mean over the steps queued without a sync between
 them (the host runs ahead of the GPU as in a training loop; ``step_ms`` waits for every
 step, so it also counts the GPU idling while the host launches the start of a step),
+``host_launch_ms`` the host's time to launch one synced step (median, slowest rank),
 tokens/s per GPU, useful TFLOP/s per GPU (``18*T*k*D*F`` for forward+backward, DESIGN.md)
 and the fraction of the dense bf16 peak; ``a2a_ms``: the four all-to-alls of a step (dispatch
 and combine, forward and backward) timed alone with the same split sizes. Goals: EP=2 weak
@@ -123,16 +125,20 @@ def rank_routing(shape, routing: str, rank: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------ timing
 
 
-def _timed(fn, device, iters: int, warmup: int) -> float:
-    """Median ms of ``fn()`` on this rank (CUDA events on GPU, perf_counter on CPU)."""
+def _timed(fn, device, iters: int, warmup: int, host_ms: list | None = None) -> float:
+    """Median ms of ``fn()`` on this rank (CUDA events on GPU, perf_counter on CPU).
+    host_ms: if given, the median host time of the calls (until ``fn`` returns, before the
+    sync: on CUDA the time the host needs to launch one step) is appended to it."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, host = [], []
     for _ in range(iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -140,6 +146,9 @@ def _timed(fn, device, iters: int, warmup: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+            host.append(times[-1])
+    if host_ms is not None:
+        host_ms.append(statistics.median(host))
     return statistics.median(times)
 
 
@@ -177,7 +186,7 @@ BASE_VARIANTS = ("plain", "fixed", "overlap", "overlap_fixed")
 
 
 def parse_variant(label: str) -> dict:
-    """``base[:cN][:hp][:rf][:ce][:nj]`` -> settings. base: ``plain`` (Zipf without and with plans, and the
+    """``base[:cN][:hp][:rf][:ce][:nj][:of]`` -> settings. base: ``plain`` (Zipf without and with plans, and the
     per-assignment dispatch, all deduplicated otherwise), ``fixed`` (fixed-size sync-free
     dispatch), ``overlap`` (own tokens on a side stream beside the deduplicated exchange),
     ``overlap_fixed`` (both); ``cN``: the layer's GEMMs leave ``N`` SMs free
@@ -185,10 +194,12 @@ def parse_variant(label: str) -> dict:
     (overlap modes): the exchanged rows' path on a high-priority stream (``remote_first``);
     ``ce`` (fixed-size modes): the exchanges on the copy engines (``transport="copy_engine"``);
     ``nj`` (overlap modes): the two expert calls' weight gradients added by autograd
-    (``join_weight_grads=False``)."""
+    (``join_weight_grads=False``); ``of`` (``overlap_fixed``): the own rows' expert call
+    launched before the exchange (``own_first=True``)."""
     base, *opts = label.split(":")
     out = {"label": label, "fixed": "fixed" in base, "overlap": base.startswith("overlap"), "sm_carveout": None,
-           "high_priority": False, "remote_first": False, "transport": "all_to_all", "join_weight_grads": True}
+           "high_priority": False, "remote_first": False, "transport": "all_to_all", "join_weight_grads": True,
+           "own_first": False}
     if base not in BASE_VARIANTS:
         raise ValueError(f"--variants: unknown dispatch {base!r} in {label!r}; expected one of {BASE_VARIANTS}")
     for opt in opts:
@@ -200,11 +211,13 @@ def parse_variant(label: str) -> dict:
             out["transport"] = "copy_engine"
         elif opt == "nj" and out["overlap"]:
             out["join_weight_grads"] = False
+        elif opt == "of" and out["overlap"] and out["fixed"]:
+            out["own_first"] = True
         elif opt[:1] == "c" and opt[1:].isdigit():
             out["sm_carveout"] = int(opt[1:])
         else:
             raise ValueError(f"--variants: unknown option {opt!r} in {label!r}; expected cN (SM carveout), hp, "
-                             f"rf / nj (overlap modes only) or ce (fixed-size modes only)")
+                             f"rf / nj (overlap modes only), ce (fixed-size modes only) or of (overlap_fixed only)")
     if base == "plain" and opts:
         raise ValueError(f"--variants: {label!r}: options apply to fixed / overlap / overlap_fixed only")
     return out
@@ -365,7 +378,8 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
            "fixed": fixed, "overlap": overlap, "variant": variant["label"] if ep > 1 else "",
            "sm_carveout": variant["sm_carveout"], "nccl_high_priority": variant["high_priority"],
            "remote_first": variant["remote_first"], "transport": variant["transport"],
-           "join_weight_grads": variant["join_weight_grads"] if ep > 1 and overlap else None}
+           "join_weight_grads": variant["join_weight_grads"] if ep > 1 and overlap else None,
+           "own_first": variant["own_first"] if ep > 1 and overlap else None}
     with torch.device(device):  # allocate (and randomly initialise) the weights on the device
         if ep == 1:
             module = GroupedExperts(cfg).to(dtype)
@@ -376,7 +390,8 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
                                            overlap=overlap, sm_carveout=variant["sm_carveout"],
                                            remote_first=variant["remote_first"],
                                            transport=variant["transport"],
-                                           join_weight_grads=variant["join_weight_grads"]).to(dtype)
+                                           join_weight_grads=variant["join_weight_grads"],
+                                           own_first=variant["own_first"]).to(dtype)
     if ep > 1:
         if plan_rows is not None:
             skew_p2l = plan_rows[1]
@@ -390,9 +405,11 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
         row["balancedness"] = balancedness(counts.cpu()[None], module.phy2log.cpu()[None], ep)
     if profile_path is not None:
         _profile(_step_fn(module, x, idx, w, dy, ep > 1), device, profile_path)
-    step_ms = _timed(_step_fn(module, x, idx, w, dy, ep > 1), device, iters, warmup)
+    host = []
+    step_ms = _timed(_step_fn(module, x, idx, w, dy, ep > 1), device, iters, warmup, host)
     row["rank_step_ms"] = step_ms
     row["step_ms"] = _max_over(step_ms, device)
+    row["host_launch_ms"] = _max_over(host[0], device)
     b2b_ms = _timed_back_to_back(_step_fn(module, x, idx, w, dy, ep > 1), device, iters, 2)
     row["step_ms_back_to_back"] = _max_over(b2b_ms, device)
     row["tokens_per_s_per_gpu_back_to_back"] = num_tokens / (row["step_ms_back_to_back"] / 1e3)
@@ -541,8 +558,9 @@ def _fmt(row: dict) -> str:
     label = _row_label(row, " ")[len(f"EP={row['ep']} "):]
     extra = f" a2a {row['a2a_ms']:6.2f} ms" if "a2a_ms" in row else " " * 14
     bal = f" bal {row['balancedness']:.3f}" if "balancedness" in row else ""
+    host = f" host {row['host_launch_ms']:5.2f}" if "host_launch_ms" in row else ""
     return (f"{row['shape']:>18} EP={row['ep']} {label:<40} step {row['step_ms']:8.2f} ms "
-            f"(b2b {row['step_ms_back_to_back']:7.2f}){extra} {row['tokens_per_s_per_gpu'] / 1e3:8.1f} ktok/s/GPU "
+            f"(b2b {row['step_ms_back_to_back']:7.2f}{host}){extra} {row['tokens_per_s_per_gpu'] / 1e3:8.1f} ktok/s/GPU "
             f"{row['tflops_per_gpu']:6.1f} TFLOP/s | fwd {row['fwd_ms']:7.2f} ms{bal}{_compute_only(row)}")
 
 
@@ -724,7 +742,8 @@ def main(argv=None) -> int:
                         "no-dedup), fixed, overlap, overlap_fixed; the last three take options ':cN' (the layer's "
                         "GEMMs leave N SMs free), ':hp' (NCCL streams at high priority) and, for the overlap modes, "
                         "':rf' (remote path on a high-priority stream), for the fixed-size modes ':ce' (copy-engine "
-                        "exchanges), for the overlap modes ':nj' (no weight-gradient join), e.g. "
+                        "exchanges), for the overlap modes ':nj' (no weight-gradient join), for overlap_fixed ':of' "
+                        "(own rows' experts launched before the exchange), e.g. "
                         "overlap_fixed:c16:hp:rf, overlap_fixed:c2:ce, overlap_fixed:ce:rf:nj")
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="EP groups' NCCL streams at high priority")

@@ -33,9 +33,9 @@ from moekit.parallel import (
 # the dispatch modes every scenario runs in: the deduplicated fast path, the simple
 # per-assignment one, the fixed-size sync-free one (capacity above every batch used here), and
 # the deduplicated and fixed-size ones with own tokens computed beside the exchange (overlap:
-# a side stream on CUDA)
+# a side stream on CUDA), the latter also with the own tokens' experts launched first
 MODES = (dict(dedup=True), dict(dedup=False), dict(max_tokens_per_rank=100), dict(overlap=True),
-         dict(max_tokens_per_rank=100, overlap=True))
+         dict(max_tokens_per_rank=100, overlap=True), dict(max_tokens_per_rank=100, overlap=True, own_first=True))
 # on GPUs also with SMs left free of the expert GEMMs in forward and backward and the remote
 # path on a high-priority stream (on CPU these settings reach no kernel: the identity scenario
 # checks once that they keep results)
@@ -45,7 +45,8 @@ GPU_MODES = (dict(max_tokens_per_rank=100, overlap=True, sm_carveout=8),
 # on GPUs: the fixed-size exchanges on the copy engines (symmetric memory), with and without overlap
 CE_MODES = (dict(max_tokens_per_rank=100, transport="copy_engine"),
             dict(max_tokens_per_rank=100, overlap=True, transport="copy_engine", sm_carveout=2),
-            dict(max_tokens_per_rank=100, overlap=True, transport="copy_engine", remote_first=True))
+            dict(max_tokens_per_rank=100, overlap=True, transport="copy_engine", remote_first=True),
+            dict(max_tokens_per_rank=100, overlap=True, transport="copy_engine", remote_first=True, own_first=True))
 
 # this process's rank and the world size: set by run() before any check runs
 RANK = int(os.environ.get("RANK", 0))
@@ -351,7 +352,7 @@ def _run_scenario(scenario, device, f64, tol64, tol32, mode):
             for cap in (6, 11):
                 check_equivalence(device, f64, tol64, sizes=[6, 2, 6, 1][:WORLD], shared=1, balance="none",
                                   max_tokens_per_rank=cap, overlap=kw.get("overlap", False),
-                                  transport=kw.get("transport", "all_to_all"))
+                                  transport=kw.get("transport", "all_to_all"), own_first=kw.get("own_first", False))
         if kw.get("overlap") and "sm_carveout" not in kw and device.type == "cpu":  # scoping keeps results
             check_equivalence(device, f64, tol64, sizes=[6, 0, 3, 6][:WORLD], shared=1, balance="none",
                               sm_carveout=2, remote_first=True, **kw)

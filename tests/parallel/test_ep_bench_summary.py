@@ -28,14 +28,16 @@ def test_variant_labels():
     parse = _bench().parse_variant
     assert parse("fixed") == {"label": "fixed", "fixed": True, "overlap": False, "sm_carveout": None,
                               "high_priority": False, "remote_first": False, "transport": "all_to_all",
-                              "join_weight_grads": True}
+                              "join_weight_grads": True, "own_first": False}
     assert parse("overlap_fixed:ce:rf:nj")["join_weight_grads"] is False
+    assert parse("overlap_fixed:ce:rf:of")["own_first"] is True
     assert parse("overlap_fixed:c2:ce")["transport"] == "copy_engine"
     v = parse("overlap_fixed:c16:hp:rf")
     assert (v["fixed"], v["overlap"], v["sm_carveout"], v["high_priority"], v["remote_first"]) == (
         True, True, 16, True, True)
     assert parse("overlap:rf")["fixed"] is False
-    for bad in ("fast", "fixed:rf", "overlap:c", "overlap:cx", "plain:hp", "fixed:x", "overlap:ce", "fixed:nj"):
+    for bad in ("fast", "fixed:rf", "overlap:c", "overlap:cx", "plain:hp", "fixed:x", "overlap:ce", "fixed:nj",
+                "fixed:of", "overlap:of"):
         with pytest.raises(ValueError, match="--variants"):
             parse(bad)
 

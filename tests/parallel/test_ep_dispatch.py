@@ -23,6 +23,7 @@ from moekit.parallel import (
     row_dispatch,
     slot_tables,
 )
+from moekit.parallel.dispatch import local_slots, lookup_tables
 
 
 @st.composite
@@ -134,6 +135,25 @@ def test_one_rank_pipeline_equals_reference_outputs_and_grads(dtype, tol, top_k)
     torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@given(routed())
+@settings(max_examples=80, deadline=None)
+def test_lookup_tables_equal_the_slot_arithmetic(case):
+    """The fixed-size dispatch's gather tables give exactly assignment_slots / local_slots."""
+    p2l, num_experts, num_ranks, rank, idx_TK = case
+    tables = slot_tables(p2l, num_experts, num_ranks)
+    per = tables.num_slots // num_ranks
+    slot_E1, local_R1 = lookup_tables(tables, rank, per)
+    assert slot_E1.shape == (num_experts + 1,) and local_R1.shape == (tables.num_slots + 1,)
+    every_R = torch.arange(-1, tables.num_slots)  # every physical slot, and -1
+    assert torch.equal(local_R1[every_R], local_slots(every_R, rank, per))
+    replicated = bool((tables.logcnt_E > 1).any())
+    slot_TK = assignment_slots(idx_TK, tables, rank, replicated)
+    assert torch.equal(local_R1[slot_TK], local_slots(slot_TK, rank, per))
+    if not replicated:  # one slot per expert: the routing's slots are one gather
+        assert torch.equal(slot_E1[idx_TK], slot_TK)
+    assert torch.equal(slot_E1[:-1], tables.log2phy_EM[:, 0]) and slot_E1[-1] == -1
 
 
 @given(placements(max_ranks=4), st.data())

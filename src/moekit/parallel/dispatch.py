@@ -23,6 +23,7 @@ __all__ = [
     "dispatch_order",
     "row_dispatch",
     "local_slots",
+    "lookup_tables",
     "received_slots",
     "received_routing",
     "combine",
@@ -150,6 +151,29 @@ def local_slots(slot_TK: torch.Tensor, rank: int, slots_per_rank: int) -> torch.
     none) that lives on ``rank``, ``-1`` for every other choice."""
     local_TK = slot_TK - rank * slots_per_rank  # out of [0, S) for -1 and other ranks' slots
     return torch.where((local_TK >= 0) & (local_TK < slots_per_rank), local_TK, -1)
+
+
+def lookup_tables(tables: SlotTables, rank: int, slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two gather tables that turn the slot arithmetic of the fixed-size dispatch into one
+    indexing kernel each (its host time sits before the first expert GEMM of a step):
+
+    - ``slot_E1`` ``[E + 1]``: the first physical slot of each logical expert, ``-1`` at index
+      ``E``. Without replicas ``slot_E1[indices_TK]`` equals :func:`assignment_slots` (``-1``
+      choices wrap to the last entry, so ``-1`` stays ``-1``); with replicas the round-robin
+      needs :func:`assignment_slots`.
+    - ``local_R1`` ``[R + 1]``: ``rank``'s local slot of each physical slot, ``-1`` for the
+      other ranks' slots and at index ``R``: ``local_R1[slot_TK]`` equals
+      :func:`local_slots` for slots in ``[-1, R)``.
+
+    Both int64, on the tables' device. Indices must lie in ``[-1, size)``: anything below
+    ``-1`` would wrap to a real entry (the layer's routing contract marks "no expert" by ``-1``).
+    """
+    phy2log_R, log2phy_EM = tables.phy2log_R, tables.log2phy_EM
+    none = torch.full((1,), -1, dtype=torch.int64, device=phy2log_R.device)
+    slot_E1 = torch.cat([log2phy_EM[:, 0], none])
+    local_R = torch.arange(phy2log_R.shape[0], device=phy2log_R.device) - rank * slots_per_rank
+    local_R = torch.where((local_R >= 0) & (local_R < slots_per_rank), local_R, -1)
+    return slot_E1, torch.cat([local_R, none])
 
 
 def received_slots(recv_counts_PS: torch.Tensor, total: int | None = None) -> torch.Tensor:

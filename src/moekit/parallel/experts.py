@@ -83,7 +83,7 @@ from moekit.parallel.dispatch import (
     assignment_slots,
     combine,
     dispatch_order,
-    local_slots,
+    lookup_tables,
     received_routing,
     received_slots,
     row_dispatch,
@@ -122,6 +122,11 @@ class ExpertParallelExperts(nn.Module):
     (own rows, received rows) make ONE weight gradient, the second call's weight-gradient GEMMs
     accumulating into the first's output, instead of two that autograd adds
     (:mod:`moekit.experts.join`; same results up to rounding order); no effect in other modes.
+    own_first (overlap with ``max_tokens_per_rank``): the host launches this rank's own expert
+    call before the dispatch exchange instead of after it, so that the GPU starts its first
+    expert GEMM sooner after the step begins (the exchange's host work then runs beside that
+    GEMM); same results. Meant for ``transport="copy_engine"``, whose copies need no SMs: NCCL's
+    all-to-all kernels would wait for the persistent GEMM to end (:mod:`moekit.parallel.overlap`).
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
@@ -130,11 +135,17 @@ class ExpertParallelExperts(nn.Module):
     def __init__(self, cfg: ExpertsConfig, group, phy2log=None, expert_dp_group=None, dedup: bool = True,
                  max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None,
                  remote_first: bool = False, transport: str | CopyEngineExchange = "all_to_all",
-                 join_weight_grads: bool = True):
+                 join_weight_grads: bool = True, own_first: bool = False):
         super().__init__()
         if not isinstance(join_weight_grads, bool):
             raise ValueError(f"join_weight_grads: expected True or False, got {join_weight_grads!r}")
         self.join_weight_grads = join_weight_grads
+        if not isinstance(own_first, bool):
+            raise ValueError(f"own_first: expected True or False, got {own_first!r}")
+        if own_first and not (overlap and max_tokens_per_rank is not None):
+            raise ValueError("own_first: expected False unless overlap=True with max_tokens_per_rank set (it orders "
+                             "the launches of the fixed-size overlap), got own_first=True")
+        self.own_first = own_first
         if remote_first and not overlap:
             raise ValueError("remote_first: expected False unless overlap=True (it orders the two streams of the "
                              "overlap), got remote_first=True with overlap=False")
@@ -168,6 +179,10 @@ class ExpertParallelExperts(nn.Module):
         self.register_buffer("phy2log", tables.phy2log_R.to(device))
         self.register_buffer("log2phy", tables.log2phy_EM.to(device), persistent=False)
         self.register_buffer("logcnt", tables.logcnt_E.to(device), persistent=False)
+        # gather tables of the fixed-size dispatch's slot arithmetic (dispatch.lookup_tables)
+        slot_E1, local_R1 = lookup_tables(self.tables, self.rank, self.slots_per_rank)
+        self.register_buffer("slot_E1", slot_E1, persistent=False)
+        self.register_buffer("local_R1", local_R1, persistent=False)
         self._set_host_tables(tables.phy2log_R)
 
     # ----------------------------------------------------------------------------- placement
@@ -188,6 +203,7 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"phy2log: expected R={self.phy2log.shape[0]} slots like the current placement, "
                              f"got {tables.num_slots}")
         self.phy2log, self.log2phy, self.logcnt = tables
+        self.slot_E1, self.local_R1 = lookup_tables(tables, self.rank, self.slots_per_rank)
         self._set_host_tables(tables.phy2log_R)
 
     def _set_host_tables(self, phy2log_R: torch.Tensor) -> None:
@@ -228,6 +244,19 @@ class ExpertParallelExperts(nn.Module):
             first_slot = self.log2phy[:, 0]
             out.append(slots[first_slot])
         return out[0], out[1]
+
+    def physical_slots(self, indices_TK: torch.Tensor) -> torch.Tensor:
+        """``[T, K]`` physical slot of each choice (``-1`` = none), as :func:`assignment_slots`:
+        one gather from :func:`lookup_tables`' table where no expert is replicated (the
+        replicas' round-robin needs :func:`assignment_slots`)."""
+        if self.replicated:
+            return assignment_slots(indices_TK, self.tables, self.rank, True)
+        return self.slot_E1[indices_TK]
+
+    def local_of(self, slot_QK: torch.Tensor) -> torch.Tensor:
+        """``[Q, K]`` this rank's local slot of each physical slot in ``slot_QK`` (``-1`` for
+        other ranks' slots and for ``-1``): one gather, equal to :func:`local_slots`."""
+        return self.local_R1[slot_QK]
 
     # ----------------------------------------------------------------------------- compute
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -290,13 +319,13 @@ class ExpertParallelExperts(nn.Module):
         with the choices that fall on its slots (``-1`` elsewhere) and returns each rank its
         ``[C, D]`` partial sums, which the token's rank adds up."""
         num_tokens = indices_TK.shape[0]
-        cap, num_ranks, per = self.max_tokens_per_rank, self.num_ranks, self.slots_per_rank
+        cap, num_ranks = self.max_tokens_per_rank, self.num_ranks
         if num_tokens > cap:
             raise ValueError(f"x: {num_tokens} tokens on rank {self.rank}, more than max_tokens_per_rank={cap}")
-        slot_TK = assignment_slots(indices_TK, self.tables, self.rank, self.replicated)
+        slot_TK = self.physical_slots(indices_TK)
         x_QD, slot_QK, w_QK = self.gather_fixed(True, *pad_rows(cap, x_TD, slot_TK, weights_TK))
         # entries marked -1 are skipped, their weights unused (zero gradient): no weight masking
-        y_QD = self.local(x_QD, local_slots(slot_QK, self.rank, per), w_QK)
+        y_QD = self.local(x_QD, self.local_of(slot_QK), w_QK)
         # block q of what comes back: rank q's partial sums for this rank's C rows
         y_back = self.swap_fixed(True, y_QD)
         return sum_partials(y_back, num_ranks, cap, num_tokens, x_TD.dtype)

@@ -40,7 +40,8 @@ class ExpertParallelMoE(MoE):
     path ahead of the own tokens' (see :class:`ExpertParallelExperts`). transport: how the
     fixed-size dispatch moves rows, ``"all_to_all"`` or ``"copy_engine"`` (see
     :class:`ExpertParallelExperts`). join_weight_grads: the overlap's two expert calls make one
-    weight gradient (see :class:`ExpertParallelExperts`). seed: expert ``e`` is
+    weight gradient (see :class:`ExpertParallelExperts`). own_first: the fixed-size overlap
+    launches the own tokens' experts before the exchange (see :class:`ExpertParallelExperts`). seed: expert ``e`` is
     initialised from a generator seeded with ``(seed, e)``, so replicas agree without communication. Dense parameters (router, shared
     experts) come from the global RNG: seed it equally on every rank or call
     :func:`moekit.parallel.broadcast_dense_parameters`.
@@ -53,10 +54,10 @@ class ExpertParallelMoE(MoE):
                  dp_group=None, expert_dp_group=None, seed: int = 0, dedup: bool = True,
                  max_tokens_per_rank: int | None = None, overlap: bool = False, sm_carveout: int | None = None,
                  remote_first: bool = False, transport: str | CopyEngineExchange = "all_to_all",
-                 join_weight_grads: bool = True):
+                 join_weight_grads: bool = True, own_first: bool = False):
         experts = ExpertParallelExperts(_experts_config(cfg), resolve_group(group, mesh_dim), phy2log,
                                         expert_dp_group, dedup, max_tokens_per_rank, overlap, sm_carveout,
-                                        remote_first, transport, join_weight_grads)
+                                        remote_first, transport, join_weight_grads, own_first)
         experts.init_logical(seed)
         super().__init__(cfg, dp_group=dp_group, experts=experts)  # allocates only the local slots
 
@@ -66,7 +67,7 @@ def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | i
                 max_tokens_per_rank: int | None = None, overlap: bool = False,
                 sm_carveout: int | None = None, remote_first: bool = False,
                 transport: str | CopyEngineExchange = "all_to_all",
-                join_weight_grads: bool = True) -> list[ExpertParallelExperts]:
+                join_weight_grads: bool = True, own_first: bool = False) -> list[ExpertParallelExperts]:
     """Shard the routed experts of every :class:`moekit.MoE` in ``model``, in place.
 
     Each layer keeps its router and shared experts; its ``experts`` become an
@@ -74,7 +75,7 @@ def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | i
     weights (identical on every rank, e.g. loaded from the same checkpoint). phy2log:
     ``[L, R]`` (or a ``Plan``), one row per MoE layer in ``model.modules()`` order, or
     ``None`` for one slot per expert. dedup, max_tokens_per_rank, overlap, sm_carveout, remote_first,
-    transport, join_weight_grads: see :class:`ExpertParallelExperts`; with ``transport="copy_engine"`` all layers
+    transport, join_weight_grads, own_first: see :class:`ExpertParallelExperts`; with ``transport="copy_engine"`` all layers
     share one :class:`CopyEngineExchange` (one symmetric buffer, one stream). Returns the new
     expert modules in layer order.
     """
@@ -91,7 +92,7 @@ def parallelize(model: nn.Module, group=None, phy2log=None, *, mesh_dim: str | i
         full = layer.experts
         ep = ExpertParallelExperts(full.cfg, ep_group, None if phy2log is None else phy2log[i], expert_dp_group,
                                    dedup, max_tokens_per_rank, overlap, sm_carveout, remote_first, transport,
-                                   join_weight_grads)
+                                   join_weight_grads, own_first)
         ep.to(device=full.w_in.device, dtype=full.w_in.dtype)
         ep.load_logical(full.w_in.detach(), full.w_out.detach())
         layer.experts = ep

@@ -222,25 +222,28 @@ def overlapped_fixed_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tenso
     received), each rank computes the received choices on its slots (``-1`` elsewhere) and
     returns the partial sums, which the token's rank adds to its own. ``[T, D]``."""
     num_tokens = indices_TK.shape[0]
-    cap, num_ranks, per, rank = module.max_tokens_per_rank, module.num_ranks, module.slots_per_rank, module.rank
+    cap, num_ranks, rank = module.max_tokens_per_rank, module.num_ranks, module.rank
     if num_tokens > cap:
         raise ValueError(f"x: {num_tokens} tokens on rank {rank}, more than max_tokens_per_rank={cap}")
-    slot_TK = assignment_slots(indices_TK, module.tables, rank, module.replicated)
-    own_TK = local_slots(slot_TK, rank, per)
+    slot_TK = module.physical_slots(indices_TK)
+    own_TK = module.local_of(slot_TK)
     copies = num_ranks - 1
     if copies == 0:
         y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, None)
         return _finish(torch.zeros_like(y_own), y_own, streams)
+    join = module.new_join()
+    if module.own_first:  # the first expert GEMM as early as possible; the exchange's launches follow
+        y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, join)
     inputs_ready = _mark(x_TD)
     remote = _remote_stream(module, x_TD, (x_TD, slot_TK, weights_TK))
     with torch.cuda.stream(remote):
         x_QD, slot_QK, w_QK = module.gather_fixed(False, *pad_rows(cap, x_TD, slot_TK, weights_TK))
-    # own choices on the side stream, launched after the all-to-alls (which so hold their SMs
-    # before the expert GEMMs fill the GPU) and not waiting for them
-    join = module.new_join()
-    y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, join, after=inputs_ready)
+    if not module.own_first:
+        # own choices on the side stream, launched after the all-to-alls (which so hold their
+        # SMs before the expert GEMMs fill the GPU) and not waiting for them
+        y_own, streams = _start_own(module, x_TD, own_TK, weights_TK, join, after=inputs_ready)
     with torch.cuda.stream(remote):
-        y_QD = module.local_call(x_QD, local_slots(slot_QK, rank, per), w_QK, join)
+        y_QD = module.local_call(x_QD, module.local_of(slot_QK), w_QK, join)
         # block q of what comes back: other rank q's partial sums for this rank's C rows
         y_back = module.swap_fixed(False, y_QD)
         y_remote = sum_partials(y_back, copies, cap, num_tokens, x_TD.dtype)
