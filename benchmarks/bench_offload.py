@@ -326,6 +326,7 @@ def measure(model, handle, cpu_model, args, name: str, batch: int, expert_bytes:
                     copy_bandwidth_bytes_per_s=s["copy_bandwidth_bytes_per_s"],
                     host_wait_s=s["host_wait_s"], prefetch_bytes=s["prefetch_bytes"],
                     prefetch_useful=s["prefetch_useful"], prefetch_lead_s=s["prefetch_lead_s"],
+                    prefetch_evicted_early=s.get("prefetch_evicted_early"),
                     wall_s=s["wall_s"], step_ms=step_ms, copy_ms_per_step=copy_ms, no_copy_ms_per_step=step_ms - copy_ms,
                     engine_host_ms_per_layer_call=(1e3 * (engine_time["s"] - s["host_wait_s"]) / engine_time["calls"]
                                                    if engine_time["calls"] else float("nan")),
@@ -751,6 +752,10 @@ def plot_engines(doc: dict, path: str) -> None:
                 if "engine_host_ms_per_layer_call" in med:
                     text += f"  engine host {med['engine_host_ms_per_layer_call']:.2f} ms/layer call"
                 ax.text(max(med["tok_s_all"]), y, text, va="center", fontsize=7)
+        pooled = (doc.get("all_resident_pooled") or {}).get(str(batch)) or (doc.get("all_resident_pooled") or {}).get(batch)
+        if pooled:  # the goal line: a quarter of the pooled all-resident median
+            ax.axvline(0.25 * pooled["median"], color="tab:red", linestyle="--", linewidth=1,
+                       label=f"25 % of all-resident median ({pooled['median']:.0f}, n={len(pooled['values'])})")
         ax.set_yticks(range(len(keys)))
         ax.set_yticklabels([k.replace(f" @ batch {batch}", "").replace("moekit ", "") for k in keys], fontsize=8)
         ax.invert_yaxis()
@@ -787,6 +792,9 @@ def print_run(run: dict) -> None:
                  f"busy {run['copy_busy_fraction']:.2f} copyBW {run['copy_bandwidth_bytes_per_s'] / 1e9:.1f} "
                  f"wait {run['host_wait_s']:.2f}s wall {run['wall_s']:.2f}s "
                  f"lead {run.get('prefetch_lead_s', float('nan')) * 1e3:.2f}ms")
+        if run.get("prefetch_copies"):
+            extra += (f" prefetch useful {run['prefetch_useful']} of {run['prefetch_copies']}, evicted early "
+                      f"{run.get('prefetch_evicted_early')}")
         if run.get("cpu_computed"):
             extra += (f" cpu_busy {run.get('cpu_busy_s') or 0:.2f}s cpu_wait {run.get('cpu_wait_s') or 0:.2f}s "
                       f"overlap {run.get('cpu_overlap')}")

@@ -118,3 +118,24 @@ def test_bad_prefetch_settings_are_rejected():
         offload(copy.deepcopy(model), cache_experts=2, device="cpu", lead_chunks=0)
     with pytest.raises(ValueError, match="chunk_bytes"):
         offload(copy.deepcopy(model), cache_experts=2, device="cpu", chunk_bytes="lots")
+
+
+
+@pytest.mark.parametrize("next_call, counted", [(0, 1), (1, 0)])
+def test_guesses_evicted_before_their_layer_ran_are_counted(next_call, counted):
+    # 2 slots for 2 layers (quota 1 each), both held by layer 1; a guess for layer 1's expert 0
+    # evicts layer 1's least recent expert and enters as least recent. Layer 0 (below its
+    # quota) then takes a slot from layer 1 (above its quota): the guess goes before layer 1
+    # ran (counted). If layer 1 runs instead and does not need expert 0, its own demand copy
+    # evicts the guess: a wrong guess, known wrong by then, not counted
+    model = tiny_model("mixtral", seed=82)
+    engine = offload(model, cache_experts=2, device="cpu", prefetch="layer_output", lead_chunks=10**6).engine
+    num_experts, dim = engine.num_experts, engine.host_w_in[0].shape[2]
+    x_TD, w_TK = torch.randn(1, dim), torch.rand(1, 2)
+    with torch.no_grad():
+        engine.forward(1, x_TD, torch.tensor([[1, 2]]), w_TK)
+        engine._set_prefetch([(1, [1.0] + [0.0] * (num_experts - 1), [1.0] + [0.0] * (num_experts - 1))], set())
+        assert engine.cache.resident() == [(1, 0), (1, 2)] and engine.counters.prefetch_copies == 1
+        engine.forward(next_call, x_TD, torch.tensor([[3, 2]]), w_TK)
+    assert (1, 0) not in engine.cache
+    assert engine.counters.prefetch_evicted_early == counted

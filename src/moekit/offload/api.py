@@ -258,6 +258,7 @@ class OffloadHandle:
             "staged_inflight_hits": c.staged_inflight_hits,
             "staged_misses": c.staged_misses,
             "staged_dropped": c.staged_dropped,
+            "prefetch_evicted_early": c.prefetch_evicted_early,
             "victim_hits": c.victim_hits,
             "prefetch_bytes": c.prefetch_bytes,
             "prefetch_extra": engine.prefetch_extra,

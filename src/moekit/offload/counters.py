@@ -20,7 +20,8 @@ class OffloadCounters:
     demand_copies: misses whose (missing) chunks were copied on demand (a prefetch dropped
     part-way is a miss: only its missing chunks are copied); prefetch_copies: experts a
     prefetch started to copy; prefetch_useful: prefetched experts that were hits of the layer
-    they were fetched for (landed in time).
+    they were fetched for (landed in time); prefetch_evicted_early: prefetched experts evicted
+    (their slot given to another expert) before the layer they were fetched for ran.
     With staging slots (:mod:`moekit.offload.staging`): staged_hits / staged_inflight_hits /
     staged_misses: activations served from a staging slot, landed / fully issued but still
     copying / only partly issued (the rest copied on demand; a miss); of the staged hits,
@@ -48,6 +49,7 @@ class OffloadCounters:
     demand_copies: int = 0
     prefetch_copies: int = 0
     prefetch_useful: int = 0
+    prefetch_evicted_early: int = 0
     staged_hits: int = 0
     staged_inflight_hits: int = 0
     staged_misses: int = 0

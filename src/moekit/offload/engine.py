@@ -287,6 +287,10 @@ class OffloadEngine(PredictionMixin):
         else:
             host = self._to_host(torch.cat([flat.to(torch.float32), self._prediction_tensor(predictor, x_TD)]))
         plan = plan_routing(host[:num_tokens * top_k], top_k, num_experts)
+        queued_at = self._queued_at.pop(layer, None)  # its routing is known: the guesses' lead ends
+        if queued_at is not None:
+            self.counters.prefetch_lead_s += time.perf_counter() - queued_at
+            self.counters.prefetch_leads += 1
         # a layer_output prediction that arrived with the counts: too late for this layer (only
         # scored); its guesses for later layers are queued after this layer's demand copies
         late = self._read_prediction(self._pending, known=layer) if self._pending is not None else []
@@ -347,10 +351,6 @@ class OffloadEngine(PredictionMixin):
                     continue
                 slot_of[e] = self._occupy(placed)
                 self._demand(key, slot_of[e])
-        queued_at = self._queued_at.pop(layer, None)
-        if queued_at is not None:
-            c.prefetch_lead_s += time.perf_counter() - queued_at
-            c.prefetch_leads += 1
         c.layer_calls += 1
         if layer == 0:
             c.tokens += num_tokens
@@ -458,6 +458,8 @@ class OffloadEngine(PredictionMixin):
 
     def _forget(self, evicted: tuple[int, int] | None) -> None:
         if evicted is not None:
+            if evicted in self._prefetched and evicted[0] in self._queued_at:
+                self.counters.prefetch_evicted_early += 1  # a guess gone before its layer ran
             self._prefetched.discard(evicted)
             if evicted in self._queue:
                 self._queue.remove(evicted)
