@@ -371,10 +371,12 @@ def _time_engine(engine) -> dict:
 
 # The engine A/B (``--variants engines``): (policy, prefetch, prefetch_extra, lead_chunks, cpu_compute,
 # slots: "half" or "all", batches): the goal runs of both speed goals and the all-resident ceiling
-# (the seventh session's list: the CPU-compute runs its worker thread changes, plain lru, and the
-# all-resident ceiling on both engines in every repeat, pooled by :func:`pooled_ceilings`)
-ENGINE_VARIANTS = [("lru", "none", 0, 2, False, "half", (1, 8)), ("lfu", "none", 0, 2, True, "half", (1, 8)),
-                   ("lfu", "layer_output", 1, 2, True, "half", (8,)), ("lru", "none", 0, 2, False, "all", (1, 8))]
+# (the seventh session's list: the CPU-compute runs its worker thread changes, plain lru, lru +
+# layer_output at batch 1 for the prefetch counters, and the all-resident ceiling on both engines
+# in every repeat, pooled by :func:`pooled_ceilings`)
+ENGINE_VARIANTS = [("lru", "none", 0, 2, False, "half", (1, 8)), ("lru", "layer_output", 0, 2, False, "half", (1,)),
+                   ("lfu", "none", 0, 2, True, "half", (1, 8)), ("lfu", "layer_output", 1, 2, True, "half", (8,)),
+                   ("lru", "none", 0, 2, False, "all", (1, 8))]
 
 
 def engines_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw: float) -> tuple[list, dict]:
@@ -391,7 +393,8 @@ def engines_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw:
     engines = {}
     for tag, fn in ((args.baseline, importlib.import_module(args.baseline + ".offload").offload), ("new", offload)):
         model = copy.deepcopy(cpu_model)
-        engines[tag] = (model, fn(model, cache_experts=num_experts_total // 2, device=args.device))
+        extra = {} if tag != "new" or args.cpu_overlap else {"cpu_overlap": False}
+        engines[tag] = (model, fn(model, cache_experts=num_experts_total // 2, device=args.device, **extra))
     runs = []
     for repeat in range(args.repeats):
         for policy, prefetch, extra, lead, cpu, which, batches in ENGINE_VARIANTS:
@@ -827,6 +830,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default="moekit_s5",
                    help="--variants engines: the importable package of the earlier moekit to compare with")
     p.add_argument("--repeats", type=int, default=2, help="--variants engines: repeats of each run per engine")
+    p.add_argument("--no-cpu-overlap", dest="cpu_overlap", action="store_false",
+                   help="--variants engines: this tree's engine with the host waiting for CPU experts")
     p.add_argument("--staging", type=int, default=2, help="staging slots of the staged runs (default 2)")
     p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8],
                    help="comma-separated batch sizes of the moekit runs (default 1,8)")

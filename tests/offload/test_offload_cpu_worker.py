@@ -130,5 +130,12 @@ def test_engine_computes_cpu_experts_on_the_worker_and_keeps_tokens():
     assert stats["cpu_computed"] > 0 and stats["cpu_busy_s"] > 0
     assert threads and all(name.startswith("moekit-cpu-experts") for name in threads)
     assert stats["cpu_overlap"] is False and stats["cpu_wait_s"] == 0.0
+    old = handle.engine.cpu
     handle.reconfigure(cpu_compute=False)  # the old engine's worker is stopped
-    assert handle.engine.cpu is None
+    assert handle.engine.cpu is None and old._pool is None and handle.engine.cpu_overlap
+
+
+def test_cpu_overlap_off_is_kept_by_reconfigure():
+    handle = offload(tiny_model("olmoe", seed=72), cache_experts=2, device="cpu", cpu_compute=True, cpu_overlap=False)
+    handle.reconfigure(policy="lfu")
+    assert handle.engine.cpu_overlap is False and handle.engine.cpu.flag is None

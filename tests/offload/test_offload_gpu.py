@@ -131,10 +131,8 @@ def test_gpu_layer_with_cpu_experts_returns_before_they_finish_when_overlapped(o
     # first: overlapped, engine.forward returns without waiting for them; either way the
     # layer's output is the eager loop's
     model = tiny_model("mixtral", seed=25)
-    handle = offload(model, cache_experts=2, cpu_compute=True)
+    handle = offload(model, cache_experts=2, cpu_compute=True, cpu_overlap=overlap)
     engine = handle.engine
-    if not overlap:  # the same engine with the host waiting for the worker
-        engine.cpu.flag = None
     eb = engine.expert_bytes
     engine.costs = TransferCosts(h2d_bytes_per_s=float(eb), expert_bytes=eb, cpu_s_fixed=0.01, cpu_s_per_token=0.0)
     g = torch.Generator().manual_seed(26)

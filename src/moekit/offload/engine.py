@@ -146,6 +146,7 @@ class OffloadEngine(PredictionMixin):
         self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
         self.counters = OffloadCounters()
         # computes the misses sent to the CPU on a worker thread (cpu_experts)
+        self.cpu_overlap = cpu_overlap
         self.cpu = CpuExperts(host_w_in, host_w_out, act_fn, self.device, self._cpu_done,
                               overlap=cpu_overlap) if cpu_compute else None
 
