@@ -52,7 +52,8 @@ over it is the weak scaling the mode could reach if communication and synchronis
 free; ``step_ms_back_to_back`` the mean over the steps queued without a sync between
 them (the host runs ahead of the GPU as in a training loop; ``step_ms`` waits for every
 step, so it also counts the GPU idling while the host launches the start of a step),
-``host_launch_ms`` the host's time to launch one synced step (median, slowest rank),
+``host_launch_ms`` / ``host_fwd_launch_ms`` / ``fwd_only_host_launch_ms`` the host's time to
+launch one synced step / its forward / a forward under ``no_grad`` (medians, slowest rank),
 tokens/s per GPU, useful TFLOP/s per GPU (``18*T*k*D*F`` for forward+backward, DESIGN.md)
 and the fraction of the dense bf16 peak; ``a2a_ms``: the four all-to-alls of a step (dispatch
 and combine, forward and backward) timed alone with the same split sizes. Goals: EP=2 weak
@@ -226,16 +227,21 @@ def parse_variant(label: str) -> dict:
 # ------------------------------------------------------------------------------ one case
 
 
-def _step_fn(module, x, idx, w, dy, is_ep, micro_batches: int = 1):
+def _step_fn(module, x, idx, w, dy, is_ep, micro_batches: int = 1, host_fwd_ms: list | None = None):
     """One optimizer step's gradient work: ``micro_batches`` forward+backward passes
     (gradients accumulate), then the replica gradient sum once (as ``reduce_gradients`` is
-    called once per optimizer step)."""
+    called once per optimizer step). host_fwd_ms: if given, each call appends the host time
+    from its start until the (first) forward returned, ms."""
     def step():
+        t0 = time.perf_counter()
         for p in module.parameters():
             p.grad = None
         x.grad = w.grad = None
-        for _ in range(micro_batches):
-            module(x, idx, w).backward(dy)
+        for i in range(micro_batches):
+            y = module(x, idx, w)
+            if i == 0 and host_fwd_ms is not None:
+                host_fwd_ms.append((time.perf_counter() - t0) * 1e3)
+            y.backward(dy)
         if is_ep:
             module.reduce_replica_grads()
     return step
@@ -330,18 +336,23 @@ def _compute_only_ms(module, shape, routing, rank, device, dtype, iters, warmup)
 
 
 def _profile(step, device, path: str | None) -> None:
-    """Profile a few steps (every rank runs them: they are collective); rank 0 writes the
-    operator table sorted by device time to ``path``."""
-    from torch.profiler import ProfilerActivity, profile
+    """Profile a few synced steps (every rank runs them: they are collective); rank 0 writes
+    the operator table sorted by device time to ``path`` and, on CUDA, where each step's GPU
+    time went (:mod:`ep_trace`: SM busy, SM idle waiting for the host's launches or for
+    something else, the longest idle stretches) to ``<path minus .txt>_timeline.txt``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ep_trace import STEP, format_timelines, step_timelines
 
     for _ in range(3):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            with record_function(STEP):  # the range ends after the step's GPU work, as a synced step
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
     if path:
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         with open(path, "w") as f:
@@ -349,6 +360,17 @@ def _profile(step, device, path: str | None) -> None:
             if device.type == "cuda":  # where the host time goes (the GPU idles when the host lags)
                 f.write("\n\nSorted by host (CPU) time:\n")
                 f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+        if device.type == "cuda":
+            fd, tmp = tempfile.mkstemp(suffix=".json")
+            os.close(fd)
+            try:
+                prof.export_chrome_trace(tmp)
+                with open(tmp) as f:
+                    steps = step_timelines(json.load(f))
+            finally:
+                os.remove(tmp)
+            with open(path[:-4] + "_timeline.txt" if path.endswith(".txt") else path + "_timeline.txt", "w") as f:
+                f.write(format_timelines(os.path.basename(path), steps))
 
 
 def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup, rank, world,
@@ -405,16 +427,21 @@ def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup
         row["balancedness"] = balancedness(counts.cpu()[None], module.phy2log.cpu()[None], ep)
     if profile_path is not None:
         _profile(_step_fn(module, x, idx, w, dy, ep > 1), device, profile_path)
-    host = []
-    step_ms = _timed(_step_fn(module, x, idx, w, dy, ep > 1), device, iters, warmup, host)
+    host, host_fwd = [], []
+    step_ms = _timed(_step_fn(module, x, idx, w, dy, ep > 1, host_fwd_ms=host_fwd), device, iters, warmup, host)
     row["rank_step_ms"] = step_ms
     row["step_ms"] = _max_over(step_ms, device)
+    # the host's time to launch a synced step (and its forward): where it exceeds the GPU's
+    # work queued so far, the GPU waits for it
     row["host_launch_ms"] = _max_over(host[0], device)
+    row["host_fwd_launch_ms"] = _max_over(statistics.median(host_fwd[-iters:]), device)
     b2b_ms = _timed_back_to_back(_step_fn(module, x, idx, w, dy, ep > 1), device, iters, 2)
     row["step_ms_back_to_back"] = _max_over(b2b_ms, device)
     row["tokens_per_s_per_gpu_back_to_back"] = num_tokens / (row["step_ms_back_to_back"] / 1e3)
     with torch.no_grad():  # inference: forward only
-        row["fwd_ms"] = _max_over(_timed(lambda: module(x, idx, w), device, iters, warmup), device)
+        host = []
+        row["fwd_ms"] = _max_over(_timed(lambda: module(x, idx, w), device, iters, warmup, host), device)
+        row["fwd_only_host_launch_ms"] = _max_over(host[0], device)
     row["fwd_tokens_per_s_per_gpu"] = num_tokens / (row["fwd_ms"] / 1e3)
     if ep > 1 and module.replicated:  # training with replicas: their gradient all-reduce
         row["replica_grad_sync_ms"] = _max_over(_timed(module.reduce_replica_grads, device, iters, warmup), device)
@@ -558,7 +585,8 @@ def _fmt(row: dict) -> str:
     label = _row_label(row, " ")[len(f"EP={row['ep']} "):]
     extra = f" a2a {row['a2a_ms']:6.2f} ms" if "a2a_ms" in row else " " * 14
     bal = f" bal {row['balancedness']:.3f}" if "balancedness" in row else ""
-    host = f" host {row['host_launch_ms']:5.2f}" if "host_launch_ms" in row else ""
+    host = (f" host {row['host_launch_ms']:5.2f} fwd {row['host_fwd_launch_ms']:5.2f}"
+            if "host_launch_ms" in row else "")
     return (f"{row['shape']:>18} EP={row['ep']} {label:<40} step {row['step_ms']:8.2f} ms "
             f"(b2b {row['step_ms_back_to_back']:7.2f}{host}){extra} {row['tokens_per_s_per_gpu'] / 1e3:8.1f} ktok/s/GPU "
             f"{row['tflops_per_gpu']:6.1f} TFLOP/s | fwd {row['fwd_ms']:7.2f} ms{bal}{_compute_only(row)}")
