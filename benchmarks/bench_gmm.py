@@ -10,11 +10,15 @@ uniform or Zipf(1.2) routing: both for the Qwen3 and DeepSeek shapes, which miss
 :data:`ROUTINGS`) and each GEMM (forward gate+up and down, backward ``dau``,
 ``dw_out``, ``dw_in``, ``dx``, with the operand layouts of :mod:`moekit.experts.grouped`):
 
-1. every Triton configuration of :data:`CONFIGS` is compiled, checked against
-   ``torch._grouped_mm`` (relative error) and timed once; the fastest is kept;
-2. ``grouped_mm``, the kept Triton configuration and ``bmm`` (the same FLOPs as
-   ``[E, N/E, ...]`` batches) are timed in three interleaved rounds (order forward, reversed,
-   forward); the table shows the median of the round medians.
+1. every Triton configuration of :data:`M_CONFIGS` (M-grouped GEMMs) or :data:`K_CONFIGS`
+   (the K-grouped weight gradients) is compiled and checked against ``torch._grouped_mm``
+   (relative error);
+2. ``grouped_mm``, every configuration that passed and ``bmm`` (the same FLOPs as
+   ``[E, N/E, ...]`` batches) are timed in ``--rounds`` interleaved rounds (default 5, order
+   reversed every other round, so a drift of the clocks lands on all alike; a single timing of
+   a configuration moved by up to 10% between runs); the table shows the median of the round
+   medians of ``grouped_mm``, the fastest configuration and ``bmm``, and the result file every
+   configuration's rounds.
 
 Also measures the dense bf16 matmul peak. Writes ``gmm_<gpu>_<date>[_TAG].json`` with the
 exact command, versions and machine.
@@ -45,15 +49,21 @@ from moekit.experts.grouped import route_by_expert
 
 GEMMS = ("gate+up", "down", "dau", "dw_out", "dw_in", "dx")
 C = tg.GmmConfig
-CONFIGS = (  # block_m, block_n, block_k, num_stages, num_warps
-    C(128, 256, 64, 3, 8),
+M_CONFIGS = (  # block_m, block_n, block_k, num_stages, num_warps
+    C(128, 256, 64, 4, 8, flatten=True, epilogue_subtile=True),
     C(128, 256, 64, 3, 8, flatten=True),
+    C(128, 256, 64, 3, 8, flatten=True, epilogue_subtile=True),
+    C(128, 256, 128, 2, 8, flatten=True, epilogue_subtile=True),
+    C(128, 128, 64, 5, 8, flatten=True),
+    C(256, 128, 64, 3, 8, flatten=True, epilogue_subtile=True),
+)
+K_CONFIGS = (
     C(128, 256, 64, 4, 8, epilogue_subtile=True),
     C(128, 256, 64, 4, 8, flatten=True, epilogue_subtile=True),
-    C(128, 128, 64, 4, 4, flatten=True),
-    C(256, 128, 64, 3, 8, flatten=True),
+    C(128, 256, 64, 3, 8, flatten=True),
+    C(128, 256, 128, 2, 8, epilogue_subtile=True),
 )
-ROUNDS = 3
+ROUNDS = 5
 ROUTINGS = {"olmoe": ("uniform",), "qwen3_30b_a3b": ("uniform", "zipf"), "mixtral": ("uniform",),
             "deepseek_v3_slice": ("uniform", "zipf")}
 
@@ -100,39 +110,45 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, n_valid: int) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def bench_gemm(name, gemm, fns, n_valid, log) -> dict:
+def config_key(cfg: tg.GmmConfig) -> str:
+    return "x".join(map(str, (cfg.block_m, cfg.block_n, cfg.block_k))) + f"_s{cfg.num_stages}_w{cfg.num_warps}" + \
+        ("_flat" if cfg.flatten else "") + ("_sub" if cfg.epilogue_subtile else "")
+
+
+def bench_gemm(name, gemm, fns, n_valid, log, rounds: int = ROUNDS) -> dict:
     grouped, triton_fn, bmm, flops = fns
     ref = grouped()
-    per_config = {}
-    for cfg in CONFIGS:
-        key = "x".join(map(str, (cfg.block_m, cfg.block_n, cfg.block_k))) + \
-            f"_s{cfg.num_stages}_w{cfg.num_warps}" + ("_flat" if cfg.flatten else "") + ("_sub" if cfg.epilogue_subtile else "")
+    per_config, contenders = {}, {"grouped_mm": grouped, "bmm": bmm}
+    for cfg in K_CONFIGS if gemm.startswith("dw") else M_CONFIGS:
+        key = config_key(cfg)
         try:
             err = rel_err(triton_fn(cfg), ref, n_valid)
-            ms = time_ms(lambda c=cfg: triton_fn(c), budget_s=0.05, warmup=2)
-            per_config[key] = dict(ms=ms, rel_err=err)
         except Exception as e:  # a configuration that does not compile or fit is reported, not fatal
             per_config[key] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-        torch.cuda.empty_cache()
-    ok = {k: v for k, v in per_config.items() if "ms" in v and v["rel_err"] < 2e-2}
-    best_key = min(ok, key=lambda k: ok[k]["ms"]) if ok else None
-    contenders = {"grouped_mm": grouped, "bmm": bmm}
-    if best_key:
-        best_cfg = CONFIGS[list(per_config).index(best_key)]
-        contenders["triton"] = lambda: triton_fn(best_cfg)
-    rounds: dict[str, list[float]] = {}
+            continue
+        per_config[key] = dict(rel_err=err)
+        if err < 2e-2:
+            contenders[key] = lambda c=cfg: triton_fn(c)
+    ms_rounds: dict[str, list[float]] = {}
     order = list(contenders)
-    for r in range(ROUNDS):
+    for r in range(rounds):
         for impl in (order if r % 2 == 0 else order[::-1]):
-            rounds.setdefault(impl, []).append(time_ms(contenders[impl], budget_s=0.1, warmup=2))
-    ms = {k: statistics.median(v) for k, v in rounds.items()}
+            ms_rounds.setdefault(impl, []).append(time_ms(contenders[impl], budget_s=0.08, warmup=2))
+    ms = {k: statistics.median(v) for k, v in ms_rounds.items()}
+    for key in per_config:
+        if key in ms:
+            per_config[key].update(ms=ms[key], ms_rounds=ms_rounds[key])
+    tried = [k for k in ms if k not in ("grouped_mm", "bmm")]
+    best_key = min(tried, key=ms.__getitem__) if tried else None
     row = dict(gemm=gemm, flops=flops, grouped_mm_ms=ms["grouped_mm"], bmm_ms=ms["bmm"],
-               triton_ms=ms.get("triton"), triton_config=best_key, ms_rounds=rounds, configs=per_config,
-               triton_rel_err=ok[best_key]["rel_err"] if best_key else None)
-    row["triton_vs_grouped_mm"] = ms["grouped_mm"] / ms["triton"] if best_key else None
-    row["tflops"] = {k: flops / v / 1e9 for k, v in ms.items()}
-    log(f"  {name:18s} {gemm:8s} grouped_mm {ms['grouped_mm']:7.3f}  triton {ms.get('triton', float('nan')):7.3f} "
-        f"({best_key})  bmm {ms['bmm']:7.3f} ms")
+               triton_ms=ms.get(best_key), triton_config=best_key,
+               ms_rounds={k: ms_rounds[k] for k in ("grouped_mm", "bmm", best_key) if k},
+               configs=per_config, triton_rel_err=per_config[best_key]["rel_err"] if best_key else None)
+    row["triton_vs_grouped_mm"] = ms["grouped_mm"] / ms[best_key] if best_key else None
+    row["tflops"] = {k: flops / ms[v] / 1e9 for k, v in (("grouped_mm", "grouped_mm"), ("bmm", "bmm"),
+                                                         ("triton", best_key)) if v}
+    log(f"  {name:18s} {gemm:8s} grouped_mm {ms['grouped_mm']:7.3f}  triton {ms.get(best_key, float('nan')):7.3f} "
+        f"({best_key})  bmm {ms['bmm']:7.3f} ms   " + " ".join(f"{k}={ms[k]:.3f}" for k in tried))
     return row
 
 
@@ -155,7 +171,11 @@ def main(argv=None) -> int:
     p.add_argument("--routing", default="uniform,zipf", help="comma-separated: uniform, zipf (each shape "
                    "keeps only those of its ROUTINGS entry)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved timing rounds (>= 1)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        print(f"bench_gmm: error: --rounds: expected an integer >= 1, got {args.rounds}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench_gmm: error: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -185,14 +205,15 @@ def main(argv=None) -> int:
             log(f"{name} {kind}: rows per expert min {int(counts.min())} mean {T * K / E:.0f} max {int(counts.max())}")
             cases = gemm_cases(T, D, F_, E, K, offs, gen)
             for gemm in GEMMS:
-                row = bench_gemm(name, gemm, cases[gemm], T * K, log)
+                row = bench_gemm(name, gemm, cases[gemm], T * K, log, args.rounds)
                 row.update(shape=name, routing=kind, T=T, D=D, F=F_, E=E, K=K, pct_peak_triton=(
                     100 * row["tflops"]["triton"] / peak if row["triton_ms"] else None))
                 rows.append(row)
             del cases
             torch.cuda.empty_cache()
             write_json(path, dict(command=command_line(argv), machine=info, dense_bf16_tflops=peak,
-                                  configs=[dataclasses.asdict(c) for c in CONFIGS], rows=rows, log=lines))
+                                  m_configs=[dataclasses.asdict(c) for c in M_CONFIGS],
+                                  k_configs=[dataclasses.asdict(c) for c in K_CONFIGS], rows=rows, log=lines))
     print_table(rows)
     print(f"wrote {path}")
     return 0

@@ -74,11 +74,15 @@ class GmmConfig:
     epilogue_subtile: bool = False
 
 
-# The best of bench_gmm.py's sweep on an H100 (gmm_h100_2026-11-28.json): about 0.88 of
-# torch._grouped_mm's time summed over the six GEMMs of the Qwen3 shape, against 0.92 / 0.94 for
-# three stages without the split epilogue (which leaves shared memory for the fourth stage).
-DEFAULT_M_CONFIG = GmmConfig(128, 256, 64, 4, 8, flatten=True, epilogue_subtile=True)
-DEFAULT_K_CONFIG = GmmConfig(128, 256, 64, 4, 8, epilogue_subtile=True)
+# Chosen by bench_gmm.py's five interleaved rounds per configuration on an H100
+# (gmm_h100_2026-11-28_s7.json; a single timing per configuration, as in the fifth session's
+# sweep, moved by up to 10% with the clock). Three stages with the split epilogue beat four on
+# the M-grouped products (Qwen3 dx 1.341 against 1.409 ms, DeepSeek dx 5.74 against 6.09 ms), and
+# three flattened stages with a whole-tile epilogue beat four split ones on the K-grouped weight
+# gradients (Qwen3 dw_in 1.391 against 1.501 ms). Layer step A/B in one process:
+# gmm_defaults_ab_h100_2026-11-28_s7.json.
+DEFAULT_M_CONFIG = GmmConfig(128, 256, 64, 3, 8, flatten=True, epilogue_subtile=True)
+DEFAULT_K_CONFIG = GmmConfig(128, 256, 64, 3, 8, flatten=True)
 # fp32 operands take the exact FMA dot: small tiles (the 16-bit tiles above would need 330-390 KB
 # of shared memory in fp32).
 FP32_CONFIG = GmmConfig(64, 64, 32, 2, 4)
