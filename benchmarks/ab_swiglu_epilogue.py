@@ -1,16 +1,17 @@
 """Same-process A/B of moekit's layer, forward and forward+backward, bf16, uniform routing,
 every prefill shape of ``bench_layer.py``: the SwiGLU in the gate+up GEMM's epilogue
 (:mod:`moekit.experts.triton_gmm_swiglu`) on every shape against the GEMM + activation kernel.
-Each variant is timed in four interleaved rounds (order forward, reversed, ...); the outputs
-and all gradients of the fused and the unfused path are compared first.
+Each variant is timed in ``--rounds`` interleaved rounds (default 4; order forward, reversed,
+...); the outputs and all gradients of the fused and the unfused path are compared first.
 
-    PYTHONPATH=src python benchmarks/ab_swiglu_epilogue.py      # writes $OUT/swiglu_ab.json
+    PYTHONPATH=src python benchmarks/ab_swiglu_epilogue.py [--rounds 4] [--shapes a,b]   # writes $OUT/swiglu_ab.json
 
 The variants move ``grouped.FUSED_SWIGLU_MIN_DIM`` for the duration of a timing. The committed
 ``results/swiglu_ab_h100_2026-11-28.json`` was made by this script at commit c3fb3a3, which had a
 third variant, ``both_fused`` (the activation backward in the ``dau`` GEMM's epilogue as well,
 since dropped); its ``fwd_fused`` is this version's ``fused``.
 """
+import argparse
 import os
 import statistics
 import sys
@@ -31,7 +32,7 @@ def use(v):
     grouped.FUSED_SWIGLU_MIN_DIM = 0 if v == "fused" else 10 ** 9
 
 
-def ab_shape(T, D, F, E, K, gen) -> dict:
+def ab_shape(T, D, F, E, K, gen, rounds: int = 4) -> dict:
     """Differences fused vs unfused, then ``{mode: {variant: {median, rounds}}}`` for one shape."""
     w_in, w_out = bl.make_weights(D, F, E, gen)
     x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
@@ -53,7 +54,7 @@ def ab_shape(T, D, F, E, K, gen) -> dict:
         n: rel(a, b) for n, a, b in zip(("dx", "dw", "dw_in", "dw_out"), g1, g0)}}
     for mode, fn in fns.items():
         rounds = {k: [] for k in VARIANTS}
-        for r in range(4):
+        for r in range(rounds):
             for k in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
                 use(k)
                 rounds[k].append(bl.time_ms(fn, budget_s=0.4, max_reps=30))
@@ -62,11 +63,19 @@ def ab_shape(T, D, F, E, K, gen) -> dict:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (>= 1)")
+    p.add_argument("--shapes", default="", help="comma-separated prefill shape names (default: all)")
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds: expected an integer >= 1, got {args.rounds}")
     out = {}
     gen = torch.Generator(device="cuda").manual_seed(0)
     try:
         for name, T, D, F, E, K in bl.PREFILL:
-            res = out[name] = ab_shape(T, D, F, E, K, gen)
+            if args.shapes and name not in args.shapes.split(","):
+                continue
+            res = out[name] = ab_shape(T, D, F, E, K, gen, args.rounds)
             print(name, {k: f"{v:.1e}" for k, v in res["rel_diff_fused_vs_unfused"].items()},
                   {m: {k: round(v["median"], 3) for k, v in res[m].items()} for m in ("fwd", "fwd+bwd")}, flush=True)
             torch.cuda.empty_cache()

@@ -425,8 +425,9 @@ def profile_shape(name, T, D, F_, E, K, path: str) -> dict:
     w = w.bfloat16().requires_grad_()
     dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
     x_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+    dy_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16)
     fns = {"moekit": step(lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], True, dy),
-           "bmm_bound": step(lambda: bmm_bound_fn(x_EMD, w_in, w_out), [x_EMD, w_in, w_out], True, dy.view(E, -1, D))}
+           "bmm_bound": step(lambda: bmm_bound_fn(x_EMD, w_in, w_out), [x_EMD, w_in, w_out], True, dy_EMD)}
     out = {impl: kernel_times(fn) for impl, fn in fns.items()}
     with open(path, "w") as f:
         for impl, rows in out.items():
