@@ -95,3 +95,31 @@ def test_overlap_needs_the_deduplicated_dispatch():
     for kw in ({"dedup": False}, {"dedup": False, "max_tokens_per_rank": 8}):
         with pytest.raises(ValueError, match="overlap: expected False unless dedup=True"):
             ExpertParallelExperts(ExpertsConfig(8, 8, 2), None, overlap=True, **kw)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("tokens", [4, 2, 0])
+def test_sum_partials_values_grads_and_no_full_slice(blocks, tokens):
+    """``sum_partials`` adds each token's rows of the ``B`` blocks (fp32 inside); where the
+    blocks hold exactly ``T`` rows its graph has no slice, whose backward would fill a zero
+    tensor of the whole input and copy the gradient into it."""
+    from moekit.parallel.rows import sum_partials
+
+    cap, dim = 4, 3
+    y = torch.randn(blocks * cap, dim, dtype=torch.float64, requires_grad=True)
+    out = sum_partials(y, blocks, cap, tokens, torch.float64)
+    expect = y.detach().view(blocks, cap, dim)[:, :tokens].sum(0)
+    assert torch.equal(out.detach(), expect)
+    g = torch.randn(tokens, dim, dtype=torch.float64)
+    out.backward(g)
+    grad = torch.zeros(blocks, cap, dim, dtype=torch.float64)
+    grad[:, :tokens] = g
+    assert torch.equal(y.grad, grad.view(-1, dim))
+
+    def nodes(fn, seen=()):
+        if fn is None or fn in seen:
+            return []
+        return [type(fn).__name__] + [n for f, _ in fn.next_functions for n in nodes(f, seen + (fn,))]
+
+    names = nodes(out.grad_fn) if out.grad_fn is not None else []
+    assert ("SliceBackward0" in names) == (tokens < cap), names

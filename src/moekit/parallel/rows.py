@@ -91,7 +91,11 @@ def sum_partials(y_BD: torch.Tensor, num_blocks: int, cap: int, num_tokens: int,
     """``[T, D]`` in ``out_dtype``: the sum over ``num_blocks`` blocks of ``cap`` rows (``y_BD``,
     ``B = num_blocks * cap``, each block one rank's partial sums for this rank's rows) of their
     first ``num_tokens`` rows, accumulated in at least fp32."""
+    # no slice where the blocks hold exactly T rows: a slice's backward would allocate zeros
+    # of the whole input and copy the gradient in (a memset and a copy of [B, D] on the
+    # backward's critical path, the combine's gradient being the first thing it exchanges)
     if num_blocks == 1:  # one partial: the sum is the block itself
-        return y_BD[:num_tokens].to(out_dtype)
+        return (y_BD if num_tokens == cap else y_BD[:num_tokens]).to(out_dtype)
     acc = torch.promote_types(out_dtype, torch.float32)
-    return y_BD.view(num_blocks, cap, -1)[:, :num_tokens].sum(0, dtype=acc).to(out_dtype)
+    blocks = y_BD.view(num_blocks, cap, -1)
+    return (blocks if num_tokens == cap else blocks[:, :num_tokens]).sum(0, dtype=acc).to(out_dtype)
