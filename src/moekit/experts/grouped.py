@@ -146,11 +146,11 @@ def _weight_grad(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor,
 
 
 # The SwiGLU runs in the gate+up GEMM's epilogue from this model width up. Same-process A/B on
-# an H100 (benchmarks/ab_swiglu_epilogue.py, results/swiglu_ab_h100_2026-11-28.json, medians of
-# four rounds): forward 8.95 vs 9.83 ms Mixtral (D = 4096), 9.38 vs 9.99 ms DeepSeek slice
-# (D = 7168), forward+backward unchanged within the rounds' spread; at D = 2048 (OLMoE, Qwen3)
-# the forward is unchanged and OLMoE's forward+backward 2.7% slower (9.72 vs 9.46 ms): the
-# saved pass over h shrinks against the GEMM as D grows, the heavier epilogue does not.
+# an H100, sixth session (results/swiglu_ab_h100_2026-11-28.json, four rounds): forward 8.95 vs
+# 9.83 ms Mixtral (D = 4096), 9.38 vs 9.99 ms DeepSeek slice (D = 7168), forward+backward
+# unchanged; at D = 2048 OLMoE's forward+backward 2.7% slower. Rerun after the seventh session's
+# GEMM defaults (benchmarks/ab_layer.py, results/layer_ab_h100_2026-11-28_s7.json, six rounds):
+# no shape moves by more than 1.2% either way, so the threshold stands.
 FUSED_SWIGLU_MIN_DIM = 4096
 
 

@@ -8,7 +8,7 @@ spans both halves), stores both into ``h`` (the backward needs them) and writes 
 same registers: ``h`` is never read back, which saves the activation kernel's pass over
 ``[N, 2F]`` and its launch. ``a`` is computed from the gate and up values *as stored* (rounded
 to the output dtype), so it equals what :func:`moekit.experts.steps.act_forward` gives on this
-``h`` (bit-identical layer outputs and gradients on an H100, ``benchmarks/ab_swiglu_epilogue.py``).
+``h`` (bit-identical layer outputs and gradients on an H100, ``benchmarks/ab_layer.py``).
 
 Everything else is :mod:`moekit.experts.triton_gmm`'s M-grouped kernel: a persistent grid
 walking the experts' row ranges from ``offs_E`` on the GPU (no host sync), activations through
