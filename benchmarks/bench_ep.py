@@ -363,14 +363,16 @@ def _profile(step, device, path: str | None) -> None:
         if device.type == "cuda":
             fd, tmp = tempfile.mkstemp(suffix=".json")
             os.close(fd)
-            try:
+            try:  # a diagnostic: a trace it cannot read must not stop the collective run of every rank
                 prof.export_chrome_trace(tmp)
                 with open(tmp) as f:
-                    steps = step_timelines(json.load(f))
+                    text = format_timelines(os.path.basename(path), step_timelines(json.load(f)))
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+                text = f"{os.path.basename(path)}: the trace could not be read: {e!r}\n"
             finally:
                 os.remove(tmp)
             with open(path[:-4] + "_timeline.txt" if path.endswith(".txt") else path + "_timeline.txt", "w") as f:
-                f.write(format_timelines(os.path.basename(path), steps))
+                f.write(text)
 
 
 def run_case(shape, ep, routing, plan_rows, groups, device, dtype, iters, warmup, rank, world,
