@@ -330,8 +330,7 @@ def measure(model, handle, cpu_model, args, name: str, batch: int, expert_bytes:
                     wall_s=s["wall_s"], step_ms=step_ms, copy_ms_per_step=copy_ms, no_copy_ms_per_step=step_ms - copy_ms,
                     engine_host_ms_per_layer_call=(1e3 * (engine_time["s"] - s["host_wait_s"]) / engine_time["calls"]
                                                    if engine_time["calls"] else float("nan")),
-                    cpu_busy_s=s.get("cpu_busy_s"), cpu_wait_s=s.get("cpu_wait_s"),
-                    cpu_overlap=s.get("cpu_overlap"),
+                    cpu_busy_s=s.get("cpu_busy_s"),
                     decode_tokens_per_s=res["decode_tokens_per_s"], decode_hit_rate=dec_hit,
                     decode_inflight_hit_rate=dec_late, hit_rate=s["hit_rate"],
                     inflight_hit_rate=s["inflight_hit_rate"], inflight_hits=s["inflight_hits"],
@@ -393,8 +392,7 @@ def engines_runs(cpu_model, args, expert_bytes: int, num_experts_total: int, bw:
     engines = {}
     for tag, fn in ((args.baseline, importlib.import_module(args.baseline + ".offload").offload), ("new", offload)):
         model = copy.deepcopy(cpu_model)
-        extra = {} if tag != "new" or args.cpu_overlap else {"cpu_overlap": False}
-        engines[tag] = (model, fn(model, cache_experts=num_experts_total // 2, device=args.device, **extra))
+        engines[tag] = (model, fn(model, cache_experts=num_experts_total // 2, device=args.device))
     runs = []
     for repeat in range(args.repeats):
         for policy, prefetch, extra, lead, cpu, which, batches in ENGINE_VARIANTS:
@@ -799,8 +797,7 @@ def print_run(run: dict) -> None:
             extra += (f" prefetch useful {run['prefetch_useful']} of {run['prefetch_copies']}, evicted early "
                       f"{run.get('prefetch_evicted_early')}")
         if run.get("cpu_computed"):
-            extra += (f" cpu_busy {run.get('cpu_busy_s') or 0:.2f}s cpu_wait {run.get('cpu_wait_s') or 0:.2f}s "
-                      f"overlap {run.get('cpu_overlap')}")
+            extra += f" cpu_busy {run.get('cpu_busy_s') or 0:.2f}s"
         if run.get("staging_slots"):
             extra += (f" staged hit/inflight/miss/dropped {run['staged_hits']}/{run['staged_inflight_hits']}/"
                       f"{run['staged_misses']}/{run['staged_dropped']} victims {run['victim_hits']} "
@@ -830,8 +827,6 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default="moekit_s5",
                    help="--variants engines: the importable package of the earlier moekit to compare with")
     p.add_argument("--repeats", type=int, default=2, help="--variants engines: repeats of each run per engine")
-    p.add_argument("--no-cpu-overlap", dest="cpu_overlap", action="store_false",
-                   help="--variants engines: this tree's engine with the host waiting for CPU experts")
     p.add_argument("--staging", type=int, default=2, help="staging slots of the staged runs (default 2)")
     p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8],
                    help="comma-separated batch sizes of the moekit runs (default 1,8)")

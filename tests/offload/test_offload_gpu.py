@@ -14,7 +14,6 @@ from tiny_models import FAMILY_NAMES, tiny_model  # noqa: E402
 
 from moekit.offload import TransferCosts, offload  # noqa: E402
 from moekit.offload.copies import ChunkedCopier  # noqa: E402
-from moekit.offload.cpu_experts import HostFlag  # noqa: E402
 from moekit.offload.routing_plan import experts_output_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -104,34 +103,15 @@ def test_gpu_cpu_computed_misses_match_the_plain_model():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     c = handle.engine.counters
     assert c.cpu_computed > 0 and c.demand_copies > 0
-    assert handle.stats()["cpu_overlap"]  # the device waited for the CPU rows itself
 
 
-def test_gpu_host_flag_holds_a_stream_until_the_host_sets_it():
-    flag = HostFlag.create(torch.device("cuda"))
-    assert flag is not None  # stream memory operations on mapped pinned memory
-    out = torch.zeros(4, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        flag.wait(stream, 1)
-        out.add_(1.0)
-        done = torch.cuda.Event()
-        done.record(stream)
-    time.sleep(0.05)
-    assert not done.query() and flag.value == 0
-    flag.set(1)
-    done.synchronize()
-    assert out.tolist() == [1.0] * 4
-
-
-@pytest.mark.parametrize("overlap", [True, False])
-def test_gpu_layer_with_cpu_experts_returns_before_they_finish_when_overlapped(overlap):
-    # every expert goes to the CPU (0.01 s there vs 1 s per copy), each CPU expert sleeps 0.1 s
-    # first: overlapped, engine.forward returns without waiting for them; either way the
-    # layer's output is the eager loop's
+def test_gpu_slow_cpu_experts_on_the_worker_give_the_eager_output():
+    # every expert goes to the CPU (0.01 s there vs 1 s per copy) and each sleeps 0.1 s first on
+    # the worker thread: the layer waits for the rows before copying them out of the pinned
+    # buffer (copied early, they would be the buffer's old contents), and its output is the
+    # eager loop's
     model = tiny_model("mixtral", seed=25)
-    handle = offload(model, cache_experts=2, cpu_compute=True, cpu_overlap=overlap)
+    handle = offload(model, cache_experts=2, cpu_compute=True)
     engine = handle.engine
     eb = engine.expert_bytes
     engine.costs = TransferCosts(h2d_bytes_per_s=float(eb), expert_bytes=eb, cpu_s_fixed=0.01, cpu_s_per_token=0.0)
@@ -153,13 +133,11 @@ def test_gpu_layer_with_cpu_experts_returns_before_they_finish_when_overlapped(o
     torch.cuda.synchronize()
     cpu_experts = engine.counters.cpu_computed
     assert cpu_experts >= 2
-    assert (host_s < 0.1) if overlap else (host_s > 0.1 * cpu_experts)
+    assert host_s > 0.1 * cpu_experts  # the host waited for the worker
     expected = experts_output_reference(x_TD, idx_TK, w_TK, engine.host_w_in[0].cuda(), engine.host_w_out[0].cuda(),
                                         act)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    stats = handle.stats()
-    assert stats["cpu_overlap"] == overlap
-    assert (stats["cpu_wait_s"] > 0.1) if overlap else stats["cpu_wait_s"] == 0.0
+    assert handle.stats()["cpu_busy_s"] > 0.1 * cpu_experts
 
 
 @pytest.mark.parametrize("prefetch", ["layer_output", "layer_output2"])

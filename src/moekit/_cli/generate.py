@@ -66,7 +66,7 @@ def run(args) -> int:
     table.add_column("value", justify="right")
     for key in ("hit_rate", "inflight_hit_rate", "prefetch_precision", "prefetch_recall", "prefetch_lead_s",
                 "h2d_bytes_per_token", "stall_s",
-                "pcie_utilization", "copy_busy_fraction", "tokens_per_s", "decode_tokens_per_s", "cpu_computed", "cpu_busy_s", "cpu_wait_s",
+                "pcie_utilization", "copy_busy_fraction", "tokens_per_s", "decode_tokens_per_s", "cpu_computed", "cpu_busy_s",
                 "demand_copies", "prefetch_copies", "staged_hits", "staged_misses"):
         value = result["stats"][key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))

@@ -201,7 +201,7 @@ class OffloadHandle:
         self.engine = OffloadEngine(old.host_w_in, old.host_w_out, num_slots, policy, old.device, old.act_fn,
                                     costs, cpu_compute, self._predictors.get(prefetch),
                                     self._predictors.get(f"{prefetch}:out"), old.copier.chunk_bytes, lead, extra,
-                                    staging_slots=staging, cpu_overlap=old.cpu_overlap)
+                                    staging_slots=staging)
         for layer in self.layers:
             object.__setattr__(layer, "engine", self.engine)
         self._install_prefetch_hooks()
@@ -236,8 +236,6 @@ class OffloadHandle:
             "stall_s": c.stall_s,
             "host_wait_s": c.host_wait_s,
             "cpu_busy_s": c.cpu_busy_s,
-            "cpu_wait_s": c.cpu_wait_s,
-            "cpu_overlap": engine.cpu is not None and engine.cpu.overlapped,
             "copy_busy_s": engine.copier.busy_s + engine.copier.sync_copy_s,
             "copy_busy_fraction": (engine.copier.busy_s + engine.copier.sync_copy_s) / wall if wall > 0 else float("nan"),
             "copy_bandwidth_bytes_per_s": (c.h2d_bytes / engine.copier.busy_s if engine.copier.busy_s > 0
@@ -295,7 +293,7 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
             policy: str = "lru", prefetch: str = "none", cpu_compute: bool = False,
             device: str | torch.device | None = None, reserve: int | str | None = None,
             prefetch_extra: int = 0, lead_chunks: int = 2, chunk_bytes: int | str = 32 * 2**20,
-            staging_slots: int = 0, cpu_overlap: bool = True) -> OffloadHandle:
+            staging_slots: int = 0) -> OffloadHandle:
     """Offload the routed experts of a ``transformers`` MoE ``model`` (in place).
 
     cache_experts: number of device expert slots; or gpu_memory: total device budget (bytes or
@@ -311,9 +309,6 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     staging_slots: device slots for prefetched guesses outside the cache (module doc, "Staging";
     default 0: a guess takes a cache slot at once). With ``cache_experts`` they come on top of
     the cache's slots; with ``gpu_memory`` they are taken from the slots the budget allows.
-    cpu_overlap: with ``cpu_compute`` on CUDA, the device waits for the CPU-computed experts
-    itself (a stream wait on a counter in pinned memory, :mod:`moekit.offload.cpu_experts`),
-    so the host does not; False: the host waits for them before the layer returns.
     """
     if (cache_experts is None) == (gpu_memory is None):
         raise ValueError("cache_experts / gpu_memory: expected exactly one of them, "
@@ -366,7 +361,7 @@ def offload(model: nn.Module, *, cache_experts: int | None = None, gpu_memory: i
     poll_modules = [m for m in (modules.get(b.name.rpartition(".")[0]) for b in blocks) if m is not None]
     engine = OffloadEngine(host_in, host_out, int(num_slots), policy, device, act_fn, costs, cpu_compute,
                            predictors.get(prefetch), predictors.get(f"{prefetch}:out"), chunk_bytes,
-                           lead_chunks, prefetch_extra, staging_slots=staging_slots, cpu_overlap=bool(cpu_overlap))
+                           lead_chunks, prefetch_extra, staging_slots=staging_slots)
     layers = [OffloadedExperts(engine, i) for i in range(len(blocks))]
     for b, layer in zip(blocks, layers):
         b.module.experts = layer

@@ -36,9 +36,8 @@ class OffloadCounters:
     starts: an expert copy must fit in that time to land as a hit). h2d_bytes (of which
     prefetch_bytes): bytes copied to the device. stall_s: time the computation waited for
     copies. host_wait_s: time the host waited for a layer's counts. cpu_busy_s: time the
-    host (the CPU worker thread) spent computing experts. cpu_wait_s: time the device's
-    compute stream waited for CPU-computed experts' rows (device-side waits only,
-    :mod:`moekit.offload.cpu_experts`). tokens: tokens through the
+    host (the CPU worker thread, :mod:`moekit.offload.cpu_experts`) spent computing experts.
+    tokens: tokens through the
     first MoE layer. wall_s: wall time of the model's forward passes.
     """
 
@@ -65,9 +64,7 @@ class OffloadCounters:
     stall_s: float = 0.0
     host_wait_s: float = 0.0
     cpu_busy_s: float = 0.0
-    cpu_wait_s: float = 0.0
     tokens: int = 0
     wall_s: float = 0.0
     layer_calls: int = 0
     pending_waits: list = field(default_factory=list)  # CUDA (marker, ready) event pairs
-    cpu_waits: list = field(default_factory=list)  # CUDA (before, after) pairs around CPU-row waits

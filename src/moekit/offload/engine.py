@@ -36,10 +36,9 @@ One engine serves every MoE layer of a model. For each layer call it
    layer call and five per expert).
    Misses sent to the CPU go to a worker thread before the device work is queued
    (:mod:`moekit.offload.cpu_experts`), so the copy engine, the device, the CPU and the
-   launching thread work at once; the device waits for their rows itself (a stream wait on a
-   counter in pinned memory) where the driver allows, so the host returns from the layer
-   without waiting. Their sums follow in the same ascending order, and their measured times
-   refine the cost model (:meth:`~moekit.offload.costs.TransferCosts.observe_cpu`).
+   launching thread work at once; the host waits for their rows after queueing the rest.
+   Their sums follow in the same ascending order, and their measured times refine the cost
+   model (:meth:`~moekit.offload.costs.TransferCosts.observe_cpu`).
 
 With ``staging_slots > 0`` a guess is copied into a staging slot outside the cache instead
 (:mod:`moekit.offload.staging`) and joins the cache only when a layer needs it (step 2), evicting
@@ -96,9 +95,7 @@ class OffloadEngine(PredictionMixin):
     ahead). copy_landed: ``slot -> bool``, whether
     the copies issued into a slot have finished, asked when a layer looks its experts up
     (default :meth:`ChunkedCopier.landed`, a non-blocking event query; tests inject a fake to
-    make copies look late on a CPU device, where they are synchronous). cpu_overlap: the device
-    waits for the CPU-computed experts itself where the driver allows
-    (:mod:`moekit.offload.cpu_experts`); False: the host waits for them before the layer returns.
+    make copies look late on a CPU device, where they are synchronous).
     """
 
     def __init__(self, host_w_in: list[torch.Tensor], host_w_out: list[torch.Tensor], num_slots: int,
@@ -106,7 +103,7 @@ class OffloadEngine(PredictionMixin):
                  cpu_compute: bool = False, predictors: list[Predictor | None] | None = None,
                  out_predictors: list[Predictor | None] | None = None, chunk_bytes: int = 32 * 2**20,
                  lead_chunks: int = 2, prefetch_extra: int = 0, copy_landed: Callable[[int], bool] | None = None,
-                 staging_slots: int = 0, cpu_overlap: bool = True):
+                 staging_slots: int = 0):
         self.host_w_in, self.host_w_out = host_w_in, host_w_out
         self.device = torch.device(device)
         self.num_experts = int(host_w_in[0].shape[0])
@@ -146,9 +143,7 @@ class OffloadEngine(PredictionMixin):
         self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
         self.counters = OffloadCounters()
         # computes the misses sent to the CPU on a worker thread (cpu_experts)
-        self.cpu_overlap = cpu_overlap
-        self.cpu = CpuExperts(host_w_in, host_w_out, act_fn, self.device, self._cpu_done,
-                              overlap=cpu_overlap) if cpu_compute else None
+        self.cpu = CpuExperts(host_w_in, host_w_out, act_fn, self.device, self._cpu_done) if cpu_compute else None
 
     @property
     def num_slots(self) -> int:
@@ -249,9 +244,8 @@ class OffloadEngine(PredictionMixin):
 
     def resolve_stalls(self) -> None:
         """Turn the recorded (compute reached the wait, copy finished) event pairs into stall
-        seconds, the (before, after) pairs of the waits for CPU experts into ``cpu_wait_s``, and
-        the copy events into copy-engine busy seconds; waits for the CPU worker and synchronises
-        the device."""
+        seconds, and the copy events into copy-engine busy seconds; waits for the CPU worker and
+        synchronises the device."""
         if self.cpu is not None:
             self.cpu.drain()
         if self.cuda:
@@ -260,10 +254,7 @@ class OffloadEngine(PredictionMixin):
         c = self.counters
         for marker, ready in c.pending_waits:
             c.stall_s += max(marker.elapsed_time(ready), 0.0) / 1e3
-        for before, after in c.cpu_waits:
-            c.cpu_wait_s += max(before.elapsed_time(after), 0.0) / 1e3
         c.pending_waits.clear()
-        c.cpu_waits.clear()
 
     def _cpu_done(self, seconds: float, num_tokens: int) -> None:
         """One CPU expert finished (called on the worker thread): the cost model and the counter."""
@@ -404,10 +395,8 @@ class OffloadEngine(PredictionMixin):
             self.copier.mark_read(slot)
             protected.discard((layer, e))
 
-        if on_cpu:  # their rows, behind a device-side wait for the worker (or after a host wait)
-            waited = self.cpu.receive(on_cpu, starts, y_ND1, w_N1)
-            if waited is not None:
-                c.cpu_waits.append(waited)
+        if on_cpu:  # their rows, once the worker has them
+            self.cpu.receive(on_cpu, starts, y_ND1, w_N1)
         out_TD = combine_in_expert_order(y_ND1, comb_KT, num_tokens)
         self.pump()
         return out_TD
