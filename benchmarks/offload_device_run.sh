@@ -25,6 +25,9 @@
 # BASELINE=moekit_s6 compares with the sixth session's engine instead (build/s6 made the same way
 # from 0e22bd1, the commit before the seventh session's CPU worker, the package renamed moekit_s6):
 #   OUT=/tmp/out TAG=s7 BASELINE=moekit_s6 REPEATS=3 BENCH_TIMEOUT=300 bash benchmarks/offload_device_run.sh engines
+#
+# Mode probe (~1 min): the two CPU-expert GPU tests and benchmarks/probe_host_wait.py (how a stream
+# could wait for a value the host writes later): gpu_tests.txt, probe.log, probe.json.
 set -u
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/offload_out}
@@ -37,6 +40,12 @@ mkdir -p "$OUT"
   echo "cpus $(nproc)"; free -g | head -2; date -u
   git log --oneline -1 2>/dev/null
 } >"$OUT/env.txt" 2>&1
+if [ "$MODE" = probe ]; then  # ~1 min: the CPU-expert GPU tests, then the ways a stream could wait for the host
+  timeout 90 python3 -m pytest -q -m gpu tests/offload/test_offload_gpu.py -k cpu -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu_tests.txt" | tail -3
+  timeout 70 python3 benchmarks/probe_host_wait.py --timeout 12 --out "$OUT/probe.json" 2>&1 | tee "$OUT/probe.log"
+  exit 0
+fi
 timeout 120 python3 -m pytest -q -m gpu tests/offload tests/hf -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
 if [ "$MODE" = profile ]; then
