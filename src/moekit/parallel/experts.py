@@ -127,6 +127,9 @@ class ExpertParallelExperts(nn.Module):
     expert GEMM sooner after the step begins (the exchange's host work then runs beside that
     GEMM); same results. Meant for ``transport="copy_engine"``, whose copies need no SMs: NCCL's
     all-to-all kernels would wait for the persistent GEMM to end (:mod:`moekit.parallel.overlap`).
+    Measured on 2x H200 (docs/results/expert-parallel.md, tenth run): no faster than the default
+    order. It removes the GPU's wait for the exchange's launches, but the exchange's barrier
+    kernels then wait for the persistent GEMM's SMs (306 us on average against 9 us).
 
     Parameters: ``local.w_in`` ``[S, H, D]`` and ``local.w_out`` ``[S, D, F]``, this rank's slots.
     Buffer ``phy2log`` ``[R]`` is saved in the state dict with them.
