@@ -18,7 +18,7 @@ from moekit.experts import triton_gmm as tg
 pytestmark = pytest.mark.gpu
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
-CONFIGS = [tg.DEFAULT_M_CONFIG, tg.GmmConfig(128, 128, 64, 4, 4, flatten=True),
+CONFIGS = [tg.DEFAULT_M_CONFIG, tg.DEFAULT_K_CONFIG, tg.GmmConfig(128, 128, 64, 4, 4, flatten=True),
            tg.GmmConfig(128, 256, 64, 4, 8, epilogue_subtile=True)]
 
 
@@ -84,7 +84,7 @@ def test_six_gemms_fp32():
         assert _rel(got, want) < TOL[torch.float32], (gemm, _rel(got, want))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["default", "128x128_flat", "subtile"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default_m", "default_k", "128x128_flat", "subtile_s4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ragged_edges(dtype, config):
     """Empty experts (first, middle, last), groups shorter than a tile and longer than one,
@@ -135,3 +135,23 @@ def test_no_host_sync():
         tg.gmm_k_grouped(a, b, offs)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_sm_carveout_gives_the_same_results():
+    """Under PyTorch's SM carveout the persistent grid is smaller (fewer programs walk the same
+    tiles): results are bit-identical to the full grid's."""
+    from moekit.parallel import sm_carveout
+
+    gen = torch.Generator().manual_seed(4)
+    counts = [0, 700, 129, 513, 0, 260]
+    offs = _offs(counts)
+    a = torch.randn(sum(counts), 256, generator=gen).to("cuda", torch.bfloat16)
+    w = torch.randn(len(counts), 384, 256, generator=gen).to("cuda", torch.bfloat16)
+    b = torch.randn(sum(counts), 384, generator=gen).to("cuda", torch.bfloat16)
+    full = tg.gmm_m_grouped(a, w, offs, w_is_ok=True), tg.gmm_k_grouped(a, b, offs)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with sm_carveout(sms - 5):
+        assert tg._programs_for(a) == 5
+        carved = tg.gmm_m_grouped(a, w, offs, w_is_ok=True), tg.gmm_k_grouped(a, b, offs)
+    for got, want in zip(carved, full):  # a holds no tail rows: every output row is written
+        assert torch.equal(got, want)

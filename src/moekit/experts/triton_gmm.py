@@ -99,8 +99,21 @@ def _num_programs(device_index: int) -> int:
 
 
 def _programs_for(t: torch.Tensor) -> int:
-    return _num_programs(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
-        if t.device.type == "cuda" else 3
+    """Persistent programs for a launch on ``t``'s device: one per multiprocessor, less
+    PyTorch's SM carveout where one is set (``torch._C._set_sm_carveout_experimental``, which
+    cuBLAS and CUTLASS honour too): a persistent grid takes every SM it is given until the
+    GEMM ends, so the carveout is what leaves SMs to kernels queued beside it (the
+    expert-parallel overlap's exchanges, :mod:`moekit.parallel.carveout`)."""
+    if t.device.type != "cuda":
+        return 3
+    sms = _num_programs(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    get = getattr(torch._C, "_get_sm_carveout_experimental", None)
+    return _after_carveout(sms, get() if get is not None else None)
+
+
+def _after_carveout(sms: int, carveout: int | None) -> int:
+    """``sms`` less ``carveout`` (``None``: none), at least one program."""
+    return max(1, sms - (carveout or 0))
 
 
 @triton.jit

@@ -9,7 +9,8 @@ fourth device run measured both: NCCL all-to-all kernels 1.9x longer and grouped
 slower with the overlap than without it (OLMoE-like shape, 2x H100).
 
 PyTorch's SM carveout (``torch._C._set_sm_carveout_experimental``, read at launch time by
-cuBLAS and by the CUTLASS grouped GEMM) makes those kernels target ``SMs - n`` SMs, so ``n``
+cuBLAS, by the CUTLASS grouped GEMM and by moekit's persistent Triton GEMMs,
+:mod:`moekit.experts.triton_gmm`) makes those kernels target ``SMs - n`` SMs, so ``n``
 stay free for the communication kernels. With ``overlap`` two streams run GEMMs at once, and
 the SMs one leaves free the other may take: the carveout is a scheduling hint, measured in
 ``benchmarks/bench_ep.py`` (variant option ``:cN``), not a guarantee. It is a process-wide
