@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 from tiny_models import tiny_model  # noqa: E402
 
 from moekit.offload import TransferCosts, offload  # noqa: E402
-from moekit.offload.cpu_experts import CpuExperts, expert_forward  # noqa: E402
+from moekit.offload.cpu_experts import CpuExperts  # noqa: E402
+from moekit.offload.routing_plan import expert_forward  # noqa: E402
 
 
 def _weights(layers=2, experts=4, dim=8, ffn=6, seed=0, dtype=torch.float32):

@@ -27,16 +27,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["CpuExperts", "expert_forward"]
+from moekit.offload.routing_plan import expert_forward
 
-
-def expert_forward(x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor, act_fn: Callable) -> torch.Tensor:
-    """One SwiGLU expert ``[N, D] -> [N, D]`` (``w_in_HD [2F, D]`` = gate rows then up rows,
-    ``w_out_DF [D, F]``), as ``transformers``' eager expert computes it."""
-    gate_NF, up_NF = F.linear(x_ND, w_in_HD).chunk(2, dim=-1)
-    return F.linear(act_fn(gate_NF) * up_NF, w_out_DF)
+__all__ = ["CpuExperts"]
 
 
 class CpuExperts:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RoutingPlan", "SMALL", "plan_routing", "write_expert_rows", "combine_in_expert_order",
+__all__ = ["RoutingPlan", "SMALL", "expert_forward", "plan_routing", "write_expert_rows", "combine_in_expert_order",
            "experts_output_reference"]
 
 
@@ -132,13 +132,18 @@ def _plan_numpy(ids: np.ndarray, top_k: int, num_experts: int) -> RoutingPlan:
     return RoutingPlan(counts.tolist(), starts.tolist(), index, tokens, top_k, n < tokens * top_k)
 
 
+def expert_forward(x_ND: torch.Tensor, w_in_HD: torch.Tensor, w_out_DF: torch.Tensor, act_fn: Callable) -> torch.Tensor:
+    """One SwiGLU expert ``[N, D] -> [N, D]`` (``w_in_HD [2F, D]`` = gate rows then up rows,
+    ``w_out_DF [D, F]``), as ``transformers``' eager expert computes it."""
+    gate_NF, up_NF = F.linear(x_ND, w_in_HD).chunk(2, dim=-1)
+    return F.linear(act_fn(gate_NF) * up_NF, w_out_DF)
+
+
 def write_expert_rows(y_ND: torch.Tensor, x_ND: torch.Tensor, w_N1: torch.Tensor, w_in_HD: torch.Tensor,
                       w_out_DF: torch.Tensor, act_fn: Callable) -> None:
-    """``y_ND = expert(x_ND) * w_N1`` in place (the SwiGLU expert of ``transformers``' eager loop:
-    ``w_in_HD [2F, D]`` = gate rows then up rows, ``w_out_DF [D, F]``), rounded once to
+    """``y_ND = expert(x_ND) * w_N1`` in place (:func:`expert_forward`), rounded once to
     ``y_ND``'s dtype as ``(expert(x) * w).to(dtype)`` would be."""
-    gate_NF, up_NF = F.linear(x_ND, w_in_HD).chunk(2, dim=-1)
-    torch.mul(F.linear(act_fn(gate_NF) * up_NF, w_out_DF), w_N1, out=y_ND)
+    torch.mul(expert_forward(x_ND, w_in_HD, w_out_DF, act_fn), w_N1, out=y_ND)
 
 
 def combine_in_expert_order(y_ND1: torch.Tensor, comb_KT: torch.Tensor, num_tokens: int) -> torch.Tensor:
