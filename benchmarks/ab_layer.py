@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_layer as bl
 
 from moekit.experts import grouped, triton_gmm
-from moekit.experts.grouped import experts_grouped_mm
 
 G = triton_gmm.GmmConfig
 
@@ -68,30 +67,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def ab_shape(T, D, F, E, K, gen, variants, modes, rounds: int) -> dict:
     """``{"rel_diff": {variant: {y, dx, dw, dw_in, dw_out}}, mode: {variant or "bmm_bound":
     {median, rounds, ratio_to_bound}}}`` for one shape."""
-    w_in, w_out = bl.make_weights(D, F, E, gen)
-    x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
-    idx, w = bl.routing(T, E, K, "uniform", gen)
-    w = w.bfloat16().requires_grad_()
-    dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    x_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
-    dy_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    inputs = [x, w, w_in, w_out]
-
-    def moekit():
-        return experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu")
+    case = bl.PrefillCase.make(T, D, F, E, K, "uniform", gen)
 
     def outputs():
-        y = moekit()
-        return [y.detach(), *torch.autograd.grad(y, inputs, dy)]
+        y = case.moekit()
+        return [y.detach(), *torch.autograd.grad(y, case.inputs, case.dy)]
 
     ref = outputs()
     res = {"rel_diff": {}}
     for v in variants:
         with VARIANTS[v]():
             res["rel_diff"][v] = {n: _rel(a, b) for n, a, b in zip(("y", "dx", "dw", "dw_in", "dw_out"), outputs(), ref)}
-    fns = {"fwd": (moekit, lambda: bl.bmm_bound_fn(x_EMD, w_in, w_out)),
-           "fwd+bwd": (bl.step(moekit, inputs, True, dy),
-                       bl.step(lambda: bl.bmm_bound_fn(x_EMD, w_in, w_out), [x_EMD, w_in, w_out], True, dy_EMD))}
+    fns = {"fwd": case.steps(False), "fwd+bwd": case.steps(True)}
     contenders = [*variants, "bmm_bound"]
     for mode in modes:
         fn, bound = fns[mode]

@@ -41,6 +41,7 @@ Writes ``layer_<gpu>_<date>.json`` with the exact command, versions and machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -174,6 +175,52 @@ def make_weights(D, F, E, gen):
     return w_in.requires_grad_(), w_out.requires_grad_()
 
 
+@dataclasses.dataclass
+class PrefillCase:
+    """One prefill shape's random inputs, for moekit (``x [T, D]`` routed by ``idx``/``w``) and
+    for the balanced bound (``x_EMD [E, T*k/E, D]``, nothing routed), with their output
+    gradients ``dy`` / ``dy_EMD``; the two contenders as calls and their differentiable inputs."""
+
+    x: torch.Tensor
+    idx: torch.Tensor
+    w: torch.Tensor
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    dy: torch.Tensor
+    x_EMD: torch.Tensor
+    dy_EMD: torch.Tensor
+
+    @classmethod
+    def make(cls, T, D, F, E, K, kind, gen) -> PrefillCase:
+        w_in, w_out = make_weights(D, F, E, gen)
+        x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+        idx, w = routing(T, E, K, kind, gen)
+        w = w.bfloat16().requires_grad_()
+        dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+        x_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+        dy_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+        return cls(x, idx, w, w_in, w_out, dy, x_EMD, dy_EMD)
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [self.x, self.w, self.w_in, self.w_out]
+
+    @property
+    def bound_inputs(self) -> list[torch.Tensor]:
+        return [self.x_EMD, self.w_in, self.w_out]
+
+    def moekit(self) -> torch.Tensor:
+        return experts_grouped_mm(self.x, self.idx, self.w, self.w_in, self.w_out, "swiglu")
+
+    def bound(self) -> torch.Tensor:
+        return bmm_bound_fn(self.x_EMD, self.w_in, self.w_out)
+
+    def steps(self, backward: bool) -> tuple:
+        """``(moekit step, bound step)``: forward, or forward+backward to every input."""
+        return (step(self.moekit, self.inputs, backward, self.dy),
+                step(self.bound, self.bound_inputs, backward, self.dy_EMD))
+
+
 def hf_experts(impl: str, D, F, E, K, w_in, w_out):
     """transformers' OLMoE experts module sharing moekit's weight tensors."""
     from transformers import OlmoeConfig
@@ -267,22 +314,17 @@ def step(fn, inputs, backward: bool, dy):
 
 
 def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False, rounds: int = ROUNDS):
-    w_in, w_out = make_weights(D, F, E, gen)
-    x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
-    idx, w = routing(T, E, K, kind, gen)
-    w = w.bfloat16().requires_grad_()
-    dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    x_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
-    dy_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    c = PrefillCase.make(T, D, F, E, K, kind, gen)
+    x, idx, w, w_in, w_out, dy = c.x, c.idx, c.w, c.w_in, c.w_out, c.dy
     counts = torch.bincount(idx.reshape(-1), minlength=E)
-    impls = {"moekit": (lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], dy)}
+    impls = {"moekit": (c.moekit, c.inputs, dy)}
     for impl in ("grouped_mm", "eager"):
         try:
             mod = hf_experts(impl, D, F, E, K, w_in, w_out)
             impls[f"hf_{impl}"] = (lambda m=mod: m(x, idx, w), [x, w, mod.gate_up_proj, mod.down_proj], dy)
         except Exception as e:  # an older transformers without the class: say so in the file
             log(f"  hf_{impl} unavailable: {e!r}")
-    impls["bmm_bound"] = (lambda: bmm_bound_fn(x_EMD, w_in, w_out), [x_EMD, w_in, w_out], dy_EMD)
+    impls["bmm_bound"] = (c.bound, c.bound_inputs, c.dy_EMD)
     if sonic:
         impls["sonic"] = (sonic_fn(x, idx, w, w_in, w_out), [x, w, w_in, w_out], dy)
         log("  sonic vs moekit (rel. Frobenius): " + ", ".join(
@@ -419,15 +461,7 @@ def profile_shape(name, T, D, F_, E, K, path: str) -> dict:
     """Per-kernel GPU time of moekit's and the bound's fwd+bwd step on one prefill shape
     (uniform routing), written to ``path`` as a table; returns the two kernel lists."""
     gen = torch.Generator(device="cuda").manual_seed(1)
-    w_in, w_out = make_weights(D, F_, E, gen)
-    x = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
-    idx, w = routing(T, E, K, "uniform", gen)
-    w = w.bfloat16().requires_grad_()
-    dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    x_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
-    dy_EMD = torch.randn(E, T * K // E, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    fns = {"moekit": step(lambda: experts_grouped_mm(x, idx, w, w_in, w_out, "swiglu"), [x, w, w_in, w_out], True, dy),
-           "bmm_bound": step(lambda: bmm_bound_fn(x_EMD, w_in, w_out), [x_EMD, w_in, w_out], True, dy_EMD)}
+    fns = dict(zip(("moekit", "bmm_bound"), PrefillCase.make(T, D, F_, E, K, "uniform", gen).steps(True)))
     out = {impl: kernel_times(fn) for impl, fn in fns.items()}
     with open(path, "w") as f:
         for impl, rows in out.items():
