@@ -83,10 +83,9 @@ def ab_shape(T, D, F, E, K, gen, variants, modes, rounds: int) -> dict:
     for mode in modes:
         fn, bound = fns[mode]
         ms = {k: [] for k in contenders}
-        for r in range(rounds):
-            for k in (contenders if r % 2 == 0 else contenders[::-1]):
-                with (contextlib.nullcontext() if k == "bmm_bound" else VARIANTS[k]()):
-                    ms[k].append(bl.time_ms(bound if k == "bmm_bound" else fn, budget_s=0.4, max_reps=40))
+        for k in bl.interleaved(contenders, rounds):
+            with (contextlib.nullcontext() if k == "bmm_bound" else VARIANTS[k]()):
+                ms[k].append(bl.time_ms(bound if k == "bmm_bound" else fn, budget_s=0.4, max_reps=40))
         med = {k: statistics.median(v) for k, v in ms.items()}
         res[mode] = {k: {"median": med[k], "rounds": ms[k], "ratio_to_bound": med[k] / med["bmm_bound"]}
                      for k in contenders}

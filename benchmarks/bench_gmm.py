@@ -36,6 +36,7 @@ from bench_layer import (
     PREFILL,
     command_line,
     dense_peak_tflops,
+    interleaved,
     machine_info,
     result_path,
     routing,
@@ -130,10 +131,8 @@ def bench_gemm(name, gemm, fns, n_valid, log, rounds: int = ROUNDS) -> dict:
         if err < 2e-2:
             contenders[key] = lambda c=cfg: triton_fn(c)
     ms_rounds: dict[str, list[float]] = {}
-    order = list(contenders)
-    for r in range(rounds):
-        for impl in (order if r % 2 == 0 else order[::-1]):
-            ms_rounds.setdefault(impl, []).append(time_ms(contenders[impl], budget_s=0.08, warmup=2))
+    for impl in interleaved(list(contenders), rounds):
+        ms_rounds.setdefault(impl, []).append(time_ms(contenders[impl], budget_s=0.08, warmup=2))
     ms = {k: statistics.median(v) for k, v in ms_rounds.items()}
     for key in per_config:
         if key in ms:

@@ -105,6 +105,13 @@ def sm_clock_mhz() -> int | None:
         return None
 
 
+def interleaved(names: list, rounds: int):
+    """``names`` once per round, in alternating order (forward, reversed, forward, ...): a drift
+    of the GPU's clocks over the rounds lands on every contender alike."""
+    for r in range(rounds):
+        yield from (names if r % 2 == 0 else names[::-1])
+
+
 def time_in_rounds(fns: dict, on_error, rounds: int = ROUNDS, clocks: dict | None = None) -> dict[str, list[float]]:
     """``{impl: [ms per round]}``: the transformers implementations once, the others in
     ``rounds`` rounds in alternating order (forward, reversed, forward, ...), so that a drift of
@@ -113,27 +120,25 @@ def time_in_rounds(fns: dict, on_error, rounds: int = ROUNDS, clocks: dict | Non
     ``clocks``, if given, receives ``{impl: [SM MHz read after each round]}``."""
     out: dict[str, list[float]] = {}
     close = [k for k in fns if k not in SLOW]
-    plan = [[k] for k in fns if k in SLOW] + [close if r % 2 == 0 else close[::-1] for r in range(rounds)]
     failed: set[str] = set()
-    for batch in plan:
-        for impl in batch:
-            if impl in failed:
-                continue
-            slow = impl == "hf_eager"
-            # a close contender's budget is split over its rounds
-            budget = 0.2 if slow else 0.35 if impl in SLOW else 0.35 / 2
-            try:
-                ms = time_ms(fns[impl], budget_s=budget, warmup=1 if slow else 3)
-            except Exception as e:
-                failed.add(impl)
-                out.pop(impl, None)
-                on_error(impl, e)
-                continue
-            finally:
-                torch.cuda.empty_cache()
-            out.setdefault(impl, []).append(ms)
-            if clocks is not None:
-                clocks.setdefault(impl, []).append(sm_clock_mhz())
+    for impl in [k for k in fns if k in SLOW] + list(interleaved(close, rounds)):
+        if impl in failed:
+            continue
+        slow = impl == "hf_eager"
+        # a close contender's budget is split over its rounds
+        budget = 0.2 if slow else 0.35 if impl in SLOW else 0.35 / 2
+        try:
+            ms = time_ms(fns[impl], budget_s=budget, warmup=1 if slow else 3)
+        except Exception as e:
+            failed.add(impl)
+            out.pop(impl, None)
+            on_error(impl, e)
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        out.setdefault(impl, []).append(ms)
+        if clocks is not None:
+            clocks.setdefault(impl, []).append(sm_clock_mhz())
     return out
 
 
