@@ -33,15 +33,6 @@ def test_grid_follows_the_sm_carveout(monkeypatch):
     assert tg._programs_for(t) == 132
 
 
-def test_two_programs_per_sm_keep_the_carveout_free(monkeypatch):
-    """Two programs per SM: twice the grid, less two program slots per carved-out SM."""
-    monkeypatch.setattr(tg, "_num_programs", lambda index: 132)
-    t = _OnCuda()
-    assert tg._programs_for(t, 2) == 264
-    with sm_carveout(8):
-        assert tg._programs_for(t, 2) == 248
-
-
 def test_grid_keeps_one_program():
     assert tg._after_carveout(132, None) == 132
     assert tg._after_carveout(132, 0) == 132

@@ -72,11 +72,6 @@ class GmmConfig:
     # Store the tile as two halves of block_n / 2 columns: half the epilogue's shared memory,
     # which leaves room for one more pipeline stage.
     epilogue_subtile: bool = False
-    # Persistent programs per multiprocessor. Two (each within half the shared memory, 115712
-    # bytes) let one program's epilogue run while the other's tensor-core loop goes on, which a
-    # single program per SM serialises: that matters where the reduction is short (K of 768-1024,
-    # 12-16 steps of 64) and the epilogue is a large part of each tile.
-    ctas_per_sm: int = 1
 
 
 # Chosen by bench_gmm.py's five interleaved rounds per configuration on an H100
@@ -103,19 +98,17 @@ def _num_programs(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _programs_for(t: torch.Tensor, ctas_per_sm: int = 1) -> int:
-    """Persistent programs for a launch on ``t``'s device: ``ctas_per_sm`` per multiprocessor,
-    less PyTorch's SM carveout where one is set (``torch._C._set_sm_carveout_experimental``,
-    which cuBLAS and CUTLASS honour too): a persistent grid takes every SM it is given until the
+def _programs_for(t: torch.Tensor) -> int:
+    """Persistent programs for a launch on ``t``'s device: one per multiprocessor, less
+    PyTorch's SM carveout where one is set (``torch._C._set_sm_carveout_experimental``, which
+    cuBLAS and CUTLASS honour too): a persistent grid takes every SM it is given until the
     GEMM ends, so the carveout is what leaves SMs to kernels queued beside it (the
-    expert-parallel overlap's exchanges, :mod:`moekit.parallel.carveout`). With two programs per
-    SM the carveout leaves the same number of program slots free, spread over the SMs by the
-    block scheduler rather than as whole SMs."""
+    expert-parallel overlap's exchanges, :mod:`moekit.parallel.carveout`)."""
     if t.device.type != "cuda":
-        return 3 * ctas_per_sm
+        return 3
     sms = _num_programs(t.device.index if t.device.index is not None else torch.cuda.current_device())
     get = getattr(torch._C, "_get_sm_carveout_experimental", None)
-    return ctas_per_sm * _after_carveout(sms, get() if get is not None else None)
+    return _after_carveout(sms, get() if get is not None else None)
 
 
 def _after_carveout(sms: int, carveout: int | None) -> int:
@@ -287,7 +280,7 @@ def gmm_m_grouped(a_NK: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor, *, 
     out_desc = create_ragged_descriptor(out_NO, [c.block_m, _store_width(c)])
     w_block = [1, c.block_n, c.block_k] if w_is_ok else [1, c.block_k, c.block_n]
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), w_block)
-    progs = _programs_for(a_NK, c.ctas_per_sm)
+    progs = _programs_for(a_NK)
     _m_grouped_kernel[(progs,)](
         a_desc, w_desc, out_desc, offs_E, E, O, K, W_IS_OK=w_is_ok, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         BLOCK_K=c.block_k, E_POW2=max(triton.next_power_of_2(E), 2), GROUP_M=_GROUP_M, NUM_PROGS=progs,
@@ -326,7 +319,7 @@ def gmm_k_grouped(a_NM: torch.Tensor, b_NO: torch.Tensor, offs_E: torch.Tensor, 
     a_desc = create_ragged_descriptor(a_NM, [c.block_k, c.block_m])
     b_desc = create_ragged_descriptor(b_NO, [c.block_k, c.block_n])
     out_desc = TensorDescriptor(out_EMO, list(out_EMO.shape), list(out_EMO.stride()), [1, c.block_m, _store_width(c)])
-    progs = _programs_for(a_NM, c.ctas_per_sm)
+    progs = _programs_for(a_NM)
     _k_grouped_kernel[(progs,)](
         a_desc, b_desc, out_desc, offs_E, E, M, O, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         GROUP_M=_GROUP_M, NUM_PROGS=progs, FLATTEN=c.flatten, SUBTILE=c.epilogue_subtile, PRECISION=_DOT_PRECISION[a_NM.dtype],
