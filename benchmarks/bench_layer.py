@@ -33,7 +33,11 @@ synchronised between repetitions, as in a training loop); inputs are random (nev
 Prefill contenders other than transformers' are timed in ``--rounds`` interleaved rounds
 (default 5, order reversed every other round) and reported as the median of the round medians,
 with the per-round figures in ``ms_rounds`` and the SM clock read after each round in
-``sm_clock_mhz_rounds`` (where NVML is available). ``--profile`` adds, per prefill shape, the
+``sm_clock_mhz_rounds`` (where NVML is available). ``ratio_to_bmm_bound`` divides the two
+medians; ``ratio_to_bmm_bound_paired`` is the median over rounds of each round's ratio (moekit
+and the bound run next to each other in every round, so a clock that moves between rounds
+cancels). ``row_tiles_over_bound``: the 128-row tiles the grouped GEMMs run for the routed
+counts over the bound's ``T*k/128`` (each expert's last tile is partly empty). ``--profile`` adds, per prefill shape, the
 GPU time of every kernel of moekit's and the bound's fwd+bwd step (``torch.profiler``).
 Writes ``layer_<gpu>_<date>.json`` with the exact command, versions and machine.
 """
@@ -322,6 +326,12 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False, 
     c = PrefillCase.make(T, D, F, E, K, kind, gen)
     x, idx, w, w_in, w_out, dy = c.x, c.idx, c.w, c.w_in, c.w_out, c.dy
     counts = torch.bincount(idx.reshape(-1), minlength=E)
+    # Row tiles the grouped GEMMs run over the bound's exact T*k/E rows per expert: each expert's
+    # last tile of block_m rows is partly empty (the bound's never is).
+    from moekit.experts.triton_gmm import DEFAULT_M_CONFIG  # needs Triton: imported where it runs
+
+    block_m = DEFAULT_M_CONFIG.block_m
+    row_tiles = (counts + block_m - 1).div(block_m, rounding_mode="floor").sum().item() / (T * K / block_m)
     impls = {"moekit": (c.moekit, c.inputs, dy)}
     for impl in ("grouped_mm", "eager"):
         try:
@@ -341,6 +351,10 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False, 
         per_round = time_in_rounds({k: step(fn, inputs, backward, g) for k, (fn, inputs, g) in impls.items()},
                                    lambda impl, e: log(f"  {impl} {mode} failed: {e!r}"), rounds, clocks)
         res = {impl: statistics.median(r) for impl, r in per_round.items()}
+        # Per-round ratio to the bound (the two run next to each other in every round, so a clock
+        # that moves between rounds cancels out), then the median over rounds.
+        paired = {impl: statistics.median(a / b for a, b in zip(r, per_round["bmm_bound"]))
+                  for impl, r in per_round.items() if "bmm_bound" in per_round and len(r) == len(per_round["bmm_bound"])}
         for impl, ms in res.items():
             rows.append(dict(shape=name, T=T, D=D, F=F, E=E, K=K, routing=kind, mode=mode, impl=impl, ms=ms,
                              ms_rounds=per_round[impl], sm_clock_mhz_rounds=clocks.get(impl),
@@ -349,6 +363,8 @@ def run_prefill(name, T, D, F, E, K, kind, gen, peak, log, sonic: bool = False, 
                              speedup_vs_hf_eager=res.get("hf_eager", float("nan")) / ms,
                              speedup_vs_sonic=res.get("sonic", float("nan")) / ms,
                              ratio_to_bmm_bound=ms / res.get("bmm_bound", float("nan")),
+                             ratio_to_bmm_bound_paired=paired.get(impl, float("nan")),
+                             row_tiles_over_bound=row_tiles,
                              max_over_mean_tokens=(counts.max() / counts.float().mean()).item()))
         log("  " + f"{name:18s} {kind:7s} {mode:8s} " + "  ".join(f"{k}={v:.3f}" for k, v in res.items()))
     return rows
@@ -499,14 +515,15 @@ def gpu_slug(info: dict) -> str:
 
 def print_table(rows):
     head = (f"{'shape':22s} {'routing':7s} {'mode':8s} {'impl':18s} {'ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} "
-            f"{'vs hf_gmm':>9s} {'vs eager':>8s} {'vs sonic':>8s} {'/bound':>7s}")
+            f"{'vs hf_gmm':>9s} {'vs eager':>8s} {'vs sonic':>8s} {'/bound':>7s} {'paired':>7s}")
     print(head)
     print("-" * len(head))
     for r in rows:
         bound = r.get("ratio_to_bmm_bound", r.get("ratio_to_weight_read_bound", float("nan")))
         print(f"{r['shape']:22s} {r['routing']:7s} {r['mode']:8s} {r['impl']:18s} {r['ms']:9.4f} {r['tflops']:8.1f} "
               f"{r.get('pct_peak', float('nan')):6.1f} {r['speedup_vs_hf_grouped_mm']:9.2f} {r['speedup_vs_hf_eager']:8.2f} "
-              f"{r.get('speedup_vs_sonic', float('nan')):8.2f} {bound:7.3f}"
+              f"{r.get('speedup_vs_sonic', float('nan')):8.2f} {bound:7.3f} "
+              f"{r.get('ratio_to_bmm_bound_paired', float('nan')):7.3f}"
               + (f"  T={r['T']}" if "decode" in r["shape"] else ""))
 
 
