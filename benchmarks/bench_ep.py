@@ -533,16 +533,21 @@ def worker(rank: int, args) -> None:
             elif ep > 1:
                 # a plan with replicas (R = E + E/4 slots, EPLB-style) and one that only
                 # rearranges the experts (R = E: no replica gradients to sum in training)
+                plans = {}
                 for extra in (max(1, shape[4] // (4 * ep)), 0):
                     uniform, skew, planned_bal[extra * ep] = make_plans(shape, ep, extra, args.world)
+                    plans[extra] = (uniform, skew)
                     if plain:
                         cases.append(("zipf", (uniform, skew), True, plain))
                 if plain:
                     cases.append(("balanced", None, False, plain))
-                # every other variant: balanced, and Zipf with the plan without replicas (R = E)
+                # every other variant: balanced, and Zipf with the plan without replicas (R = E);
+                # --skew-cases: also Zipf without a plan and with the plan with replicas
                 for v in variants:
                     if v["label"] != "plain":
-                        cases += [("balanced", None, True, v), ("zipf", (uniform, skew), True, v)]
+                        cases += [("balanced", None, True, v), ("zipf", plans[0], True, v)]
+                        if args.skew_cases:
+                            cases += [("zipf", None, True, v), ("zipf", plans[max(plans)], True, v)]
             for routing, plan_rows, dedup, variant in cases:
                 prof = None
                 label = variant["label"] if variant else ""
@@ -615,8 +620,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     by = {(r["shape"], r["ep"], r["routing"], r.get("extra_slots", -1), r["dedup"] is not False): r
           for r in rows if r.get("variant", "") in ("", "plain")}
-    by_variant = {(r["shape"], r["ep"], r["routing"], r["plan"], r["variant"]): r
-                  for r in rows if r.get("variant", "") not in ("", "plain")}
+    # plan: -1 none, else the extra slots (0: the plan without replicas, > 0: with replicas)
+    by_variant = {(r["shape"], r["ep"], r["routing"], r.get("extra_slots", -1) if r["plan"] else -1,
+                   r["variant"]): r for r in rows if r.get("variant", "") not in ("", "plain")}
     tps, fwd, b2b = "tokens_per_s_per_gpu", "fwd_tokens_per_s_per_gpu", "tokens_per_s_per_gpu_back_to_back"
     for (shape, ep, routing, extra, dedup), r in by.items():
         if ep == 1 or routing != "balanced" or not dedup or extra != -1:
@@ -628,6 +634,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         no_replicas = plans[0][1] if plans and plans[0][0] == 0 else None
         simple = by.get((shape, ep, "balanced", -1, False))
         s = {"shape": shape, "ep": ep}
+        if "a2a_ms" in r:
+            s["a2a_share_of_step_balanced"] = r["a2a_ms"] / r["step_ms"]
         if base:
             s["weak_scaling_efficiency_balanced"] = _ratio(r, base, tps)
             s["weak_scaling_efficiency_balanced_back_to_back"] = _ratio(r, base, b2b)
@@ -648,17 +656,26 @@ def summarize(rows: list[dict]) -> list[dict]:
             s["zipf_plan_no_replicas_over_balanced_fwd_only"] = _ratio(no_replicas, r, fwd)
         s["variants"] = {}
         for (v_shape, v_ep, routing_v, plan_v, label), bal in by_variant.items():
-            if (v_shape, v_ep, routing_v, plan_v) != (shape, ep, "balanced", False) or not base:
+            if (v_shape, v_ep, routing_v, plan_v) != (shape, ep, "balanced", -1) or not base:
                 continue
             v = {"weak_scaling_efficiency_balanced": _ratio(bal, base, tps),
                  **{f"ceiling_without_communication_{n}": base["step_ms"] / bal[f"compute_only_ms_{n}"]
                     for n in ("one_call", "two_calls", "two_calls_joined") if f"compute_only_ms_{n}" in bal},
                  "weak_scaling_efficiency_balanced_back_to_back": _ratio(bal, base, b2b),
                  "weak_scaling_efficiency_balanced_fwd_only": _ratio(bal, base, fwd)}
-            zipf = by_variant.get((shape, ep, "zipf", True, label))
-            if zipf:
-                v["zipf_plan_no_replicas_over_balanced"] = _ratio(zipf, bal, tps)
-                v["zipf_plan_no_replicas_over_balanced_fwd_only"] = _ratio(zipf, bal, fwd)
+            if "a2a_ms" in bal:  # the exchanges timed alone over the synced step
+                v["a2a_share_of_step_balanced"] = bal["a2a_ms"] / bal["step_ms"]
+            zipf_plans = sorted((k[3], z) for k, z in by_variant.items()
+                                if k[:3] == (shape, ep, "zipf") and k[4] == label)
+            for extra_v, zipf in zipf_plans:  # no plan (-1), without replicas (0), with replicas (> 0)
+                name = {-1: "zipf_no_plan", 0: "zipf_plan_no_replicas"}.get(extra_v, "zipf_plan")
+                v[f"{name}_over_balanced"] = _ratio(zipf, bal, tps)
+                v[f"{name}_over_balanced_fwd_only"] = _ratio(zipf, bal, fwd)
+                if "balancedness" in zipf:
+                    v[f"{name}_balancedness"] = zipf["balancedness"]
+                accum = zipf.get(f"step_ms_sync_once_per_{MICRO}_micro")
+                if accum:
+                    v[f"{name}_over_balanced_sync_once_per_{MICRO}_micro"] = bal["step_ms"] / accum
             s["variants"][label] = v
         every = [s] + list(s["variants"].values())
         s["goal_weak_scaling_ge_0.85"] = max(d.get("weak_scaling_efficiency_balanced", 0) for d in every) >= 0.85
@@ -683,6 +700,7 @@ def _write(rows, args, device) -> None:
                      "python": platform.python_version()},
         "machine": {"device": gpu, "world": args.world, "host": platform.node(), "cpus": os.cpu_count()},
         "settings": {"zipf_s": ZIPF_S, "iters": args.iters, "warmup": args.warmup, "variants": args.variants,
+                     "skew_cases": args.skew_cases,
                      "nccl_high_priority": args.nccl_high_priority,
                      "dtype": "bfloat16" if device.type == "cuda" else "float32",
                      "peak_bf16_tflops_assumed": PEAK_BF16_TFLOPS},
@@ -775,6 +793,9 @@ def main(argv=None) -> int:
                         "exchanges), for the overlap modes ':nj' (no weight-gradient join), for overlap_fixed ':of' "
                         "(own rows' experts launched before the exchange), e.g. "
                         "overlap_fixed:c16:hp:rf, overlap_fixed:c2:ce, overlap_fixed:ce:rf:nj")
+    p.add_argument("--skew-cases", action="store_true",
+                   help="for every variant other than plain, also Zipf routing without a plan and with the plan "
+                        "with replicas (R = E + E/4), besides balanced and Zipf with the plan without replicas")
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="EP groups' NCCL streams at high priority")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

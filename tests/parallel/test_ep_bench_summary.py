@@ -89,3 +89,29 @@ def test_summary_divides_the_right_rows():
     (s,) = _bench().summarize([r for r in rows if r["variant"] not in ("overlap_fixed:c16:hp", "fixed")])
     assert s["variants"] == {} and s["goal_weak_scaling_ge_0.85"] is False
     assert s["goal_plan_recovery_ge_0.90"] is True  # 66 / 70 = 0.94 without replicas
+
+
+def test_summary_of_a_variant_under_skew():
+    """--skew-cases: a variant's Zipf rows without a plan, with the plan without replicas and
+    with replicas, each over the variant's balanced row, with their balancedness; the
+    all-to-all share of the balanced step."""
+    v = "overlap_fixed:ce:rf"
+    rows = [_row(1, "balanced", 100), _row(1, "zipf", 90),
+            _row(2, "balanced", 70) | {"a2a_ms": 2.0},
+            _row(2, "balanced", 80, variant=v) | {"a2a_ms": 5.0},
+            _row(2, "zipf", 48, variant=v) | {"balancedness": 0.6},
+            _row(2, "zipf", 76, variant=v, plan=True, extra=0) | {"balancedness": 0.97},
+            _row(2, "zipf", 72, variant=v, plan=True, extra=4) | {"balancedness": 0.99,
+                                                                 "step_ms_sync_once_per_4_micro": 12.5}]
+    (s,) = _bench().summarize(rows)
+    assert s["a2a_share_of_step_balanced"] == pytest.approx(2.0 / (1e3 / 70))
+    got = s["variants"][v]
+    assert got["a2a_share_of_step_balanced"] == pytest.approx(5.0 / (1e3 / 80))
+    assert got["zipf_no_plan_over_balanced"] == pytest.approx(0.6)
+    assert got["zipf_no_plan_balancedness"] == 0.6
+    assert got["zipf_plan_no_replicas_over_balanced"] == pytest.approx(0.95)
+    assert got["zipf_plan_no_replicas_balancedness"] == 0.97
+    assert got["zipf_plan_over_balanced"] == pytest.approx(0.9)
+    assert got["zipf_plan_balancedness"] == 0.99
+    assert got["zipf_plan_over_balanced_sync_once_per_4_micro"] == pytest.approx(12.5 / 12.5)
+    assert s["goal_plan_recovery_ge_0.90"] is True
