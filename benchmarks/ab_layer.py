@@ -10,8 +10,6 @@ Variants (:data:`VARIANTS`) set module switches for the duration of a timing and
 
 - ``current``: the library as imported;
 - ``gmm_configs_s6``: the sixth session's Triton GEMM defaults (4 stages; K-grouped unflattened);
-- ``half_tail``: the M-grouped GEMMs give an expert's last row tile of at most 64 rows a
-  64-row tile (``GmmConfig.half_tail``);
 - ``swiglu_fused`` / ``swiglu_unfused``: the SwiGLU in the gate+up GEMM's epilogue on every
   shape / on none (``grouped.FUSED_SWIGLU_MIN_DIM``).
 
@@ -26,7 +24,6 @@ at commit b827be4); see those commits for the exact scripts.
 """
 import argparse
 import contextlib
-import dataclasses
 import os
 import statistics
 import sys
@@ -58,8 +55,6 @@ VARIANTS = {
     "gmm_configs_s6": lambda: _patched(
         triton_gmm, DEFAULT_M_CONFIG=G(128, 256, 64, 4, 8, flatten=True, epilogue_subtile=True),
         DEFAULT_K_CONFIG=G(128, 256, 64, 4, 8, epilogue_subtile=True)),
-    "half_tail": lambda: _patched(
-        triton_gmm, DEFAULT_M_CONFIG=dataclasses.replace(triton_gmm.DEFAULT_M_CONFIG, half_tail=True)),
     "swiglu_fused": lambda: _patched(grouped, FUSED_SWIGLU_MIN_DIM=0),
     "swiglu_unfused": lambda: _patched(grouped, FUSED_SWIGLU_MIN_DIM=10 ** 9),
 }

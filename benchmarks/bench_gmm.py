@@ -57,7 +57,6 @@ M_CONFIGS = (  # block_m, block_n, block_k, num_stages, num_warps
     C(128, 256, 128, 2, 8, flatten=True, epilogue_subtile=True),
     C(128, 128, 64, 5, 8, flatten=True),
     C(256, 128, 64, 3, 8, flatten=True, epilogue_subtile=True),
-    C(128, 256, 64, 3, 8, flatten=True, epilogue_subtile=True, half_tail=True),
 )
 K_CONFIGS = (
     C(128, 256, 64, 4, 8, epilogue_subtile=True),
@@ -114,8 +113,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, n_valid: int) -> float:
 
 def config_key(cfg: tg.GmmConfig) -> str:
     return "x".join(map(str, (cfg.block_m, cfg.block_n, cfg.block_k))) + f"_s{cfg.num_stages}_w{cfg.num_warps}" + \
-        ("_flat" if cfg.flatten else "") + ("_sub" if cfg.epilogue_subtile else "") + \
-        ("_half" if cfg.half_tail else "")
+        ("_flat" if cfg.flatten else "") + ("_sub" if cfg.epilogue_subtile else "")
 
 
 def bench_gemm(name, gemm, fns, n_valid, log, rounds: int = ROUNDS) -> dict:

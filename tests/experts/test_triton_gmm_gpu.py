@@ -19,8 +19,7 @@ pytestmark = pytest.mark.gpu
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
 CONFIGS = [tg.DEFAULT_M_CONFIG, tg.DEFAULT_K_CONFIG, tg.GmmConfig(128, 128, 64, 4, 4, flatten=True),
-           tg.GmmConfig(128, 256, 64, 4, 8, epilogue_subtile=True),
-           tg.GmmConfig(128, 256, 64, 3, 8, flatten=True, epilogue_subtile=True, half_tail=True)]
+           tg.GmmConfig(128, 256, 64, 4, 8, epilogue_subtile=True)]
 
 
 def _rel(a, b):
@@ -77,19 +76,6 @@ def test_six_gemms_match_grouped_mm(shape, dtype, kind):
         assert _rel(got, want) < TOL[dtype], (gemm, _rel(got, want))
 
 
-@pytest.mark.parametrize("kind", ["uniform", "zipf"])
-def test_six_gemms_with_half_tail_tiles(kind):
-    """The Qwen3 shape (about 1024 rows per expert: many last tiles of at most 64 rows) with
-    half-height tail tiles in the M-grouped products."""
-    T, D, F, E, K = 16384, 2048, 768, 128, 8
-    gen = torch.Generator().manual_seed(5)
-    counts = _counts(T * K, E, kind, gen)
-    assert any(0 < c % 128 <= 64 for c in counts) and any(c % 128 > 64 for c in counts)
-    config = tg.GmmConfig(128, 256, 64, 3, 8, flatten=True, epilogue_subtile=True, half_tail=True)
-    for gemm, (got, want) in _six(T * K, D, F, E, counts, torch.bfloat16, gen, config).items():
-        assert _rel(got, want) < TOL[torch.bfloat16], (gemm, _rel(got, want))
-
-
 def test_six_gemms_fp32():
     gen = torch.Generator().manual_seed(1)
     T, D, F, E, K = 1024, 2048, 768, 128, 8
@@ -98,7 +84,7 @@ def test_six_gemms_fp32():
         assert _rel(got, want) < TOL[torch.float32], (gemm, _rel(got, want))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["default_m", "default_k", "128x128_flat", "subtile_s4", "half_tail"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default_m", "default_k", "128x128_flat", "subtile_s4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ragged_edges(dtype, config):
     """Empty experts (first, middle, last), groups shorter than a tile and longer than one,

@@ -59,9 +59,8 @@ def _m_grouped(c, w_is_ok):
     width = c.block_n // 2 if c.epilogue_subtile else c.block_n
     args = dict(a_desc=_ragged(a, [c.block_m, c.block_k]),
                 w_desc=_desc(w, [1, c.block_n, c.block_k] if w_is_ok else [1, c.block_k, c.block_n]),
-                out_desc=_ragged(o, [c.block_m, width]), a_half_desc=_ragged(a, [c.block_m // 2, c.block_k]),
-                out_half_desc=_ragged(o, [c.block_m // 2, width]), offs_ptr=OFFS, num_experts=E, O=2 * F, K=D)
-    consts = _common(c) | dict(W_IS_OK=w_is_ok, E_POW2=8, SUBTILE=c.epilogue_subtile, HALF_TAIL=c.half_tail)
+                out_desc=_ragged(o, [c.block_m, width]), offs_ptr=OFFS, num_experts=E, O=2 * F, K=D)
+    consts = _common(c) | dict(W_IS_OK=w_is_ok, E_POW2=8, SUBTILE=c.epilogue_subtile)
     return _smem(tg._m_grouped_kernel, args, consts, c)
 
 

@@ -72,11 +72,6 @@ class GmmConfig:
     # Store the tile as two halves of block_n / 2 columns: half the epilogue's shared memory,
     # which leaves room for one more pipeline stage.
     epilogue_subtile: bool = False
-    # M-grouped only: an expert whose last row tile would hold at most block_m / 2 rows gets a
-    # tile of block_m / 2 rows instead, in a second pass of the persistent loop. With about 1024
-    # rows per expert (Qwen3-30B-A3B, uniform routing) the last tile is half empty on average,
-    # which makes 6% more tensor-core work than the rows need.
-    half_tail: bool = False
 
 
 # Chosen by bench_gmm.py's five interleaved rounds per configuration on an H100
@@ -134,35 +129,18 @@ def _swizzle(local, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _expert_tiles(offs_ptr, num_experts, tiles_n, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr,
-                  HALF_TAIL: tl.constexpr = False):
+def _expert_tiles(offs_ptr, num_experts, tiles_n, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """The tile schedule of an M-grouped product: every expert's row range (``starts``,
     ``ends``), row-tile count and one-past-last tile, as ``[E_POW2]`` vectors, and the total
     tile count. A tile finds its expert by one compare-and-sum over these instead of a loop,
-    which keeps the persistent tile loop flat (pipelinable). ``HALF_TAIL``: the row tiles of
-    ``BLOCK_M`` leave out a last tile of at most ``BLOCK_M / 2`` rows (see :func:`_half_tiles`)."""
+    which keeps the persistent tile loop flat (pipelinable)."""
     ex = tl.arange(0, E_POW2)
     live = ex < num_experts
     ends = tl.load(offs_ptr + ex, mask=live, other=0)
     starts = tl.load(offs_ptr + ex - 1, mask=live & (ex > 0), other=0)
-    if HALF_TAIL:
-        tiles_m_e = (ends - starts + BLOCK_M // 2 - 1) // BLOCK_M
-    else:
-        tiles_m_e = tl.cdiv(ends - starts, BLOCK_M)
+    tiles_m_e = tl.cdiv(ends - starts, BLOCK_M)
     last_tile_e = tl.cumsum(tiles_m_e * tiles_n, 0)
     return ex, starts, ends, tiles_m_e, last_tile_e, tl.sum(tiles_m_e * tiles_n, 0)
-
-
-@triton.jit
-def _half_tiles(starts, ends, tiles_n, BLOCK_M: tl.constexpr):
-    """The second pass of a ``HALF_TAIL`` schedule: experts whose rows leave a remainder of 1 to
-    ``BLOCK_M / 2`` past their full tiles get one tile of ``BLOCK_M / 2`` rows there. Returns the
-    ``[E_POW2]`` count of such tiles per expert (0 or 1), their one-past-last running count (times
-    ``tiles_n`` column tiles) and the total."""
-    rem = (ends - starts) % BLOCK_M
-    half_e = ((rem > 0) & (rem <= BLOCK_M // 2)).to(tl.int32)
-    last_half_e = tl.cumsum(half_e * tiles_n, 0)
-    return half_e, last_half_e, tl.sum(half_e * tiles_n, 0)
 
 
 @triton.jit
@@ -175,67 +153,42 @@ def _tile_at(tile, ex, starts, ends, tiles_m_e, last_tile_e, tiles_n, BLOCK_M: t
     start = tl.sum(tl.where(here, starts, 0), 0)
     rows = tl.sum(tl.where(here, ends - starts, 0), 0)
     local = tile - tl.sum(tl.where(ex < e, tiles_m_e * tiles_n, 0), 0)
-    pid_m, pid_n = _swizzle(local, tl.sum(tl.where(here, tiles_m_e, 0), 0), tiles_n, GROUP_M)
+    pid_m, pid_n = _swizzle(local, tl.cdiv(rows, BLOCK_M), tiles_n, GROUP_M)
     return e, start, rows, pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
 @triton.jit
-def _m_tile(a_desc, w_desc, out_desc, e, start, rows, off_m, off_n, steps_k, W_IS_OK: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUBTILE: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """One ``BLOCK_M x BLOCK_N`` output tile of expert ``e`` (rows ``start + off_m ..`` of at
-    most ``rows``): the reduction over ``K`` and the clipped store."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ks in range(steps_k):
-        off_k = ks * BLOCK_K
-        a = load_ragged(a_desc, start, rows, [off_m, off_k])
-        if W_IS_OK:
-            w = w_desc.load([e, off_n, off_k]).reshape(BLOCK_N, BLOCK_K)
-            acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
-        else:
-            w = w_desc.load([e, off_k, off_n]).reshape(BLOCK_K, BLOCK_N)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    # store_ragged's index math, spelled out: its reshape trips Triton's interpreter.
-    c0, c1, c2 = to_ragged_indices(start, rows, off_m)
-    if SUBTILE:
-        halves = acc.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1)
-        left, right = halves.split()
-        out_desc.store([c0, c1, c2, off_n], left.to(out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_N // 2))
-        out_desc.store([c0, c1, c2, off_n + BLOCK_N // 2],
-                       right.to(out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_N // 2))
-    else:
-        out_desc.store([c0, c1, c2, off_n], acc.to(out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_N))
-
-
-@triton.jit
-def _m_grouped_kernel(a_desc, w_desc, out_desc, a_half_desc, out_half_desc, offs_ptr, num_experts, O, K,
+def _m_grouped_kernel(a_desc, w_desc, out_desc, offs_ptr, num_experts, O, K,
                       W_IS_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr,
                       NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
-                      PRECISION: tl.constexpr, HALF_TAIL: tl.constexpr):
+                      PRECISION: tl.constexpr):
     tiles_n = tl.cdiv(O, BLOCK_N)
     steps_k = tl.cdiv(K, BLOCK_K)
-    ex, starts, ends, tiles_m_e, last_tile_e, total = _expert_tiles(offs_ptr, num_experts, tiles_n, BLOCK_M,
-                                                                    E_POW2, HALF_TAIL)
+    ex, starts, ends, tiles_m_e, last_tile_e, total = _expert_tiles(offs_ptr, num_experts, tiles_n, BLOCK_M, E_POW2)
     for tile in tl.range(tl.program_id(0), total, NUM_PROGS, flatten=FLATTEN):
         e, start, rows, off_m, off_n = _tile_at(tile, ex, starts, ends, tiles_m_e, last_tile_e, tiles_n,
                                                 BLOCK_M, BLOCK_N, GROUP_M)
-        _m_tile(a_desc, w_desc, out_desc, e, start, rows, off_m, off_n, steps_k, W_IS_OK, BLOCK_M, BLOCK_N,
-                BLOCK_K, SUBTILE, PRECISION)
-    if HALF_TAIL:
-        # The second pass: one BLOCK_M / 2 row tile past the full tiles of each expert that has
-        # such a short remainder, through descriptors of half-height boxes.
-        half_e, last_half_e, total_half = _half_tiles(starts, ends, tiles_n, BLOCK_M)
-        # Programs that got the fewest first-pass tiles start the second pass.
-        first = (tl.program_id(0) + NUM_PROGS - total % NUM_PROGS) % NUM_PROGS
-        for tile in tl.range(first, total_half, NUM_PROGS, flatten=FLATTEN):
-            e = tl.sum((last_half_e <= tile).to(tl.int32), 0)
-            here = ex == e
-            start = tl.sum(tl.where(here, starts, 0), 0)
-            rows = tl.sum(tl.where(here, ends - starts, 0), 0)
-            off_n = (tile - tl.sum(tl.where(ex < e, half_e * tiles_n, 0), 0)) * BLOCK_N
-            _m_tile(a_half_desc, w_desc, out_half_desc, e, start, rows, (rows // BLOCK_M) * BLOCK_M, off_n,
-                    steps_k, W_IS_OK, BLOCK_M // 2, BLOCK_N, BLOCK_K, SUBTILE, PRECISION)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ks in range(steps_k):
+            off_k = ks * BLOCK_K
+            a = load_ragged(a_desc, start, rows, [off_m, off_k])
+            if W_IS_OK:
+                w = w_desc.load([e, off_n, off_k]).reshape(BLOCK_N, BLOCK_K)
+                acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+            else:
+                w = w_desc.load([e, off_k, off_n]).reshape(BLOCK_K, BLOCK_N)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        # store_ragged's index math, spelled out: its reshape trips Triton's interpreter.
+        c0, c1, c2 = to_ragged_indices(start, rows, off_m)
+        if SUBTILE:
+            halves = acc.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1)
+            left, right = halves.split()
+            out_desc.store([c0, c1, c2, off_n], left.to(out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_N // 2))
+            out_desc.store([c0, c1, c2, off_n + BLOCK_N // 2],
+                           right.to(out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_N // 2))
+        else:
+            out_desc.store([c0, c1, c2, off_n], acc.to(out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_N))
 
 
 @triton.jit
@@ -325,20 +278,14 @@ def gmm_m_grouped(a_NK: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor, *, 
     c = config or (FP32_CONFIG if a_NK.dtype == torch.float32 else DEFAULT_M_CONFIG)
     a_desc = create_ragged_descriptor(a_NK, [c.block_m, c.block_k])
     out_desc = create_ragged_descriptor(out_NO, [c.block_m, _store_width(c)])
-    if c.half_tail:
-        a_half_desc = create_ragged_descriptor(a_NK, [c.block_m // 2, c.block_k])
-        out_half_desc = create_ragged_descriptor(out_NO, [c.block_m // 2, _store_width(c)])
-    else:  # unused: the kernel's second pass is compiled out
-        a_half_desc, out_half_desc = a_desc, out_desc
     w_block = [1, c.block_n, c.block_k] if w_is_ok else [1, c.block_k, c.block_n]
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), w_block)
     progs = _programs_for(a_NK)
     _m_grouped_kernel[(progs,)](
-        a_desc, w_desc, out_desc, a_half_desc, out_half_desc, offs_E, E, O, K, W_IS_OK=w_is_ok,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_POW2=max(triton.next_power_of_2(E), 2),
-        GROUP_M=_GROUP_M, NUM_PROGS=progs, FLATTEN=c.flatten, SUBTILE=c.epilogue_subtile,
-        PRECISION=_DOT_PRECISION[a_NK.dtype], HALF_TAIL=c.half_tail, num_stages=c.num_stages,
-        num_warps=c.num_warps)
+        a_desc, w_desc, out_desc, offs_E, E, O, K, W_IS_OK=w_is_ok, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k, E_POW2=max(triton.next_power_of_2(E), 2), GROUP_M=_GROUP_M, NUM_PROGS=progs,
+        FLATTEN=c.flatten, SUBTILE=c.epilogue_subtile,
+        PRECISION=_DOT_PRECISION[a_NK.dtype], num_stages=c.num_stages, num_warps=c.num_warps)
     return out_NO
 
 
