@@ -106,8 +106,13 @@ def run_way(way: str) -> None:
         cell.value = 0
         _wait_test(lib, torch, ptr.value, lambda v: setattr(cell, "value", v))
     elif way == "host_func":
-        gate = threading.Event()
-        callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: gate.wait(5.0))
+        gate, entered = threading.Event(), threading.Event()
+
+        def hold(_) -> None:  # runs on the driver's thread; returns None, as the C type says
+            entered.set()
+            gate.wait(5.0)
+
+        callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(hold)
         stream = torch.cuda.Stream()
         x = torch.zeros(1, device="cuda")
         stream.wait_stream(torch.cuda.current_stream())
@@ -117,7 +122,8 @@ def run_way(way: str) -> None:
             done = torch.cuda.Event()
             done.record(stream)
         time.sleep(0.05)
-        step(f"cuLaunchHostFunc rc={rc}; held before the host sets the gate: {not done.query()}")
+        step(f"cuLaunchHostFunc rc={rc}; callback entered: {entered.is_set()}; "
+             f"held before the host sets the gate: {not done.query()}")
         gate.set()
         t0 = time.perf_counter()
         while not done.query() and time.perf_counter() - t0 < 3:
