@@ -187,6 +187,7 @@ def run_loop(s: LoopSettings, group=None, device: torch.device | None = None,
     plan_index = np.zeros((len(ARMS), s.steps), dtype=np.int64)
     placements = {arm: [initial.numpy()] for arm in ARMS}
     replans = {arm: [] for arm in ARMS}
+    data_gen = torch.Generator(device=device)
     for step in range(s.steps):
         if step > 0 and step % s.replan_every == 0:
             window = local_counts_SLE[step - s.replan_every:step].sum(0).to(device)  # NCCL: device tensors
@@ -195,15 +196,18 @@ def run_loop(s: LoopSettings, group=None, device: torch.device | None = None,
                 replans[arm].append(_replan_and_apply(arm, window.cpu().double().numpy(), config, s.move_price,
                                                       models[arm], optims[arm], step, group, device))
                 placements[arm].append(replans[arm][-1]["phy2log"])
-        gen = torch.Generator().manual_seed((s.seed * 1_000_003 + step) * 4099 + rank)
+        step_seed = (s.seed * 1_000_003 + step) * 4099 + rank
+        gen = torch.Generator().manual_seed(step_seed)
         idx_LTK = sample_routing(pop_SLE[step], s.tokens, s.top_k, gen)
         local_counts_SLE[step] = torch.stack([torch.bincount(i.reshape(-1), minlength=s.num_experts)
                                               for i in idx_LTK])
         w_LTK = torch.softmax(torch.randn(s.layers, s.tokens, s.top_k, generator=gen), -1)
-        x_TD = torch.randn(s.tokens, s.dim, generator=gen)
-        target_TD = torch.randn(s.tokens, s.dim, generator=gen)
+        # inputs and targets drawn where they are used: on the CPU, two [T, D] draws per step
+        # (8192 x 2048) took longer than the three arms' GPU steps together; the routing, which
+        # decides the plans and the bytes moved, stays on the CPU generator (the same on any device)
+        x_TD = torch.randn(s.tokens, s.dim, generator=data_gen.manual_seed(step_seed), device=device, dtype=dtype)
+        target_TD = torch.randn(s.tokens, s.dim, generator=data_gen, device=device, dtype=dtype)
         idx_LTK, w_LTK = idx_LTK.to(device), w_LTK.to(device, dtype)
-        x_TD, target_TD = x_TD.to(device, dtype), target_TD.to(device, dtype)
         for a, arm in enumerate(ARMS):
             model, opt = models[arm], optims[arm]
             dist.barrier(group=group)  # every rank starts the timed step together
@@ -410,9 +414,15 @@ def worker(rank: int, args, s: LoopSettings) -> None:
     t0 = time.perf_counter()
     if rank == 0:
         from rich.progress import Progress
+
+        def progress(n: int) -> None:
+            bar.update(task, completed=n)
+            if not sys.stdout.isatty() and (n == 1 or n % s.replan_every == 0 or n == s.steps):  # a log
+                print(f"step {n}/{s.steps}: {time.perf_counter() - t0:.1f} s", flush=True)
+
         with Progress() as bar:
             task = bar.add_task("steps (3 arms each)", total=s.steps)
-            result = run_loop(s, None, device, dtype, progress=lambda n: bar.update(task, completed=n))
+            result = run_loop(s, None, device, dtype, progress=progress)
     else:
         result = run_loop(s, None, device, dtype)
     if rank == 0:

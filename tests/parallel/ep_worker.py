@@ -251,7 +251,8 @@ def check_host_syncs(device, **mode):
     import warnings
 
     gen = torch.Generator().manual_seed(21)
-    p2l = torch.cat([torch.arange(8), torch.tensor([0, 3])])[torch.randperm(10, generator=gen)]
+    extra = torch.tensor([0, 3, 1, 5][:WORLD])  # one replica per rank: R = 8 + WORLD, a multiple of WORLD
+    p2l = torch.cat([torch.arange(8), extra])[torch.randperm(8 + WORLD, generator=gen)]
     cfg = moekit.MoEConfig(dim=64, ffn_dim=32, num_experts=8, top_k=4, balance="none")
     layer = ExpertParallelMoE(cfg, phy2log=p2l, **mode).to(device, torch.bfloat16)
     x = torch.randn(96, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
