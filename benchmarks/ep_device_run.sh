@@ -10,7 +10,7 @@
 #
 #   OUT=/tmp/out [WORLD=2] [EPS=1,2] PASSES="args of pass 1;args of pass 2;..." [FALLBACK_PASSES="..."] \
 #     [TESTS="-m gpu tests/parallel"] [TESTS_S=150] [CALL_S=330] [PASS_S=150] [MIN_PASS_S=30] \
-#     [REBALANCE_ARGS="args of run 1;args of run 2"] [REBALANCE_S=90] bash benchmarks/ep_device_run.sh
+#     [REBALANCE_ARGS="args of run 1;args of run 2"] [REBALANCE_S=120] bash benchmarks/ep_device_run.sh
 #
 # FALLBACK_PASSES, if set, replaces PASSES when a GPU test failed (e.g. the same
 # passes without the variant under test: a rank that fails mid-pass leaves the others waiting
@@ -35,7 +35,7 @@ WORLD=${WORLD:-2}
 EPS=${EPS:-1,2}
 TESTS=${TESTS:-"-m gpu tests/parallel"}
 REBALANCE_ARGS=${REBALANCE_ARGS:-}
-REBALANCE_S=${REBALANCE_S:-90}
+REBALANCE_S=${REBALANCE_S:-120}
 reserve=0
 [ -n "$REBALANCE_ARGS" ] && reserve=$REBALANCE_S
 mkdir -p "$OUT"
