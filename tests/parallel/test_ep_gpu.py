@@ -1,6 +1,7 @@
-"""Expert parallelism over NCCL on 2 GPUs: the same equivalence checks as the gloo tests
-(outputs and all gradients equal the single-GPU ``moekit.MoE``, which runs the CUDA expert
-backend), plus bf16, and exactly one device-to-host sync per training step. One process per GPU, started as torchrun would."""
+"""Expert parallelism over NCCL on 2 GPUs (and 4, where there are): the same equivalence
+checks as the gloo tests (outputs and all gradients equal the single-GPU ``moekit.MoE``, which
+runs the CUDA expert backend), plus bf16, and exactly one device-to-host sync per training step
+(none with the fixed-size dispatch). One process per GPU, started as torchrun would."""
 
 from __future__ import annotations
 
@@ -45,3 +46,26 @@ def test_nccl_copy_engine_transport():
     "copy_engine"``, symmetric memory), alone and with overlap (ep_worker.CE_MODES)."""
     out = ep_launch.launch_subprocess(2, "nccl", SCENARIOS, timeout=300, extra_env=dict(_ENV, EP_MODES="ce"))
     assert all(f"ok {s} world=2" in out for s in SCENARIOS), out
+
+
+four_gpus = pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA devices")
+
+
+@four_gpus
+def test_nccl_four_gpus_equal_single_gpu_layer():
+    """Issue 7's 4-GPU half: the base dispatch modes (ep_worker.MODES) at world 4, with the
+    2 x 2 DP x EP mesh."""
+    scenarios = ["identity", "zero_tokens", "replicas", "apply_plan", "fresh", "mesh"]
+    out = ep_launch.launch_subprocess(4, "nccl", scenarios, timeout=110, extra_env=dict(_ENV, EP_MODES="base"))
+    assert all(f"ok {s} world=4" in out for s in scenarios), out
+
+
+@four_gpus
+def test_nccl_four_gpus_copy_engine_transport():
+    """The copy-engine exchanges between 4 GPUs (ep_worker.CE_MODES, the transport of the
+    benchmark's ``overlap_fixed:ce:rf``), bf16, one step with no host sync, and the mesh, whose
+    EP groups are pairs of ranks (symmetric memory over a subgroup, as the benchmark's EP=2
+    groups inside a world of 4)."""
+    scenarios = ["identity", "replicas", "grouped", "apply_plan", "bf16", "syncs", "mesh"]
+    out = ep_launch.launch_subprocess(4, "nccl", scenarios, timeout=110, extra_env=dict(_ENV, EP_MODES="ce"))
+    assert all(f"ok {s} world=4" in out for s in scenarios), out
