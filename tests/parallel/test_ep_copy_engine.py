@@ -63,6 +63,18 @@ def test_pull_plan_matches_the_all_to_all_of_the_fixed_dispatch(world, include_s
         assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("include_self", [False, True])
+def test_pull_plan_reads_from_different_peers_at_every_step(world, include_self):
+    """The k-th copy of every rank reads from a different peer (a permutation of the ranks), so
+    no GPU's outgoing links serve all readers at once; each rank reads each peer once."""
+    plans = [pull_plan(r, world, include_self, False) for r in range(world)]
+    for r, plan in enumerate(plans):
+        assert sorted(q for q, _, _ in plan) == [q for q in range(world) if include_self or q != r]
+    for step in range(len(plans[0])):
+        assert len({plan[step][0] for plan in plans}) == world
+
+
 def test_block_index_leaves_out_the_rank_itself():
     assert [block_index(p, 2, False) for p in (0, 1, 3, 4)] == [0, 1, 2, 3]
     assert [block_index(p, 2, True) for p in range(5)] == list(range(5))

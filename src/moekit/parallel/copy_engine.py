@@ -55,9 +55,16 @@ def block_index(peer: int, rank: int, include_self: bool) -> int:
 def pull_plan(rank: int, world: int, include_self: bool, gather: bool) -> list[tuple[int, int | None, int]]:
     """What ``rank`` copies in an exchange: ``(peer, source block, destination block)`` per
     block it receives: block ``source`` of ``peer``'s send buffer (``None``: the whole buffer,
-    one block sent to every rank, with ``gather``) into block ``destination`` of the result."""
+    one block sent to every rank, with ``gather``) into block ``destination`` of the result.
+
+    In the order of the copies: ``rank`` reads from ``rank + 1``, ``rank + 2``, ... (mod
+    ``world``; itself first with ``include_self``). At every step the ranks then read from
+    ``world`` different peers, where reading in rank order would have every rank read from
+    rank 0 first, then all from rank 1, ...: one GPU's outgoing links shared by all readers
+    while the others' idle."""
     plan = []
-    for q in range(world):
+    for shift in range(world):
+        q = (rank + shift) % world
         if q == rank and not include_self:
             continue
         source = None if gather else block_index(rank, q, include_self)  # q's block for this rank
