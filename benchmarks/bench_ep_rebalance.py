@@ -208,7 +208,14 @@ def run_loop(s: LoopSettings, group=None, device: torch.device | None = None,
         x_TD = torch.randn(s.tokens, s.dim, generator=data_gen.manual_seed(step_seed), device=device, dtype=dtype)
         target_TD = torch.randn(s.tokens, s.dim, generator=data_gen, device=device, dtype=dtype)
         idx_LTK, w_LTK = idx_LTK.to(device), w_LTK.to(device, dtype)
-        for a, arm in enumerate(ARMS):
+        # On 4x H200 (2026-11-28) the arm timed first in every step, always `static` then, was
+        # 20% slower before any replan, with the same placement as the others (the GPUs idle
+        # through the routing draws on the CPU just before it: a likely cause, not verified).
+        # The order rotates per step (the same on every rank: the arms' steps are collective),
+        # so each arm is timed first equally often.
+        shift = step % len(ARMS)
+        for arm in ARMS[shift:] + ARMS[:shift]:
+            a = ARMS.index(arm)
             model, opt = models[arm], optims[arm]
             dist.barrier(group=group)  # every rank starts the timed step together
             _sync(device)
