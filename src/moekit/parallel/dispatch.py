@@ -154,8 +154,9 @@ def local_slots(slot_TK: torch.Tensor, rank: int, slots_per_rank: int) -> torch.
 
 
 def lookup_tables(tables: SlotTables, rank: int, slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two gather tables that turn the slot arithmetic of the fixed-size dispatch into one
-    indexing kernel each (its host time sits before the first expert GEMM of a step):
+    """Two gather tables that turn the layer's slot arithmetic into one indexing kernel each
+    (its host time sits before the first expert GEMM of a step; used by the deduplicated and
+    the fixed-size dispatch):
 
     - ``slot_E1`` ``[E + 1]``: the first physical slot of each logical expert, ``-1`` at index
       ``E``. Without replicas ``slot_E1[indices_TK]`` equals :func:`assignment_slots` (``-1``

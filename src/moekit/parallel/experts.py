@@ -182,7 +182,7 @@ class ExpertParallelExperts(nn.Module):
         self.register_buffer("phy2log", tables.phy2log_R.to(device))
         self.register_buffer("log2phy", tables.log2phy_EM.to(device), persistent=False)
         self.register_buffer("logcnt", tables.logcnt_E.to(device), persistent=False)
-        # gather tables of the fixed-size dispatch's slot arithmetic (dispatch.lookup_tables)
+        # gather tables of the slot arithmetic (dispatch.lookup_tables): physical_slots, local_of
         slot_E1, local_R1 = lookup_tables(self.tables, self.rank, self.slots_per_rank)
         self.register_buffer("slot_E1", slot_E1, persistent=False)
         self.register_buffer("local_R1", local_R1, persistent=False)
@@ -294,7 +294,7 @@ class ExpertParallelExperts(nn.Module):
 
     def _forward_dedup(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         slots_per_rank = self.slots_per_rank
-        slot_TK = assignment_slots(indices_TK, self.tables, self.rank, self.replicated)
+        slot_TK = self.physical_slots(indices_TK)
         disp = row_dispatch(slot_TK, self.num_ranks, slots_per_rank)
         recv_counts_P2 = exchange_counts(disp.send_counts_P2, self.group)
         # the one host sync: rows and assignments, sent and received (dropless EP needs the

@@ -55,12 +55,7 @@ from typing import NamedTuple
 import torch
 
 from moekit.parallel.comm import all_to_all, all_to_all_plain, exchange_counts
-from moekit.parallel.dispatch import (
-    _count,
-    _rows_by_destination,
-    assignment_slots,
-    local_slots,
-)
+from moekit.parallel.dispatch import _count, _rows_by_destination
 from moekit.parallel.rows import collect, pad_rows, spread, sum_partials
 
 __all__ = ["RemoteRows", "overlapped_fixed_forward", "overlapped_forward", "remote_rows", "row_routing"]
@@ -192,12 +187,12 @@ def overlapped_forward(module, x_TD: torch.Tensor, indices_TK: torch.Tensor,
     ``module`` with the deduplicated dispatch (module docstring): ``[T, D]``. Collective over
     ``module.group``; one host sync (the split sizes)."""
     per, num_ranks, rank, group = module.slots_per_rank, module.num_ranks, module.rank, module.group
-    slot_TK = assignment_slots(indices_TK, module.tables, rank, module.replicated)
+    slot_TK = module.physical_slots(indices_TK)
     rows = remote_rows(slot_TK, rank, num_ranks, per)
     recv_counts_P2 = exchange_counts(rows.send_counts_P2, group)
     # own tokens' experts queued before the host sync, which then waits for the main stream only
     join = module.new_join()
-    y_own, streams = _start_own(module, x_TD, local_slots(slot_TK, rank, per), weights_TK, join)
+    y_own, streams = _start_own(module, x_TD, module.local_of(slot_TK), weights_TK, join)
     send_rows, _send_assign, recv_rows, recv_assign = torch.cat(
         [rows.send_counts_P2.t(), recv_counts_P2.t()]).tolist()
     num_rows = sum(send_rows)
