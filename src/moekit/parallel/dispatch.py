@@ -172,8 +172,7 @@ def lookup_tables(tables: SlotTables, rank: int, slots_per_rank: int) -> tuple[t
     phy2log_R, log2phy_EM = tables.phy2log_R, tables.log2phy_EM
     none = torch.full((1,), -1, dtype=torch.int64, device=phy2log_R.device)
     slot_E1 = torch.cat([log2phy_EM[:, 0], none])
-    local_R = torch.arange(phy2log_R.shape[0], device=phy2log_R.device) - rank * slots_per_rank
-    local_R = torch.where((local_R >= 0) & (local_R < slots_per_rank), local_R, -1)
+    local_R = local_slots(torch.arange(phy2log_R.shape[0], device=phy2log_R.device), rank, slots_per_rank)
     return slot_E1, torch.cat([local_R, none])
 
 
