@@ -14,7 +14,10 @@ wait for them too. Letting the device wait instead (the host returns at once and
 rest of the model behind a stream wait on a host-written value) was tried in the seventh
 session with ``cuStreamWaitValue32`` on a counter in torch's pinned memory: on the H100 virtual
 machine a stream waiting on it was not released after the host wrote the value (the probe did
-not finish within 30 s), so it is not used (docs/results/offload.md, "Session 7").
+not finish within 30 s), so it is not used (docs/results/offload.md, "Session 7"). The eighth
+session's probe (``benchmarks/probe_host_wait.py``) found why: the device reports no stream
+memory operations (``CAN_USE_STREAM_MEM_OPS_V1 = 0``); a blocking ``cuLaunchHostFunc`` callback
+did not hold the stream either ("Session 8").
 
 One buffer per engine is enough: a job is submitted only after its layer's routing reached the
 host, which the device produced after the previous layer's copies out of the buffer.
