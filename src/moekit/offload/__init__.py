@@ -1,6 +1,7 @@
 """Offloaded MoE inference: CPU-resident experts, a GPU expert cache, chunked copies, prefetch of
 the next layers' predicted experts (optionally into staging slots outside the cache), CPU
-computation of missing experts, and the figures of DESIGN.md ("Offload figures")."""
+computation of missing experts, CUDA graphs of the dense parts of decode steps, and the figures
+of DESIGN.md ("Offload figures")."""
 
 from moekit.offload.api import PREFETCH, OffloadedExperts, OffloadHandle, offload
 from moekit.offload.cache import POLICIES, ExpertCache
@@ -12,10 +13,13 @@ from moekit.offload.costs import (
     parse_bytes,
 )
 from moekit.offload.engine import OffloadCounters, OffloadEngine
+from moekit.offload.graphs import DecodeGraphs, graph_decode
 from moekit.offload.staging import StagingArea
 
 __all__ = [
     "offload",
+    "graph_decode",
+    "DecodeGraphs",
     "OffloadHandle",
     "OffloadedExperts",
     "OffloadEngine",

@@ -1,0 +1,91 @@
+"""On the GPU: decode graphs (``moekit.offload.graph_decode``) replay the dense parts of every
+family's decode steps with the eager kernels, so greedy tokens *and* logits equal the eager
+model's, with and without offloading; calls with a dynamic cache never replay the attention."""
+
+import copy
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+from tiny_models import FAMILY_NAMES, tiny_model  # noqa: E402
+
+from moekit.offload import offload  # noqa: E402
+from moekit.offload.graphs import GraphedCall, graph_decode  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+NEW = 12
+
+
+def _generate(model, ids, cache: str):
+    """Greedy tokens ``[B, prompt + NEW]`` and the logits of every step ``[NEW, B, V]``, with a
+    fresh static cache (passed in, so that transformers does not compile) or a dynamic one."""
+    import transformers as T
+
+    kw = {"max_new_tokens": NEW, "do_sample": False, "return_dict_in_generate": True, "output_logits": True,
+          "disable_compile": True}
+    if cache == "static":
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kw[name] = T.StaticCache(config=model.config, max_cache_len=ids.shape[1] + NEW)
+    with torch.no_grad():
+        out = model.generate(ids, **kw)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _ids(seed: int, batch: int = 2):
+    return torch.randint(3, 96, (batch, 6), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gpu_graphed_decode_equals_eager_bit_for_bit(family, dtype):
+    model = tiny_model(family, seed=30, dtype=dtype).cuda()
+    ids = _ids(31)
+    tokens, logits = _generate(model, ids, "static")
+    own = model.generation_config.disable_compile
+    graphs = graph_decode(model)
+    assert model.generation_config.disable_compile is True  # transformers would compile on a static cache
+    for _ in range(2):  # the first run captures (third call of each signature), the second only replays
+        got_tokens, got_logits = _generate(model, ids, "static")
+        torch.testing.assert_close(got_tokens, tokens, rtol=0, atol=0)
+        torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
+    stats = graphs.stats()
+    assert stats["graphs"] >= stats["modules"] and stats["replays"] > 0
+    attn = graphs.calls["model.layers.1.self_attn"]
+    assert attn.replays >= NEW - 3  # a new cache object each run: 2 eager steps, then captured
+    graphs.remove()
+    assert not any(isinstance(m.__dict__.get("forward"), GraphedCall) for m in model.modules())
+    assert model.generation_config.disable_compile == own
+    torch.testing.assert_close(_generate(model, ids, "static")[1], logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefetch", ["none", "layer_output"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gpu_graphed_offloaded_decode_equals_the_plain_model(family, prefetch):
+    model = tiny_model(family, seed=32, dtype=torch.bfloat16)
+    ids = _ids(33)
+    tokens, logits = _generate(copy.deepcopy(model).cuda(), ids, "static")
+    handle = offload(model, cache_experts=4, policy="lru", prefetch=prefetch)
+    graphs = graph_decode(model)
+    for _ in range(2):
+        got_tokens, got_logits = _generate(model, ids, "static")
+        torch.testing.assert_close(got_tokens, tokens, rtol=0, atol=0)
+        torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
+    assert graphs.stats()["replays"] > 0 and handle.stats()["activations"] > 0
+    gate = next(c for n, c in graphs.calls.items() if n.endswith(".gate"))
+    assert gate.replays > 0  # the routers replay; the experts behind them stay with the engine
+
+
+def test_gpu_dynamic_cache_never_replays_the_attention():
+    model = tiny_model("qwen3_moe", seed=34).cuda()
+    ids = _ids(35, batch=1)
+    tokens, logits = _generate(model, ids, "dynamic")
+    graphs = graph_decode(model)
+    got_tokens, got_logits = _generate(model, ids, "dynamic")
+    torch.testing.assert_close(got_tokens, tokens, rtol=0, atol=0)
+    torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
+    assert all(c.replays == 0 for n, c in graphs.calls.items() if n.endswith("self_attn"))
+    assert graphs.calls["model.layers.0.input_layernorm"].replays > 0  # stateless modules still replay
