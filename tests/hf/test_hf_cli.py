@@ -84,3 +84,24 @@ def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--offload", "2", "--lead-chunks", "0",
                  "--device", "cpu", "--dtype", "float32"]) == 2
     assert "lead_chunks" in capsys.readouterr().err
+
+
+def test_generate_cli_graphs_need_cuda(model_dir, capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA: the GPU test below runs instead")
+    rc = main(["generate", "--model", str(model_dir), "--prompt", "a", "--offload", "2", "--graphs",
+               "--device", "cpu", "--dtype", "float32"])
+    assert rc == 2 and "CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_generate_cli_with_graphs_replays_and_matches_eager(model_dir, tmp_path, capsys):
+    texts = {}
+    for flag in ([], ["--graphs"]):
+        out = tmp_path / f"gen{len(flag)}.json"
+        rc = main(["generate", "--model", str(model_dir), "--prompt", "the expert router", "--prompt", "load balance",
+                   "--offload", "4", "--max-new-tokens", "8", "--dtype", "float32", "--json", str(out), *flag])
+        assert rc == 0
+        texts[bool(flag)] = json.loads(out.read_text())
+    assert texts[True]["texts"] == texts[False]["texts"]
+    assert texts[True]["stats"]["graph_replays"] > 0 and "graph_replays" in capsys.readouterr().out

@@ -18,9 +18,11 @@ def decode_rate(handle: OffloadHandle, batch_size: int) -> float:
 
 
 def generate_and_measure(model, tokenizer, prompts: list[str], handle: OffloadHandle,
-                         max_new_tokens: int = 32) -> dict:
+                         max_new_tokens: int = 32, static_cache: bool = False) -> dict:
     """Greedy ``model.generate`` on ``prompts`` (one batch, left-padded); returns the texts, the
-    handle's stats of this call and ``decode_tokens_per_s``."""
+    handle's stats of this call and ``decode_tokens_per_s``. static_cache: decode with a
+    ``transformers`` static KV cache (what decode graphs replay, :mod:`moekit.offload.graphs`)
+    instead of the dynamic one, with ``generate``'s own compiling disabled."""
     if not prompts or max_new_tokens < 1:
         raise ValueError(f"prompts / max_new_tokens: expected at least one prompt and >= 1 token, "
                          f"got {len(prompts)} / {max_new_tokens}")
@@ -29,9 +31,18 @@ def generate_and_measure(model, tokenizer, prompts: list[str], handle: OffloadHa
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(handle.engine.device)
     handle.reset_stats()
+    kw = {}
+    if static_cache:
+        import inspect
+
+        import transformers as T
+
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        length = enc["input_ids"].shape[1] + max_new_tokens
+        kw = {name: T.StaticCache(config=model.config, max_cache_len=length), "disable_compile": True}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, **kw)
     new = out[:, enc["input_ids"].shape[1]:]
     stats = handle.stats()
     stats["decode_tokens_per_s"] = decode_rate(handle, len(prompts))
