@@ -28,6 +28,7 @@ import argparse
 import copy
 import datetime as dt
 import gc
+import inspect
 import json
 import os
 import platform
@@ -116,12 +117,20 @@ class ForwardTimer:
             h.remove()
 
 
-def decode(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
-    """Greedy generation; decode tokens/s over the steps after the prefill."""
+def decode(model, ids: torch.Tensor, new_tokens: int, device: str, cache=None) -> dict:
+    """Greedy generation; decode tokens/s over the steps after the prefill. cache: a
+    ``transformers`` static cache to decode with (reset first; compiling disabled), default the
+    dynamic cache ``generate`` makes."""
     timer = ForwardTimer(model)
+    kw = {}
+    if cache is not None:
+        cache.reset()
+        kw = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache,
+              "disable_compile": True}
     with torch.no_grad():
         out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             **kw)
     timer.close()
     steps = timer.seconds[1:]
     return {"decode_tokens_per_s": ids.shape[0] * len(steps) / sum(steps) if steps else float("nan"),
@@ -290,11 +299,13 @@ def run_name(policy, prefetch, extra, lead, cpu, slots, staging, num_experts_tot
     return name + (f" staged {staging}" if staging else "") + (" +cpu" if cpu else "")
 
 
-def measure(model, handle, cpu_model, args, name: str, batch: int, expert_bytes: int, bw: float, **config) -> dict:
+def measure(model, handle, cpu_model, args, name: str, batch: int, expert_bytes: int, bw: float, kv_cache=None,
+            **config) -> dict:
     """One moekit run: ``handle.reconfigure(**config)``, a warm-up generation that fills the
     cache, then the timed one; its figures (an ``error`` entry instead if it fails, so a one-shot
     device run keeps the others). The engine's host time per layer call (wall time inside
-    ``engine.forward`` less its wait for the routing) is taken by wrapping the engine's method."""
+    ``engine.forward`` less its wait for the routing) is taken by wrapping the engine's method.
+    kv_cache: a static ``transformers`` cache both generations decode with (:func:`decode`)."""
     slots, staging = config["cache_experts"], config["staging_slots"]
     try:
         handle.reconfigure(**config)
@@ -303,10 +314,10 @@ def measure(model, handle, cpu_model, args, name: str, batch: int, expert_bytes:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         ids = prompts(batch, args.prompt_len, cpu_model.config.vocab_size)
-        decode(model, ids, args.warmup_tokens, args.device)  # fills the cache: steady state
+        decode(model, ids, args.warmup_tokens, args.device, kv_cache)  # fills the cache: steady state
         handle.reset_stats()
         engine_time.update(s=0.0, calls=0)
-        res = decode(model, ids, args.new_tokens, args.device)
+        res = decode(model, ids, args.new_tokens, args.device, kv_cache)
         s = handle.stats()
         dec = [r for r in handle.forward_log[1:]]
         dec_bytes = sum(r.h2d_bytes for r in dec)
@@ -354,7 +365,7 @@ def _time_engine(engine) -> dict:
     """Wrap ``engine.forward`` (the instance's attribute, which the offloaded layers call) to sum
     its wall seconds and calls into the returned dict."""
     acc = {"s": 0.0, "calls": 0}
-    inner = engine.forward
+    inner = getattr(engine.forward, "__wrapped__", engine.forward)  # replace an earlier run's wrapper, not nest
 
     def timed(*a, **k):
         t0 = time.perf_counter()
@@ -364,6 +375,7 @@ def _time_engine(engine) -> dict:
             acc["s"] += time.perf_counter() - t0
             acc["calls"] += 1
 
+    timed.__wrapped__ = inner
     engine.forward = timed
     return acc
 

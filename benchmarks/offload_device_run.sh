@@ -26,6 +26,10 @@
 # from 0e22bd1, the commit before the seventh session's CPU worker, the package renamed moekit_s6):
 #   OUT=/tmp/out TAG=s7 BASELINE=moekit_s6 REPEATS=3 BENCH_TIMEOUT=300 bash benchmarks/offload_device_run.sh engines
 #
+# Mode graphs (~4 min): the GPU tests, then benchmarks/bench_offload_graphs.py (decode graphs on / off,
+# interleaved repeats): gpu_tests.txt, bench.log and the result JSON and PNG.
+#   OUT=/tmp/out TAG=s9 bash benchmarks/offload_device_run.sh graphs [bench_offload_graphs.py args]
+#
 # Mode probe (~1 min): the two CPU-expert GPU tests and benchmarks/probe_host_wait.py (how a stream
 # could wait for a value the host writes later): gpu_tests.txt, probe.log, probe.json.
 set -u
@@ -46,7 +50,7 @@ if [ "$MODE" = probe ]; then  # ~1 min: the CPU-expert GPU tests, then the ways 
   timeout 70 python3 benchmarks/probe_host_wait.py --timeout 12 --out "$OUT/probe.json" 2>&1 | tee "$OUT/probe.log"
   exit 0
 fi
-timeout 120 python3 -m pytest -q -m gpu tests/offload tests/hf -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1
+timeout "${TESTS_S:-180}" python3 -m pytest -q -m gpu tests/offload tests/hf -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
 if [ "$MODE" = profile ]; then
   timeout 400 python3 benchmarks/profile_offload.py --out "$OUT/profile.json" --trace-dir /tmp/traces "$@" \
@@ -59,6 +63,11 @@ elif [ "$MODE" = staging ]; then
   timeout 120 python3 benchmarks/bench_offload.py --preset qwen3-30b-a3b --variants staging --quick --slots 16,32 \
     --staging 8 --batches 1 --out "$OUT/offload_h100_${day}_${TAG:-s5}_qwen3.json" 2>&1 | tee "$OUT/qwen3.log" \
     | grep -E "^moekit|^all|^goal batch._same" | tail -60
+elif [ "$MODE" = graphs ]; then
+  day=$(date -u +%F)
+  timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/bench_offload_graphs.py \
+    --out "$OUT/offload_graphs_h100_${day}_${TAG:-s9}.json" "$@" 2>&1 | grep -v USDT | tee "$OUT/bench.log" \
+    | grep -E "^moekit|^all|^pinned|@ batch|rror|Traceback" | cut -c1-300 | tail -70
 elif [ "$MODE" = engines ]; then
   day=$(date -u +%F)
   BASELINE=${BASELINE:-moekit_s5}
