@@ -168,7 +168,7 @@ def plot(doc: dict, path: str) -> None:
                 row = summary.get(f"{n}, graphs {mode}", {})
                 if row:
                     text = f"{row['decode_tokens_per_s']:.1f}"
-                    if "fraction_of_copy_bound" in row:
+                    if "fraction_of_copy_bound" in row and "resident" not in n:
                         text += f"  {row['fraction_of_copy_bound']:.2f} of copy bound"
                     if "no_copy_ms_per_step" in row and "resident" not in n:
                         text += f", no copy {row['no_copy_ms_per_step']:.1f} ms"
