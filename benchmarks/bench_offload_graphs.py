@@ -9,7 +9,9 @@ alternating order, ``--repeats`` times (interleaved, so that the VM's drift hits
   bound at the measured hit rate, and the time per step with no copy running;
 - lru and lfu + CPU compute at batch 8 with half the slots;
 - every expert resident (32 slots), batch 1 and 8: the all-on-GPU ceiling of each mode;
-- lru, 16 slots, batch 1 with the dynamic cache (the earlier sessions' setting, eager only).
+- lru, 16 slots, batch 1 with the dynamic cache (the earlier sessions' setting, eager only);
+- with ``--hf-slots N``: transformers' own offloading (``bench_offload.hf_runs``) under the GPU
+  budget of N slots, in the same process (the "10x transformers' best offloading" comparison).
 
 First, the plain model entirely on the GPU (transformers' eager experts, static cache) with and
 without graphs, once per batch. Prints a table and writes a JSON (and PNG) beside ``--out``.
@@ -198,6 +200,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8])
     p.add_argument("--reserve-bytes", type=int, default=2 * 2**30)
+    p.add_argument("--hf-slots", type=int, default=0,
+                   help="also run transformers' own offloading (accelerate device_map: auto, and experts on the "
+                        "CPU) under the GPU budget of this many expert slots + dense weights + reserve (default 0: "
+                        "skip)")
+    p.add_argument("--hf-new-tokens", type=int, default=4, help="decode steps of the transformers offloading runs")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the PNG of an existing result file")
     args = p.parse_args(argv)
@@ -216,12 +223,22 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         torch.cuda.empty_cache()
     runs += moekit_runs(model, args, expert_bytes, total, bw["pinned_h2d_bytes_per_s"])
+    if args.hf_slots:
+        dense = sum(q.numel() * q.element_size() for q in model.parameters()) - total * expert_bytes
+        budget = dense + args.hf_slots * expert_bytes + args.reserve_bytes
+        for r in bench.hf_runs(model, args, budget):
+            r.update(budget_slots=args.hf_slots, gpu_budget_bytes=budget)
+            runs.append(r)
     ref = {r["batch"]: r["tokens"] for r in runs if r["name"].startswith("all on GPU") and not r["graphs_on"]}
     for r in runs:
-        if "tokens" in r:
+        if "tokens" in r and r["batch"] in ref:
             r["token_match_vs_all_gpu_eager_static"] = float((r["tokens"] == ref[r["batch"]]).float().mean())
             del r["tokens"]
     summary = summarize(runs)
+    for r in runs:
+        if r["name"].startswith("transformers") and "error" not in r:
+            summary[f"{r['name']} [{r['budget_slots']} slots budget] @ batch {r['batch']}"] = {
+                "decode_tokens_per_s": r["decode_tokens_per_s"]}
     for k, v in summary.items():
         print(f"{k}: " + json.dumps(v, default=lambda x: round(x, 4)))
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
