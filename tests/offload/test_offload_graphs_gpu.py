@@ -103,3 +103,47 @@ def test_gpu_dynamic_cache_never_replays_the_attention():
     torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
     assert all(c.replays == 0 for n, c in graphs.calls.items() if n.endswith("self_attn"))
     assert graphs.calls["model.layers.0.input_layernorm"].replays > 0  # stateless modules still replay
+
+
+class _Scale(torch.nn.Module):
+    """``x * w + 1`` (stateless), optionally reading a value on the host first (not capturable)."""
+
+    def __init__(self, sync: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((8,), 2.0))
+        self.sync = sync
+
+    def forward(self, x):
+        if self.sync:
+            x = x + float(x.sum().item()) * 0  # a host read: capture must fail, the call stays eager
+        return x * self.w + 1
+
+
+def test_gpu_graphed_call_keeps_at_most_max_graphs_and_stays_right():
+    from moekit.offload.graphs import GraphedCall, _Pool
+
+    module = _Scale().cuda()
+    call = GraphedCall(module.forward, _Pool(), max_tokens=64, warmup=1, max_graphs=2)
+    with torch.no_grad():
+        for rep in range(3):
+            for rows in (1, 2, 3):  # three signatures, two graphs kept: the oldest is re-captured
+                x = torch.randn(rows, 8, device="cuda")
+                torch.testing.assert_close(call(x).clone(), x * 2 + 1, rtol=0, atol=0)
+    assert len(call.graphs) == 2 and call.replays > 0
+    with torch.no_grad():  # a graph's output is its buffer: the next replay of that signature overwrites it
+        a = call(torch.zeros(3, 8, device="cuda"))
+        b = call(torch.ones(3, 8, device="cuda"))
+    assert a.data_ptr() == b.data_ptr() and bool((b == 3).all())
+
+
+def test_gpu_a_call_that_synchronises_is_never_captured():
+    from moekit.offload.graphs import GraphedCall, _Pool
+
+    module = _Scale(sync=True).cuda()
+    call = GraphedCall(module.forward, _Pool(), max_tokens=64, warmup=1)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(2, 8, device="cuda")
+            torch.testing.assert_close(call(x), x * 2 + 1, rtol=0, atol=0)
+    assert call.replays == 0 and len(call.uncapturable) == 1 and call.eager_calls == 4
+    torch.randn(4, device="cuda")  # no capture was tried: torch's state (the RNG's) is as before

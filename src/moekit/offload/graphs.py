@@ -21,7 +21,11 @@ when it could not be replayed faithfully:
 - an argument is an object other than a cache that ``transformers`` marks compileable
   (``cache.is_compileable``: a static cache, updated in place on the device). A
   ``DynamicCache`` grows by re-binding Python attributes, which a replay would skip, so calls
-  with one never replay. Use ``model.generate(..., cache_implementation="static")``.
+  with one never replay. Use ``model.generate(..., cache_implementation="static")``;
+- the signature's second eager call synchronised with the host (torch's sync debug check is on
+  during that call): a capture of it would fail, and a failed capture can leave torch's own
+  capture state (e.g. the RNG's) inconsistent, so it is never tried. A capture that fails
+  anyway raises ``RuntimeError``.
 
 Outputs of a replay are the graph's buffers: valid until the same module is called again with
 the same signature (the next decode step), which is how ``transformers`` uses them. Replayed
@@ -33,6 +37,7 @@ an offloaded model synchronises with the host inside every MoE layer.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -89,11 +94,13 @@ class _Graph:
 
 class GraphedCall:
     """Stands in for one module's ``forward`` (module doc): eager until a signature has been
-    seen ``warmup`` times, then captured once and replayed. Keeps at most ``max_graphs``
-    signatures (least recently used dropped), e.g. one per batch size."""
+    seen ``warmup`` times (the last of them with torch's synchronisation check: a call that
+    synchronises with the host is never captured), then captured once and replayed. Keeps at
+    most ``max_graphs`` signatures (least recently used dropped), e.g. one per batch size."""
 
-    def __init__(self, forward, pool, max_tokens: int, warmup: int = 2, max_graphs: int = 4):
+    def __init__(self, forward, pool, max_tokens: int, warmup: int = 2, max_graphs: int = 4, name: str = "module"):
         self.forward = forward
+        self.name = name
         self.pool = pool
         self.max_tokens, self.warmup, self.max_graphs = max_tokens, warmup, max_graphs
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
@@ -111,16 +118,16 @@ class GraphedCall:
             if len(self.seen) > 64:  # signatures that never repeat (a growing shape) are not kept
                 self.seen.clear()
             self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] <= self.warmup:
+            if self.seen[key] < self.warmup:
                 self.eager_calls += 1
                 return self.forward(*args, **kwargs)
+            if self.seen[key] == self.warmup:
+                return self._eager_checked(key, args, kwargs)
             try:
                 entry = self._capture(key, args, kwargs)
-            except RuntimeError:  # e.g. a host synchronisation inside the call: eager from now on
-                self.uncapturable.add(key)
-                self.seen.pop(key, None)
-                self.eager_calls += 1
-                return self.forward(*args, **kwargs)
+            except RuntimeError as exc:  # a failed capture can leave torch's capture state (e.g. the RNG's) inconsistent
+                raise RuntimeError(f"graph_decode: capturing {self.name} failed ({exc}); decode without graphs "
+                                   "(DecodeGraphs.remove()) in a new process") from exc
         else:
             self.graphs.move_to_end(key)
             for static, x in zip(entry.inputs, tensors):
@@ -129,6 +136,27 @@ class GraphedCall:
         entry.graph.replay()
         self.replays += 1
         return entry.output
+
+    def _eager_checked(self, key: tuple, args: tuple, kwargs: dict):
+        """The last eager call of a signature, with torch's synchronisation check on: a call
+        that reads device values on the host (``.item()``, ``nonzero``...) cannot be captured,
+        so its signature stays eager instead of failing inside a capture."""
+        self.eager_calls += 1
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = self.forward(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                self.uncapturable.add(key)
+                self.seen.pop(key, None)
+            else:  # not ours: pass it on
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out
 
     def _capture(self, key: tuple, args: tuple, kwargs: dict) -> _Graph:
         leaves, spec = tree_flatten((args, kwargs))
@@ -212,7 +240,7 @@ class DecodeGraphs:
         if config is not None:
             config.disable_compile = True
         for name, module in graph_targets(model):
-            call = GraphedCall(module.forward, self.pool, max_tokens)
+            call = GraphedCall(module.forward, self.pool, max_tokens, name=name)
             module.forward = call  # instance attribute: nn.Module.__call__ (and its hooks) call it
             self.calls[name] = call
             self._modules.append(module)
