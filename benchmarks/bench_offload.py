@@ -34,7 +34,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -935,17 +934,22 @@ def main(argv=None) -> int:
     tag = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-") or args.device
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"offload_{tag}_{dt.date.today().isoformat()}.json")
+    write_result(doc, out, {"staging": plot_staging, "engines": plot_engines}.get(args.variants, plot))
+    return 0
+
+
+def write_result(doc: dict, out: str, draw) -> None:
+    """Write ``doc`` to ``out`` atomically (numbers that JSON lacks, e.g. numpy floats, as
+    floats) and ``draw(doc, png)`` beside it when matplotlib is installed."""
+    from moekit._io import atomic_write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".json.tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=2, default=float)
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(doc, indent=2, default=float))
     try:
-        {"staging": plot_staging, "engines": plot_engines}.get(args.variants, plot)(doc, os.path.splitext(out)[0] + ".png")
+        draw(doc, os.path.splitext(out)[0] + ".png")
     except ImportError:  # matplotlib is optional (the "plot" extra)
         pass
     print(f"wrote {out}")
-    return 0
 
 
 def _versions() -> dict:

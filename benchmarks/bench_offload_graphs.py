@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
 import torch
 
@@ -252,16 +251,7 @@ def main(argv=None) -> int:
     tag = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-")
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"offload_graphs_{tag}_{dt.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".json.tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=2, default=float)
-    os.replace(tmp, out)
-    try:
-        plot(doc, os.path.splitext(out)[0] + ".png")
-    except ImportError:
-        pass
-    print(f"wrote {out}")
+    bench.write_result(doc, out, plot)
     return 0
 
 
