@@ -175,16 +175,23 @@ def plot(doc: dict, path: str) -> None:
                     if "no_copy_ms_per_step" in row and "resident" not in n:
                         text += f", no copy {row['no_copy_ms_per_step']:.1f} ms"
                     ax.text(row["decode_tokens_per_s"] * 1.05, i + (0.2 if j else -0.2), text, va="center", fontsize=7)
+        hf = [k for k in summary if k.startswith("transformers") and k.endswith(f"@ batch {batch}")]
+        for i, k in enumerate(hf, start=len(names)):  # transformers' own offloading, one run each
+            value = summary[k]["decode_tokens_per_s"]
+            ax.barh([i], [value], height=0.4, color="tab:red", label="transformers offloading" if i == len(names) else None)
+            ax.text(value * 1.05, i, f"{value:.2f}", va="center", fontsize=7)
+        names += hf
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels([n.replace(f" @ batch {batch}", "") for n in names], fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlim(5, 5000)
+        ax.set_xlim(0.3 if hf else 5, 40000)  # room for the labels right of the bars
         ax.set_xlabel("decode tokens/s (median of repeats, log)")
         ax.set_title(f"batch {batch}")
-        ax.legend(loc="lower right", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(f"{doc['model']['preset']} config, {doc['model']['layers']} layers, {doc['machine']['device']}: "
-                 "dense parts eager (gray) vs replayed from CUDA graphs (blue)", fontsize=10)
-    fig.tight_layout()
+                 "dense parts eager (gray) vs replayed from CUDA graphs (blue); red: transformers' offloading", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
