@@ -28,7 +28,6 @@ import argparse
 import copy
 import datetime as dt
 import gc
-import inspect
 import json
 import os
 import platform
@@ -123,9 +122,10 @@ def decode(model, ids: torch.Tensor, new_tokens: int, device: str, cache=None) -
     timer = ForwardTimer(model)
     kw = {}
     if cache is not None:
+        from moekit.offload.graphs import static_cache_kwargs
+
         cache.reset()
-        kw = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache,
-              "disable_compile": True}
+        kw = static_cache_kwargs(model, cache)
     with torch.no_grad():
         out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,

@@ -3,7 +3,6 @@ family's decode steps with the eager kernels, so greedy tokens *and* logits equa
 model's, with and without offloading; calls with a dynamic cache never replay the attention."""
 
 import copy
-import inspect
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 from tiny_models import FAMILY_NAMES, tiny_model  # noqa: E402
 
 from moekit.offload import offload  # noqa: E402
-from moekit.offload.graphs import GraphedCall, graph_decode  # noqa: E402
+from moekit.offload.graphs import GraphedCall, graph_decode, static_cache_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 NEW = 12
@@ -28,8 +27,7 @@ def _generate(model, ids, cache: str):
     kw = {"max_new_tokens": NEW, "do_sample": False, "return_dict_in_generate": True, "output_logits": True,
           "disable_compile": True}
     if cache == "static":
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        kw[name] = T.StaticCache(config=model.config, max_cache_len=ids.shape[1] + NEW)
+        kw.update(static_cache_kwargs(model, T.StaticCache(config=model.config, max_cache_len=ids.shape[1] + NEW)))
     with torch.no_grad():
         out = model.generate(ids, **kw)
     return out.sequences, torch.stack(out.logits)

@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from moekit.hf.families import block_family
 
-__all__ = ["DecodeGraphs", "GraphedCall", "graph_decode", "graph_key", "graph_targets"]
+__all__ = ["DecodeGraphs", "GraphedCall", "graph_decode", "graph_key", "graph_targets", "static_cache_kwargs"]
 
 
 def _compileable_cache(obj) -> bool:
@@ -261,6 +261,18 @@ class DecodeGraphs:
         config = getattr(self.model, "generation_config", None)
         if config is not None:
             config.disable_compile = self._disable_compile
+
+
+def static_cache_kwargs(model: nn.Module, cache) -> dict:
+    """``model.generate`` keyword arguments that decode with ``cache`` (e.g. a
+    ``transformers.StaticCache``), under the name this ``transformers`` takes it by (``cache``
+    since 5.2x, ``past_key_values`` before), and without ``generate``'s own compiling (which a
+    static cache would start, and an offloaded model cannot take: it synchronises with the host
+    in every MoE layer)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "disable_compile": True}
 
 
 def graph_decode(model: nn.Module, *, max_tokens: int = 8) -> DecodeGraphs:

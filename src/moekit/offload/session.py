@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from moekit.offload.api import OffloadHandle
+from moekit.offload.graphs import static_cache_kwargs
 
 __all__ = ["generate_and_measure", "decode_rate"]
 
@@ -33,13 +34,10 @@ def generate_and_measure(model, tokenizer, prompts: list[str], handle: OffloadHa
     handle.reset_stats()
     kw = {}
     if static_cache:
-        import inspect
-
         import transformers as T
 
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         length = enc["input_ids"].shape[1] + max_new_tokens
-        kw = {name: T.StaticCache(config=model.config, max_cache_len=length), "disable_compile": True}
+        kw = static_cache_kwargs(model, T.StaticCache(config=model.config, max_cache_len=length))
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, **kw)
