@@ -145,3 +145,17 @@ def test_gpu_a_call_that_synchronises_is_never_captured():
             torch.testing.assert_close(call(x), x * 2 + 1, rtol=0, atol=0)
     assert call.replays == 0 and len(call.uncapturable) == 1 and call.eager_calls == 4
     torch.randn(4, device="cuda")  # no capture was tried: torch's state (the RNG's) is as before
+
+
+def test_gpu_graphs_with_generates_own_static_cache():
+    """``cache_implementation="static"``: generate makes (and may reuse) the cache itself; the
+    graphs set ``disable_compile`` so that generate does not compile, and replay."""
+    model = tiny_model("mixtral", seed=36, dtype=torch.bfloat16).cuda()
+    ids = _ids(37)
+    tokens, _ = _generate(model, ids, "static")
+    graphs = graph_decode(model)
+    for _ in range(2):
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=NEW, do_sample=False, cache_implementation="static")
+        torch.testing.assert_close(got, tokens, rtol=0, atol=0)
+    assert graphs.calls["model.layers.0.self_attn"].replays > 0
