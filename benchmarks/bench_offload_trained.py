@@ -21,8 +21,8 @@ them), in-flight hits, prefetch precision / recall / lead, and each prefetch run
 points over lru with the same memory. On ``--device cpu`` copies are synchronous, so these are
 the policies' and predictors' hit rates without timing; on CUDA the copies race the lead.
 
-    moekit train --out runs/trained   # (~2 min on 2 CPU cores) makes the checkpoint
-    python benchmarks/bench_offload_trained.py --checkpoint runs/trained --device cuda --out ...
+    moekit train --out-dir runs   # makes runs/global-s0 (~2 min on 2 CPU cores)
+    python benchmarks/bench_offload_trained.py --checkpoint runs/global-s0 --device cuda --out ...
 """
 
 from __future__ import annotations
