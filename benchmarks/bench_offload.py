@@ -938,6 +938,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_header(device: str) -> dict:
+    """What every offload result file starts with: the exact command, the UTC time, the machine
+    (GPU name on CUDA) and the versions."""
+    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
+    return {"command": " ".join([sys.executable, *sys.argv]),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"device": name, "cpu_count": os.cpu_count(), "platform": platform.platform()},
+            "versions": _versions()}
+
+
+def result_path(what: str, header: dict, device: str) -> str:
+    """``benchmarks/results/<what>_<machine>_<date>.json``."""
+    tag = "".join(ch if ch.isalnum() else "-" for ch in header["machine"]["device"].lower()).strip("-") or device
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        f"{what}_{tag}_{dt.date.today().isoformat()}.json")
+
+
 def write_result(doc: dict, out: str, draw) -> None:
     """Write ``doc`` to ``out`` atomically (numbers that JSON lacks, e.g. numpy floats, as
     floats) and ``draw(doc, png)`` beside it when matplotlib is installed."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import gc
 import json
 import os
@@ -249,15 +248,10 @@ def main(argv=None) -> int:
                 "decode_tokens_per_s": r["decode_tokens_per_s"]}
     for k, v in summary.items():
         print(f"{k}: " + json.dumps(v, default=lambda x: round(x, 4)))
-    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    doc = {"command": " ".join([sys.executable, *sys.argv]),
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"device": gpu, "cpu_count": os.cpu_count()}, "versions": bench._versions(),
+    doc = {**bench.run_header(args.device),
            "model": {"preset": args.preset, "layers": args.layers, "experts": total, "expert_bytes": expert_bytes},
            "bandwidth": bw, "summary": summary, "runs": runs}
-    tag = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"offload_graphs_{tag}_{dt.date.today().isoformat()}.json")
+    out = args.out or bench.result_path("offload_graphs", doc, args.device)
     bench.write_result(doc, out, plot)
     return 0
 

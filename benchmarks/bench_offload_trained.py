@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import hashlib
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -202,16 +200,10 @@ def main(argv=None) -> int:
                       f"{statistics.mean(r['inflight_hit_rate'] for r in last):.3f} precision "
                       f"{statistics.mean(r['prefetch_precision'] for r in last):.2f}", flush=True)
     summary = summarize(rows)
-    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
-    doc = {"command": " ".join([sys.executable, *sys.argv]),
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"device": gpu, "cpu_count": os.cpu_count(), "platform": platform.platform()},
-           "versions": bench._versions(), "checkpoint": loaded["checkpoint"], "experts_total": total,
+    doc = {**bench.run_header(args.device), "checkpoint": loaded["checkpoint"], "experts_total": total,
            "slots": args.slots, "tokens": args.tokens, "offset": args.offset, "staging": STAGING,
            "summary": summary, "rows": rows}
-    tag = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-") or args.device
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"offload_trained_{tag}_{dt.date.today().isoformat()}.json")
+    out = args.out or bench.result_path("offload_trained", doc, args.device)
     bench.write_result(doc, out, plot)
     return 0
 
