@@ -908,13 +908,8 @@ def main(argv=None) -> int:
         print(f"engines {key}: " + json.dumps(value, default=lambda v: round(v, 4)))
     for batch, value in (ceilings or {}).items():
         print(f"all-resident pooled @ batch {batch}: " + json.dumps(value, default=lambda v: round(v, 1)))
-    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     doc = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"device": gpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform()},
-        "versions": _versions(),
+        **run_header(args.device),
         "model": {"preset": args.preset, "layers": args.layers, "config": preset, "dtype": "bfloat16",
                   "weights": "random: transformers' _init_weights (normal, std = initializer_range = 0.02; norms 1)", "expert_bytes": expert_bytes, "experts": num_experts_total,
                   "expert_total_bytes": expert_total_bytes, "dense_bytes": dense_bytes},
@@ -931,9 +926,7 @@ def main(argv=None) -> int:
         "all_resident_pooled": ceilings,
         "runs": runs,
     }
-    tag = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-") or args.device
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"offload_{tag}_{dt.date.today().isoformat()}.json")
+    out = args.out or result_path("offload", doc, args.device)
     write_result(doc, out, {"staging": plot_staging, "engines": plot_engines}.get(args.variants, plot))
     return 0
 
@@ -944,7 +937,8 @@ def run_header(device: str) -> dict:
     name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
     return {"command": " ".join([sys.executable, *sys.argv]),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"device": name, "cpu_count": os.cpu_count(), "platform": platform.platform()},
+            "machine": {"device": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "platform": platform.platform()},
             "versions": _versions()}
 
 

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
@@ -51,7 +49,7 @@ def load_models(checkpoint: str) -> dict:
     """``{"trained": Mixtral export of the checkpoint, "untrained": the same config at moekit's
     initialisation (seed 0)}``, and the checkpoint's identity."""
     from moekit.hf import to_mixtral
-    from moekit.train.checkpoint import CHECKPOINT_TENSORS, load_checkpoint
+    from moekit.train.checkpoint import load_checkpoint
     from moekit.train.model import MoELM, lm_config_from_dict
 
     meta = load_checkpoint(checkpoint)
@@ -60,9 +58,9 @@ def load_models(checkpoint: str) -> dict:
     load_checkpoint(checkpoint, trained)
     torch.manual_seed(0)
     untrained = MoELM(cfg).eval()
-    digest = hashlib.sha256(Path(checkpoint, CHECKPOINT_TENSORS).read_bytes()).hexdigest()
+    # load_checkpoint checked the tensor file against this hash
     return {"models": {"trained": to_mixtral(trained), "untrained": to_mixtral(untrained)},
-            "checkpoint": {"path": checkpoint, "sha256": digest, "step": meta.get("step"), "lm": meta["lm"]}}
+            "checkpoint": {"path": checkpoint, "sha256": meta["sha256"], "step": meta.get("step"), "lm": meta["lm"]}}
 
 
 def texts(tokens: int, offset: int) -> dict:
